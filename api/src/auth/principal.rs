@@ -1,0 +1,59 @@
+//! The authenticated principal of a request: a user or an api key, always bound to one tenant.
+
+use std::collections::BTreeSet;
+
+use domain::{ApiKeyId, Permission, TenantId, UserId};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrincipalKind {
+    User {
+        user_id: UserId,
+        email: String,
+    },
+    /// A WRITE key may only send data.
+    WriteKey {
+        key_id: ApiKeyId,
+    },
+    /// A SECRET key acts with the admin role's permissions, without account management.
+    SecretKey {
+        key_id: ApiKeyId,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub tenant_id: TenantId,
+    pub kind: PrincipalKind,
+    pub permissions: BTreeSet<Permission>,
+}
+
+impl Principal {
+    pub fn has(&self, permission: Permission) -> bool {
+        self.permissions.contains(&permission)
+    }
+
+    /// Whether the principal may send data (identify, track, the collection API).
+    pub fn can_ingest(&self) -> bool {
+        match self.kind {
+            PrincipalKind::WriteKey { .. } | PrincipalKind::SecretKey { .. } => true,
+            PrincipalKind::User { .. } => self.has(Permission::ProfilesWrite),
+        }
+    }
+
+    pub fn user_id(&self) -> Option<UserId> {
+        match &self.kind {
+            PrincipalKind::User { user_id, .. } => Some(*user_id),
+            _ => None,
+        }
+    }
+
+    /// How the audit log names this principal.
+    pub fn actor(&self) -> String {
+        match &self.kind {
+            PrincipalKind::User { user_id, email } => format!("user:{user_id} <{email}>"),
+            PrincipalKind::WriteKey { key_id } | PrincipalKind::SecretKey { key_id } => {
+                format!("api_key:{key_id}")
+            }
+        }
+    }
+}

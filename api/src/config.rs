@@ -1,0 +1,274 @@
+//! Configuration from the environment. Every variable has a working default, so that a plain
+//! `cargo run` serves on SQLite in `./data`; secrets that are not given are generated on first
+//! start and kept in the data directory, with a warning.
+//!
+//! Guarantees: a value that is set but invalid stops the start with a message naming the variable.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use rand::RngCore;
+
+/// Which browser origins may call `/graphql`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// Same origin only: no CORS headers are sent.
+    None,
+    Any,
+    List(Vec<String>),
+}
+
+/// Limits that protect the GraphQL endpoint.
+#[derive(Debug, Clone)]
+pub struct GraphqlLimits {
+    /// Deepest allowed selection nesting (`CDP_GRAPHQL_MAX_DEPTH`, default 16).
+    pub max_depth: usize,
+    /// Highest allowed query complexity (`CDP_GRAPHQL_MAX_COMPLEXITY`, default 5000).
+    pub max_complexity: usize,
+    /// Largest accepted request body in bytes (`CDP_GRAPHQL_MAX_BODY_BYTES`, default 1 MiB).
+    pub max_body_bytes: usize,
+    /// Most operations in one batched request (`CDP_GRAPHQL_MAX_BATCH`, default 10).
+    pub max_batch: usize,
+}
+
+/// The whole configuration of one process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub database_max_connections: u32,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// The address people and mail links use to reach the service, without a trailing slash.
+    pub public_url: String,
+    pub jwt_secret: Vec<u8>,
+    pub encryption_key: [u8; 32],
+    pub smtp_url: Option<String>,
+    pub mail_from: String,
+    pub cors_origins: CorsOrigins,
+    pub log_filter: String,
+    pub log_json: bool,
+    pub graphql: GraphqlLimits,
+    pub access_token_ttl: Duration,
+    pub refresh_token_ttl: Duration,
+    pub activation_token_ttl: Duration,
+    pub reset_token_ttl: Duration,
+    /// Failed logins for one account within `login_throttle_window` before further attempts are
+    /// refused with RATE_LIMITED.
+    pub login_max_failures: u32,
+    pub login_throttle_window: Duration,
+    /// Outbox workers in this process; 0 disables sending (another process sends).
+    pub outbox_workers: usize,
+    pub outbox_poll_interval: Duration,
+    pub outbox_max_attempts: i32,
+    /// How long a claimed email stays claimed before another worker may retry it.
+    pub outbox_lease: Duration,
+    /// First retry delay; doubles with each attempt, with jitter.
+    pub outbox_backoff_base: Duration,
+}
+
+impl Config {
+    /// Reads the configuration from the environment, creating the data directory and any missing
+    /// generated secret.
+    pub fn from_env() -> anyhow::Result<Config> {
+        let data_dir = PathBuf::from(var("CDP_DATA_DIR").unwrap_or_else(|| "./data".to_owned()));
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("CDP_DATA_DIR: cannot create {}", data_dir.display()))?;
+        let listen: SocketAddr = parse_var("CDP_LISTEN", "127.0.0.1:8080")?;
+        let public_url = var("CDP_PUBLIC_URL")
+            .unwrap_or_else(|| format!("http://{listen}"))
+            .trim_end_matches('/')
+            .to_owned();
+        let database_url = var("CDP_DATABASE_URL").unwrap_or_else(|| default_sqlite_url(&data_dir));
+        let jwt_secret = match var("CDP_JWT_SECRET") {
+            Some(secret) if secret.len() < 32 => {
+                bail!("CDP_JWT_SECRET must be at least 32 characters long")
+            }
+            Some(secret) => secret.into_bytes(),
+            None => generated_secret(&data_dir, "jwt-secret", 64)?,
+        };
+        let encryption_key = match var("CDP_ENCRYPTION_KEY") {
+            Some(key) => decode_key(&key).context("CDP_ENCRYPTION_KEY")?,
+            None => {
+                let bytes = generated_secret(&data_dir, "encryption-key", 32)?;
+                let mut key = [0u8; 32];
+                key.copy_from_slice(&bytes);
+                key
+            }
+        };
+        let cors_origins = match var("CDP_CORS_ORIGINS") {
+            None => CorsOrigins::None,
+            Some(value) if value.trim() == "*" => CorsOrigins::Any,
+            Some(value) => CorsOrigins::List(
+                value
+                    .split(',')
+                    .map(|origin| origin.trim().trim_end_matches('/').to_owned())
+                    .filter(|origin| !origin.is_empty())
+                    .collect(),
+            ),
+        };
+        let smtp_url = var("CDP_SMTP_URL");
+        if let Some(url) = &smtp_url {
+            crate::mail::parse_smtp_url(url).context("CDP_SMTP_URL")?;
+        }
+        Ok(Config {
+            database_url,
+            database_max_connections: parse_var("CDP_DATABASE_MAX_CONNECTIONS", "10")?,
+            data_dir,
+            listen,
+            public_url,
+            jwt_secret,
+            encryption_key,
+            smtp_url,
+            mail_from: var("CDP_MAIL_FROM")
+                .unwrap_or_else(|| "CDP <no-reply@localhost>".to_owned()),
+            cors_origins,
+            log_filter: var("CDP_LOG").unwrap_or_else(|| "info".to_owned()),
+            log_json: var("CDP_LOG_FORMAT").is_some_and(|format| format == "json"),
+            graphql: GraphqlLimits {
+                max_depth: parse_var("CDP_GRAPHQL_MAX_DEPTH", "16")?,
+                max_complexity: parse_var("CDP_GRAPHQL_MAX_COMPLEXITY", "5000")?,
+                max_body_bytes: parse_var("CDP_GRAPHQL_MAX_BODY_BYTES", "1048576")?,
+                max_batch: parse_var("CDP_GRAPHQL_MAX_BATCH", "10")?,
+            },
+            access_token_ttl: Duration::from_secs(parse_var("CDP_ACCESS_TOKEN_TTL_SECS", "900")?),
+            refresh_token_ttl: Duration::from_secs(parse_var(
+                "CDP_REFRESH_TOKEN_TTL_SECS",
+                "2592000",
+            )?),
+            activation_token_ttl: Duration::from_secs(parse_var(
+                "CDP_ACTIVATION_TOKEN_TTL_SECS",
+                "259200",
+            )?),
+            reset_token_ttl: Duration::from_secs(parse_var("CDP_RESET_TOKEN_TTL_SECS", "3600")?),
+            login_max_failures: parse_var("CDP_LOGIN_MAX_FAILURES", "5")?,
+            login_throttle_window: Duration::from_secs(parse_var(
+                "CDP_LOGIN_THROTTLE_WINDOW_SECS",
+                "900",
+            )?),
+            outbox_workers: parse_var("CDP_OUTBOX_WORKERS", "1")?,
+            outbox_poll_interval: Duration::from_millis(parse_var("CDP_OUTBOX_POLL_MS", "1000")?),
+            outbox_max_attempts: parse_var("CDP_OUTBOX_MAX_ATTEMPTS", "8")?,
+            outbox_lease: Duration::from_secs(parse_var("CDP_OUTBOX_LEASE_SECS", "120")?),
+            outbox_backoff_base: Duration::from_millis(parse_var(
+                "CDP_OUTBOX_BACKOFF_MS",
+                "30000",
+            )?),
+        })
+    }
+
+    /// A configuration for tests and tools: fixed secrets, an ephemeral port, fast timers.
+    pub fn for_tests(data_dir: &Path, database_url: &str) -> Config {
+        Config {
+            database_url: database_url.to_owned(),
+            database_max_connections: 5,
+            data_dir: data_dir.to_path_buf(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            public_url: "http://cdp.test".to_owned(),
+            jwt_secret: b"test-secret-test-secret-test-secret-0123456789".to_vec(),
+            encryption_key: [7u8; 32],
+            smtp_url: None,
+            mail_from: "CDP <no-reply@cdp.test>".to_owned(),
+            cors_origins: CorsOrigins::None,
+            log_filter: "warn".to_owned(),
+            log_json: false,
+            graphql: GraphqlLimits {
+                max_depth: 16,
+                max_complexity: 5000,
+                max_body_bytes: 1024 * 1024,
+                max_batch: 10,
+            },
+            access_token_ttl: Duration::from_secs(900),
+            refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
+            activation_token_ttl: Duration::from_secs(72 * 3600),
+            reset_token_ttl: Duration::from_secs(3600),
+            login_max_failures: 5,
+            login_throttle_window: Duration::from_secs(900),
+            outbox_workers: 1,
+            outbox_poll_interval: Duration::from_millis(50),
+            outbox_max_attempts: 3,
+            outbox_lease: Duration::from_secs(60),
+            outbox_backoff_base: Duration::from_millis(50),
+        }
+    }
+
+    /// The folder where emails are written when no SMTP server is configured.
+    pub fn mailbox_dir(&self) -> PathBuf {
+        self.data_dir.join("mail")
+    }
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+}
+
+fn parse_var<T>(name: &str, default: &str) -> anyhow::Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let raw = var(name).unwrap_or_else(|| default.to_owned());
+    raw.trim()
+        .parse()
+        .map_err(|error| anyhow::anyhow!("{name}: cannot use {raw:?}: {error}"))
+}
+
+fn default_sqlite_url(data_dir: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", data_dir.join("cdp.db").display())
+}
+
+fn decode_key(value: &str) -> anyhow::Result<[u8; 32]> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value.trim())
+        .context("must be base64")?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("must decode to exactly 32 bytes"))
+}
+
+/// Reads a generated secret from the data directory, creating it on first start.
+fn generated_secret(data_dir: &Path, file_name: &str, len: usize) -> anyhow::Result<Vec<u8>> {
+    let path = data_dir.join(file_name);
+    if path.exists() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .with_context(|| format!("{} is damaged (not base64)", path.display()))?;
+        if bytes.len() != len {
+            bail!("{} is damaged (expected {len} bytes)", path.display());
+        }
+        return Ok(bytes);
+    }
+    let mut bytes = vec![0u8; len];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    write_private(
+        &path,
+        &base64::engine::general_purpose::STANDARD.encode(&bytes),
+    )?;
+    tracing::warn!(
+        path = %path.display(),
+        "generated a new secret and stored it in the data directory; set it through the environment in production and keep it safe"
+    );
+    Ok(bytes)
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! The GraphQL API: the only module that names `async_graphql`.
+//!
+//! Guarantees: every error carries `extensions.code` (one of the contract's codes); internal
+//! errors are logged in full and returned opaque; the tenant always comes from the principal in
+//! the request context, never from an argument.
+
+mod accounts;
+pub mod transport;
+mod types;
+
+use async_graphql::{
+    EmptySubscription, Error, ErrorExtensions, MergedObject, Response, Schema, ServerError,
+};
+
+use crate::auth::Principal;
+use crate::config::GraphqlLimits;
+use crate::service::{AppState, RequestMeta, ServiceError};
+
+#[derive(MergedObject, Default)]
+pub struct Query(accounts::AccountsQuery);
+
+#[derive(MergedObject, Default)]
+pub struct Mutation(accounts::AccountsMutation);
+
+pub type CdpSchema = Schema<Query, Mutation, EmptySubscription>;
+
+/// Per-request context: who is asking, and from where.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    pub principal: Option<Principal>,
+    /// Set when the request carried credentials that were refused: operations that need a
+    /// principal then answer UNAUTHENTICATED with this message, instead of "sign in first".
+    pub auth_error: Option<String>,
+    pub meta: RequestMeta,
+}
+
+pub fn build_schema(state: AppState, limits: &GraphqlLimits) -> CdpSchema {
+    Schema::build(Query::default(), Mutation::default(), EmptySubscription)
+        .data(state)
+        .limit_depth(limits.max_depth)
+        .limit_complexity(limits.max_complexity)
+        .finish()
+}
+
+/// The SDL of the schema, as `cdp schema` prints it. Needs no database.
+pub fn sdl() -> String {
+    Schema::build(Query::default(), Mutation::default(), EmptySubscription)
+        .finish()
+        .sdl()
+}
+
+/// Converts a service error into a GraphQL error with the contract's code.
+pub(crate) fn service_error(error: ServiceError) -> Error {
+    let code = match &error {
+        ServiceError::Unauthenticated(_) => "UNAUTHENTICATED",
+        ServiceError::Forbidden(_) => "FORBIDDEN",
+        ServiceError::NotFound(_) => "NOT_FOUND",
+        ServiceError::BadInput { .. } => "BAD_USER_INPUT",
+        ServiceError::Conflict(_) => "CONFLICT",
+        ServiceError::RateLimited { .. } => "RATE_LIMITED",
+        ServiceError::Unexpected(_) => "INTERNAL",
+    };
+    match error {
+        ServiceError::Unexpected(inner) => {
+            let reference = uuid::Uuid::new_v4();
+            tracing::error!(%reference, error = ?inner, "internal error");
+            Error::new(format!("internal error (reference {reference})"))
+                .extend_with(|_, extensions| extensions.set("code", code))
+        }
+        ServiceError::BadInput { field, message } => {
+            Error::new(message).extend_with(|_, extensions| {
+                extensions.set("code", code);
+                extensions.set("field", field.clone());
+            })
+        }
+        ServiceError::RateLimited { retry_after_secs } => Error::new(error.to_string())
+            .extend_with(|_, extensions| {
+                extensions.set("code", code);
+                extensions.set("retryAfter", retry_after_secs);
+            }),
+        other => {
+            Error::new(other.to_string()).extend_with(|_, extensions| extensions.set("code", code))
+        }
+    }
+}
+
+/// Gives every error that has no code (parse and validation errors, limits, variable coercion)
+/// the code BAD_USER_INPUT, so that clients can always switch on `extensions.code`.
+pub fn ensure_error_codes(mut response: Response) -> Response {
+    for error in &mut response.errors {
+        add_code(error);
+    }
+    response
+}
+
+fn add_code(error: &mut ServerError) {
+    let has_code = error
+        .extensions
+        .as_ref()
+        .is_some_and(|extensions| extensions.get("code").is_some());
+    if !has_code {
+        error
+            .extensions
+            .get_or_insert_with(Default::default)
+            .set("code", "BAD_USER_INPUT");
+    }
+}
+
+/// A standalone error response (for failures before execution, such as a too-large batch).
+pub fn error_response(message: &str, code: &str) -> Response {
+    let mut error = ServerError::new(message, None);
+    error
+        .extensions
+        .get_or_insert_with(Default::default)
+        .set("code", code);
+    Response::from_errors(vec![error])
+}
+
+/// Re-exports for the HTTP layer, which builds requests and responses without naming
+/// async-graphql types itself.
+pub use async_graphql::{BatchRequest, BatchResponse, Data};

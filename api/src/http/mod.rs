@@ -1,0 +1,65 @@
+//! HTTP routes (poem): GraphQL over HTTP and WebSocket, the GraphiQL page, health checks, CORS.
+//!
+//! Guarantees: the GraphQL body is read with a hard size limit before it is parsed; credentials
+//! are checked before any operation runs; every error body carries a contract error code.
+
+mod graphiql;
+mod graphql;
+mod health;
+
+use poem::http::Method;
+use poem::middleware::Cors;
+use poem::{get, EndpointExt, Route};
+
+use crate::config::CorsOrigins;
+use crate::graphql::transport::SubscriptionEndpoint;
+use crate::graphql::CdpSchema;
+use crate::service::AppState;
+
+/// Builds every route of the service.
+pub fn routes(state: AppState, schema: CdpSchema) -> poem::Route {
+    let graphql_routes = Route::new()
+        .at("/", get(graphiql::page).post(graphql::post))
+        .at("/assets/:file", get(graphiql::asset))
+        .at(
+            "/ws",
+            SubscriptionEndpoint {
+                schema: schema.clone(),
+                state: state.clone(),
+            },
+        );
+    Route::new()
+        .nest("/graphql", graphql_routes)
+        .at("/healthz", get(health::healthz))
+        .at("/readyz", get(health::readyz))
+}
+
+/// The CORS policy for browser frontends, from `CDP_CORS_ORIGINS`.
+pub fn cors(origins: &CorsOrigins) -> Option<Cors> {
+    let base = || {
+        Cors::new()
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers(["authorization", "content-type", "content-encoding"])
+            .max_age(600)
+    };
+    match origins {
+        CorsOrigins::None => None,
+        CorsOrigins::Any => Some(base()),
+        CorsOrigins::List(list) => Some(base().allow_origins(list.iter().cloned())),
+    }
+}
+
+/// Attaches the shared state and the middleware to the routes.
+pub fn app(
+    state: AppState,
+    schema: CdpSchema,
+) -> poem::endpoint::BoxEndpoint<'static, poem::Response> {
+    let cors = cors(&state.config.cors_origins);
+    let app = routes(state.clone(), schema.clone())
+        .data(state)
+        .data(schema);
+    match cors {
+        Some(cors) => app.with(cors).map_to_response().boxed(),
+        None => app.map_to_response().boxed(),
+    }
+}

@@ -1,0 +1,124 @@
+//! Turning a bearer credential into a principal, checked against the database on every request:
+//! a deactivated user, a changed role, a revoked session family or a revoked key takes effect at
+//! once, never after the access token expires.
+
+use std::collections::BTreeSet;
+
+use domain::{ApiKeyId, BuiltInRole, Permission, UserId, UserStatus};
+
+use super::{AppState, ServiceError, ServiceResult};
+use crate::auth::secrets::{self, SECRET_KEY_PREFIX, WRITE_KEY_PREFIX};
+use crate::auth::{Principal, PrincipalKind};
+use crate::store::{self, TenantTx};
+
+fn unauthenticated() -> ServiceError {
+    ServiceError::Unauthenticated("invalid or expired credentials".to_owned())
+}
+
+/// Authenticates the value of an `Authorization: Bearer …` header: an api key or an access token.
+#[tracing::instrument(skip_all)]
+pub async fn authenticate_bearer(state: &AppState, token: &str) -> ServiceResult<Principal> {
+    let token = token.trim();
+    if token.starts_with(WRITE_KEY_PREFIX) || token.starts_with(SECRET_KEY_PREFIX) {
+        return authenticate_api_key(state, token).await;
+    }
+    let claims = state.jwt.verify(token).map_err(|error| {
+        tracing::debug!(%error, "access token refused");
+        unauthenticated()
+    })?;
+    let tenant_id = domain::TenantId(claims.tid);
+    let user_id = UserId(claims.sub);
+    let tx = state.store.read(tenant_id).await?;
+    let user = match store::users::get(&tx, user_id).await {
+        Ok(user) => user,
+        Err(store::StoreError::NotFound) => return Err(unauthenticated()),
+        Err(other) => return Err(other.into()),
+    };
+    if user.status != UserStatus::Active.as_str() {
+        return Err(unauthenticated());
+    }
+    if store::sessions::family_revoked(&tx, claims.sid).await? {
+        return Err(unauthenticated());
+    }
+    let permissions = permissions_of_user(&tx, user_id).await?;
+    Ok(Principal {
+        tenant_id,
+        kind: PrincipalKind::User {
+            user_id,
+            email: user.email,
+        },
+        permissions,
+    })
+}
+
+/// Authenticates an api key, whether it came as a bearer token, HTTP Basic or a `writeKey` field.
+pub async fn authenticate_api_key(state: &AppState, key: &str) -> ServiceResult<Principal> {
+    let (prefix, is_secret) = if key.starts_with(SECRET_KEY_PREFIX) {
+        (SECRET_KEY_PREFIX, true)
+    } else {
+        (WRITE_KEY_PREFIX, false)
+    };
+    let tenant_id = secrets::tenant_of(prefix, key).ok_or_else(unauthenticated)?;
+    let tx = state.store.read(tenant_id).await?;
+    let row = store::api_keys::find_by_hash(&tx, &secrets::hash(key))
+        .await?
+        .ok_or_else(unauthenticated)?;
+    if row.revoked_at.is_some() {
+        return Err(unauthenticated());
+    }
+    let key_id = ApiKeyId(row.id);
+    let (kind, permissions) = if is_secret && row.scope == "SECRET" {
+        let permissions = BuiltInRole::Admin
+            .permissions()
+            .into_iter()
+            .filter(|permission| !Permission::ACCOUNT_MANAGEMENT.contains(permission))
+            .collect();
+        (PrincipalKind::SecretKey { key_id }, permissions)
+    } else if !is_secret && row.scope == "WRITE" {
+        (PrincipalKind::WriteKey { key_id }, BTreeSet::new())
+    } else {
+        return Err(unauthenticated());
+    };
+    Ok(Principal {
+        tenant_id,
+        kind,
+        permissions,
+    })
+}
+
+/// The union of the permissions of a user's roles.
+pub async fn permissions_of_user(
+    tx: &TenantTx,
+    user_id: UserId,
+) -> ServiceResult<BTreeSet<Permission>> {
+    let role_names = store::users::roles_of(tx, user_id).await?;
+    let roles = store::roles::list(tx).await?;
+    Ok(roles
+        .iter()
+        .filter(|role| role_names.contains(&role.name))
+        .flat_map(store::roles::permission_names)
+        .filter_map(|name| name.parse::<Permission>().ok())
+        .collect())
+}
+
+/// Requires a signed-in principal.
+pub fn require(principal: Option<&Principal>) -> ServiceResult<&Principal> {
+    principal.ok_or_else(|| {
+        ServiceError::Unauthenticated("sign in first: this operation needs a principal".to_owned())
+    })
+}
+
+/// Requires a principal holding `permission`.
+pub fn require_permission(
+    principal: Option<&Principal>,
+    permission: Permission,
+) -> ServiceResult<&Principal> {
+    let principal = require(principal)?;
+    if !principal.has(permission) {
+        return Err(ServiceError::Forbidden(format!(
+            "this operation needs the {} permission",
+            permission.as_str()
+        )));
+    }
+    Ok(principal)
+}

@@ -1,0 +1,110 @@
+//! Use cases: load through `store`, let `domain` decide, persist, all inside tenant transactions.
+//!
+//! Guarantees: every operation that needs a principal checks its permission before it touches
+//! data; every change made by an account operation is written to the audit log in the same
+//! transaction; emails are queued in the outbox in the same transaction as the change that
+//! causes them.
+
+pub mod accounts;
+pub mod audit;
+pub mod auth;
+pub mod emails;
+pub mod pagination;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use crate::auth::jwt::JwtKeys;
+use crate::auth::password::Hasher;
+use crate::auth::throttle::LoginThrottle;
+use crate::config::Config;
+use crate::store::{Store, StoreError};
+
+/// Where the current time comes from; tests and the scheduler inject their own.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// Everything a use case needs, shared by every request. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub config: Arc<Config>,
+    pub jwt: JwtKeys,
+    pub hasher: Hasher,
+    pub login_throttle: Arc<LoginThrottle>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl AppState {
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+}
+
+/// Facts about the request that the audit log records.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMeta {
+    pub ip: Option<String>,
+}
+
+/// The expected failures of a use case, plus one case for everything unexpected.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{message}")]
+    BadInput { field: String, message: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("too many attempts; try again in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl ServiceError {
+    pub fn bad_input(field: impl Into<String>, message: impl Into<String>) -> ServiceError {
+        ServiceError::BadInput {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound => ServiceError::NotFound("record"),
+            StoreError::Conflict(message) => ServiceError::Conflict(message),
+            StoreError::Db(error) => ServiceError::Unexpected(anyhow::Error::new(error)),
+        }
+    }
+}
+
+impl From<domain::AccountError> for ServiceError {
+    fn from(error: domain::AccountError) -> Self {
+        ServiceError::bad_input(error.field, format!("{} {}", error.field, error.reason))
+    }
+}
+
+impl From<crate::auth::password::HashError> for ServiceError {
+    fn from(error: crate::auth::password::HashError) -> Self {
+        ServiceError::Unexpected(anyhow::Error::new(error))
+    }
+}
+
+pub type ServiceResult<T> = Result<T, ServiceError>;

@@ -1,0 +1,169 @@
+//! Builds the application (store, state, schema, routes, background jobs), binds the port and
+//! serves. `main` and the tests both use [`build`], so tests run exactly what production runs.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use poem::listener::{Acceptor, Listener, TcpListener};
+use poem::Server;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::auth::jwt::JwtKeys;
+use crate::auth::password::Hasher;
+use crate::auth::throttle::LoginThrottle;
+use crate::config::Config;
+use crate::mail::Mailer;
+use crate::service::{AppState, Clock, SystemClock};
+use crate::store::{Store, StoreOptions};
+use crate::{graphql, http, jobs};
+
+/// Opens the store, applies pending migrations and assembles the shared state.
+pub async fn state(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
+    let store = Store::connect(&StoreOptions {
+        url: config.database_url.clone(),
+        max_connections: config.database_max_connections,
+    })
+    .await
+    .context("cannot connect to the database (CDP_DATABASE_URL)")?;
+    store
+        .migrate()
+        .await
+        .context("cannot migrate the database")?;
+    let hashing_slots = std::thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(2);
+    Ok(AppState {
+        store,
+        jwt: JwtKeys::new(&config.jwt_secret),
+        hasher: Hasher::new(hashing_slots)?,
+        login_throttle: Arc::new(LoginThrottle::new(
+            config.login_max_failures,
+            config.login_throttle_window,
+        )),
+        config: Arc::new(config),
+        clock,
+    })
+}
+
+/// A running server and its background jobs.
+pub struct Application {
+    address: SocketAddr,
+    state: AppState,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<std::io::Result<()>>,
+    jobs: Vec<JoinHandle<()>>,
+}
+
+/// Builds everything and starts serving on the configured address (port 0 picks a free port).
+pub async fn build(config: Config) -> anyhow::Result<Application> {
+    build_with_clock(config, Arc::new(SystemClock)).await
+}
+
+pub async fn build_with_clock(
+    config: Config,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Application> {
+    let listen = config.listen;
+    let state = state(config, clock).await?;
+    let mailer = Mailer::from_config(state.config.smtp_url.as_deref(), state.config.mailbox_dir())
+        .context("cannot set up email (CDP_SMTP_URL)")?;
+    tracing::info!(mail = %mailer.describe(), "email goes to {}", mailer.describe());
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut background = Vec::new();
+    for _ in 0..state.config.outbox_workers {
+        background.push(tokio::spawn(jobs::outbox::run(
+            state.clone(),
+            mailer.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
+
+    let schema = graphql::build_schema(state.clone(), &state.config.graphql);
+    let app = http::app(state.clone(), schema);
+    let acceptor = TcpListener::bind(listen)
+        .into_acceptor()
+        .await
+        .with_context(|| format!("cannot listen on {listen} (CDP_LISTEN)"))?;
+    let address = acceptor
+        .local_addr()
+        .first()
+        .and_then(|address| address.as_socket_addr().copied())
+        .context("the listener has no address")?;
+    let mut server_shutdown = shutdown_rx.clone();
+    let server = tokio::spawn(async move {
+        Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(
+                app,
+                async move {
+                    let _ = server_shutdown.wait_for(|stop| *stop).await;
+                },
+                Some(Duration::from_secs(10)),
+            )
+            .await
+    });
+    tracing::info!(%address, "serving");
+    Ok(Application {
+        address,
+        state,
+        shutdown: shutdown_tx,
+        server,
+        jobs: background,
+    })
+}
+
+impl Application {
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    pub fn port(&self) -> u16 {
+        self.address.port()
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Stops accepting, lets in-flight requests and the email being sent finish, and returns.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        for job in self.jobs {
+            job.await?;
+        }
+        self.server.await??;
+        Ok(())
+    }
+
+    /// Serves until SIGINT or SIGTERM, then stops gracefully.
+    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        self.stop().await
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

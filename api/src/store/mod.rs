@@ -1,0 +1,291 @@
+//! Persistence: the only module that names `sea_orm`.
+//!
+//! Guarantees: tenant data is reachable only through a [`TenantTx`], which on PostgreSQL sets the
+//! transaction-local `app.tenant_id` that row-level security checks; every store function takes the
+//! transaction first and still filters by `tenant_id` itself, and inserts take `tenant_id` from the
+//! transaction, never from input. Cross-tenant work goes through [`Store::begin_system`], which is
+//! explicit and logged.
+
+mod entity;
+
+pub mod api_keys;
+pub mod audit;
+pub mod outbox;
+pub mod roles;
+pub mod sessions;
+pub mod tenants;
+pub mod tokens;
+pub mod users;
+
+use std::time::Duration;
+
+use domain::TenantId;
+use migration::MigratorTrait;
+use sea_orm::{
+    AccessMode, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction,
+    DbBackend, DbErr, RuntimeErr, SqlErr, SqliteTransactionMode, Statement, TransactionOptions,
+    TransactionTrait,
+};
+
+/// What can go wrong in the store. Raw database messages never reach a client: `Db` is mapped to
+/// an opaque internal error at the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("database error: {0}")]
+    Db(#[from] DbErr),
+}
+
+impl StoreError {
+    /// Maps a unique-constraint violation to `Conflict` with the caller's explanation.
+    pub fn unique_as_conflict(error: DbErr, what: impl Into<String>) -> StoreError {
+        match error.sql_err() {
+            Some(SqlErr::UniqueConstraintViolation(_)) => StoreError::Conflict(what.into()),
+            _ => StoreError::Db(error),
+        }
+    }
+
+    /// True when the database reports a transient failure worth retrying: a serialization
+    /// failure or deadlock on PostgreSQL, or a busy database on SQLite.
+    pub fn is_retryable(&self) -> bool {
+        let StoreError::Db(error) = self else {
+            return false;
+        };
+        let text = match error {
+            DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+                e.to_string()
+            }
+            other => other.to_string(),
+        };
+        text.contains("40001")
+            || text.contains("40P01")
+            || text.contains("deadlock")
+            || text.contains("database is locked")
+            || text.contains("could not serialize")
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Which database engine the store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The connection pool. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+    backend: Backend,
+}
+
+/// Options for opening the store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub url: String,
+    pub max_connections: u32,
+}
+
+impl Store {
+    /// Connects, and on SQLite switches the file to WAL so that readers never block the writer.
+    pub async fn connect(options: &StoreOptions) -> StoreResult<Store> {
+        let mut connect = ConnectOptions::new(options.url.clone());
+        connect
+            .max_connections(options.max_connections)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .sqlx_logging(false);
+        let db = Database::connect(connect).await?;
+        let backend = match db.get_database_backend() {
+            DbBackend::Postgres => Backend::Postgres,
+            DbBackend::Sqlite => Backend::Sqlite,
+            other => {
+                return Err(StoreError::Db(DbErr::Custom(format!(
+                    "unsupported database backend {other:?}"
+                ))))
+            }
+        };
+        if backend == Backend::Sqlite {
+            db.execute_unprepared("PRAGMA journal_mode=WAL;").await?;
+            db.execute_unprepared("PRAGMA synchronous=NORMAL;").await?;
+        }
+        Ok(Store { db, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Applies every pending migration. On a database where the schema is current this changes
+    /// nothing, so a service running as the non-owner role can call it safely.
+    pub async fn migrate(&self) -> StoreResult<()> {
+        // Look first without writing: a role without DDL rights may not even run
+        // `CREATE TABLE IF NOT EXISTS` on the migrations table.
+        let pending = migration::Migrator::get_pending_migrations_read_only(&self.db).await;
+        if matches!(pending, Ok(ref pending) if pending.is_empty()) {
+            return Ok(());
+        }
+        migration::Migrator::up(&self.db, None).await?;
+        Ok(())
+    }
+
+    /// True when the database answers a trivial query.
+    pub async fn ping(&self) -> bool {
+        self.db.ping().await.is_ok()
+    }
+
+    /// Opens a read-write transaction bound to one tenant. On SQLite the write lock is taken at
+    /// once (`BEGIN IMMEDIATE`), so that two writers queue instead of failing on lock upgrade.
+    pub async fn begin(&self, tenant_id: TenantId) -> StoreResult<TenantTx> {
+        let tx = self
+            .db
+            .begin_with_options(TransactionOptions {
+                isolation_level: None,
+                access_mode: None,
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            })
+            .await?;
+        self.bind_tenant(&tx, tenant_id).await?;
+        Ok(TenantTx { tx, tenant_id })
+    }
+
+    /// Opens a read-only transaction bound to one tenant.
+    pub async fn read(&self, tenant_id: TenantId) -> StoreResult<TenantTx> {
+        let access_mode = match self.backend {
+            Backend::Postgres => Some(AccessMode::ReadOnly),
+            // SQLite's deferred transactions are read transactions until they write.
+            Backend::Sqlite => None,
+        };
+        let tx = self
+            .db
+            .begin_with_options(TransactionOptions {
+                isolation_level: None,
+                access_mode,
+                sqlite_transaction_mode: None,
+            })
+            .await?;
+        self.bind_tenant(&tx, tenant_id).await?;
+        Ok(TenantTx { tx, tenant_id })
+    }
+
+    async fn bind_tenant(&self, tx: &DatabaseTransaction, tenant_id: TenantId) -> StoreResult<()> {
+        if self.backend == Backend::Postgres {
+            // Transaction-local and a bound parameter: the setting ends with the transaction and
+            // can never be injected into.
+            tx.execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT set_config('app.tenant_id', $1, true)",
+                [tenant_id.to_string().into()],
+            ))
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Opens a transaction that may see every tenant's rows of the tables that allow system scans
+    /// (the email outbox). Every use names its reason, which is logged.
+    pub async fn begin_system(&self, reason: &'static str) -> StoreResult<SystemTx> {
+        tracing::debug!(reason, "system transaction");
+        let tx = self
+            .db
+            .begin_with_options(TransactionOptions {
+                isolation_level: None,
+                access_mode: None,
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            })
+            .await?;
+        if self.backend == Backend::Postgres {
+            // A nil tenant makes the tenant policy match nothing; `app.system` opens only the
+            // tables that carry the system_scan policy.
+            tx.execute_unprepared(
+                "SELECT set_config('app.tenant_id', '00000000-0000-0000-0000-000000000000', true),
+                        set_config('app.system', 'on', true)",
+            )
+            .await?;
+        }
+        Ok(SystemTx { tx })
+    }
+
+    /// Work on the tenant registry (which has no row-level security): creating a tenant and
+    /// resolving a slug at login.
+    pub(crate) fn registry(&self) -> &DatabaseConnection {
+        &self.db
+    }
+}
+
+/// A transaction bound to one tenant. The only way to reach tenant data.
+pub struct TenantTx {
+    tx: DatabaseTransaction,
+    tenant_id: TenantId,
+}
+
+impl TenantTx {
+    pub fn tenant_id(&self) -> TenantId {
+        self.tenant_id
+    }
+
+    pub(crate) fn conn(&self) -> &DatabaseTransaction {
+        &self.tx
+    }
+
+    pub async fn commit(self) -> StoreResult<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+
+    /// Runs a raw SQL query in this transaction and returns the first column of every row as
+    /// text. Tests use it to prove that row-level security holds even when a query forgets its
+    /// tenant filter; the service never builds SQL from strings.
+    pub async fn raw_query_strings(&self, sql: &str) -> StoreResult<Vec<String>> {
+        let rows = self
+            .tx
+            .query_all_raw(Statement::from_string(self.tx.get_database_backend(), sql))
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                row.try_get_by_index::<String>(0)
+                    .or_else(|_| row.try_get_by_index::<uuid::Uuid>(0).map(|u| u.to_string()))
+                    .map_err(StoreError::from)
+            })
+            .collect()
+    }
+}
+
+/// A transaction that may scan across tenants; see [`Store::begin_system`].
+pub struct SystemTx {
+    tx: DatabaseTransaction,
+}
+
+impl SystemTx {
+    pub(crate) fn conn(&self) -> &DatabaseTransaction {
+        &self.tx
+    }
+
+    pub async fn commit(self) -> StoreResult<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Retries a unit of work when the database reports a transient conflict.
+pub async fn with_retry<T, F, Fut>(mut attempt: F) -> StoreResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = StoreResult<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match attempt().await {
+            Err(error) if error.is_retryable() && tries < 5 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(10 * (1 << tries))).await;
+            }
+            other => return other,
+        }
+    }
+}

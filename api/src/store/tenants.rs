@@ -1,0 +1,52 @@
+//! The tenant registry.
+
+use chrono::{DateTime, Utc};
+use domain::{TenantId, TenantName, TenantSlug};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, Set};
+
+use super::entity::tenants;
+use super::{Store, StoreError, StoreResult, TenantTx};
+
+pub use tenants::Model as TenantRow;
+
+/// Creates the tenant of this transaction. Fails with `Conflict` when the slug is taken.
+pub async fn create(
+    tx: &TenantTx,
+    slug: &TenantSlug,
+    name: &TenantName,
+    now: DateTime<Utc>,
+) -> StoreResult<TenantRow> {
+    let row = tenants::ActiveModel {
+        id: Set(tx.tenant_id().as_uuid()),
+        slug: Set(slug.as_str().to_owned()),
+        name: Set(name.as_str().to_owned()),
+        settings: Set(serde_json::json!({})),
+        created_at: Set(now),
+    };
+    row.insert(tx.conn())
+        .await
+        .map_err(|e| StoreError::unique_as_conflict(e, "this tenant slug is taken"))
+}
+
+/// The tenant of this transaction.
+pub async fn get(tx: &TenantTx) -> StoreResult<TenantRow> {
+    tenants::Entity::find_by_id(tx.tenant_id().as_uuid())
+        .one(tx.conn())
+        .await?
+        .ok_or(StoreError::NotFound)
+}
+
+/// Resolves a slug to its tenant, before any tenant is known (login, password reset).
+pub async fn find_by_slug(store: &Store, slug: &str) -> StoreResult<Option<TenantRow>> {
+    Ok(tenants::Entity::find()
+        .filter(tenants::Column::Slug.eq(slug))
+        .one(store.registry())
+        .await?)
+}
+
+/// Resolves an id to its tenant (command line, api keys).
+pub async fn find_by_id(store: &Store, tenant_id: TenantId) -> StoreResult<Option<TenantRow>> {
+    Ok(tenants::Entity::find_by_id(tenant_id.as_uuid())
+        .one(store.registry())
+        .await?)
+}

@@ -1,0 +1,183 @@
+//! Users of a tenant and their role assignments.
+
+use chrono::{DateTime, Utc};
+use domain::{Email, UserId, UserStatus};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set,
+};
+use uuid::Uuid;
+
+use super::entity::{user_roles, users};
+use super::{StoreError, StoreResult, TenantTx};
+
+pub use users::Model as UserRow;
+
+pub async fn insert(
+    tx: &TenantTx,
+    user_id: UserId,
+    email: &Email,
+    status: UserStatus,
+    now: DateTime<Utc>,
+) -> StoreResult<UserRow> {
+    users::ActiveModel {
+        tenant_id: Set(tx.tenant_id().as_uuid()),
+        id: Set(user_id.as_uuid()),
+        email: Set(email.as_str().to_owned()),
+        password_hash: Set(None),
+        status: Set(status.as_str().to_owned()),
+        created_at: Set(now),
+        updated_at: Set(now),
+    }
+    .insert(tx.conn())
+    .await
+    .map_err(|e| StoreError::unique_as_conflict(e, "a user with this email already exists"))
+}
+
+pub async fn get(tx: &TenantTx, user_id: UserId) -> StoreResult<UserRow> {
+    users::Entity::find()
+        .filter(users::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(users::Column::Id.eq(user_id.as_uuid()))
+        .one(tx.conn())
+        .await?
+        .ok_or(StoreError::NotFound)
+}
+
+pub async fn find_by_email(tx: &TenantTx, email: &Email) -> StoreResult<Option<UserRow>> {
+    Ok(users::Entity::find()
+        .filter(users::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(users::Column::Email.eq(email.as_str()))
+        .one(tx.conn())
+        .await?)
+}
+
+/// One page of users in creation order (ids are time-ordered), after the cursor id.
+pub async fn page(
+    tx: &TenantTx,
+    after: Option<Uuid>,
+    limit: u64,
+) -> StoreResult<(Vec<UserRow>, u64)> {
+    let base = users::Entity::find().filter(users::Column::TenantId.eq(tx.tenant_id().as_uuid()));
+    let total = base.clone().count(tx.conn()).await?;
+    let mut query = base.order_by_asc(users::Column::Id).limit(limit);
+    if let Some(after) = after {
+        query = query.filter(users::Column::Id.gt(after));
+    }
+    Ok((query.all(tx.conn()).await?, total))
+}
+
+pub async fn set_status(
+    tx: &TenantTx,
+    user_id: UserId,
+    status: UserStatus,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    let result = users::Entity::update_many()
+        .col_expr(users::Column::Status, Expr::value(status.as_str()))
+        .col_expr(users::Column::UpdatedAt, Expr::value(now))
+        .filter(users::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(users::Column::Id.eq(user_id.as_uuid()))
+        .exec(tx.conn())
+        .await?;
+    if result.rows_affected == 0 {
+        return Err(StoreError::NotFound);
+    }
+    Ok(())
+}
+
+pub async fn set_password_hash(
+    tx: &TenantTx,
+    user_id: UserId,
+    password_hash: &str,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    let result = users::Entity::update_many()
+        .col_expr(users::Column::PasswordHash, Expr::value(password_hash))
+        .col_expr(users::Column::UpdatedAt, Expr::value(now))
+        .filter(users::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(users::Column::Id.eq(user_id.as_uuid()))
+        .exec(tx.conn())
+        .await?;
+    if result.rows_affected == 0 {
+        return Err(StoreError::NotFound);
+    }
+    Ok(())
+}
+
+/// The role names of one user, sorted.
+pub async fn roles_of(tx: &TenantTx, user_id: UserId) -> StoreResult<Vec<String>> {
+    let rows = user_roles::Entity::find()
+        .filter(user_roles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(user_roles::Column::UserId.eq(user_id.as_uuid()))
+        .order_by_asc(user_roles::Column::RoleName)
+        .all(tx.conn())
+        .await?;
+    Ok(rows.into_iter().map(|row| row.role_name).collect())
+}
+
+/// The role names of several users at once, to avoid one query per user in a list.
+pub async fn roles_of_many(tx: &TenantTx, user_ids: &[Uuid]) -> StoreResult<Vec<(Uuid, String)>> {
+    let rows = user_roles::Entity::find()
+        .filter(user_roles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(user_roles::Column::UserId.is_in(user_ids.iter().copied()))
+        .order_by_asc(user_roles::Column::RoleName)
+        .all(tx.conn())
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.user_id, row.role_name))
+        .collect())
+}
+
+/// Replaces a user's roles. Every name must exist in the tenant (the foreign key guarantees it;
+/// the service checks first to give a clear message).
+pub async fn set_roles(tx: &TenantTx, user_id: UserId, role_names: &[String]) -> StoreResult<()> {
+    user_roles::Entity::delete_many()
+        .filter(user_roles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(user_roles::Column::UserId.eq(user_id.as_uuid()))
+        .exec(tx.conn())
+        .await?;
+    if role_names.is_empty() {
+        return Ok(());
+    }
+    let rows = role_names.iter().map(|name| user_roles::ActiveModel {
+        tenant_id: Set(tx.tenant_id().as_uuid()),
+        user_id: Set(user_id.as_uuid()),
+        role_name: Set(name.clone()),
+    });
+    user_roles::Entity::insert_many(rows)
+        .exec(tx.conn())
+        .await?;
+    Ok(())
+}
+
+/// How many active users hold the owner role.
+pub async fn count_active_owners(tx: &TenantTx) -> StoreResult<u64> {
+    let owner_ids: Vec<Uuid> = user_roles::Entity::find()
+        .filter(user_roles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(user_roles::Column::RoleName.eq(domain::BuiltInRole::Owner.name()))
+        .all(tx.conn())
+        .await?
+        .into_iter()
+        .map(|row| row.user_id)
+        .collect();
+    if owner_ids.is_empty() {
+        return Ok(0);
+    }
+    Ok(users::Entity::find()
+        .filter(users::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(users::Column::Id.is_in(owner_ids))
+        .filter(users::Column::Status.eq(UserStatus::Active.as_str()))
+        .count(tx.conn())
+        .await?)
+}
+
+/// How many users hold a role.
+pub async fn count_with_role(tx: &TenantTx, role_name: &str) -> StoreResult<u64> {
+    Ok(user_roles::Entity::find()
+        .filter(user_roles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(user_roles::Column::RoleName.eq(role_name))
+        .count(tx.conn())
+        .await?)
+}

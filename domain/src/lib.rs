@@ -1,0 +1,15 @@
+//! Pure business rules of the CDP: value types that hold only valid values, and decisions that are
+//! deterministic functions of their inputs.
+//!
+//! This crate knows nothing of async, databases, GraphQL, HTTP, JWT or email. It does no IO and
+//! reads no clock: where time matters, `now` is a parameter.
+
+pub mod account;
+pub mod ids;
+
+pub use account::mask_email;
+pub use account::{
+    AccountError, BuiltInRole, Email, Password, Permission, RoleName, TenantName, TenantSlug,
+    UserStatus,
+};
+pub use ids::{ApiKeyId, TenantId, UserId};

@@ -1,0 +1,20 @@
+//! The database schema of the CDP, owned here and only here: tables, indexes, the service role and
+//! row-level security.
+//!
+//! Guarantees: every tenant table's primary key and unique constraints start with `tenant_id`, and
+//! child tables reference their parents by `(tenant_id, id)`. On PostgreSQL every tenant table has
+//! row-level security enabled and forced, with the `app.tenant_id` policy (see `docs/adr/0001-tenancy.md`).
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261128_000001_foundation;
+pub mod tenancy;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261128_000001_foundation::Migration)]
+    }
+}

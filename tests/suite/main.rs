@@ -1,0 +1,11 @@
+//! Black-box tests of the running service over real HTTP, WebSocket and SMTP, against SQLite and,
+//! when `CDP_TEST_POSTGRES_URL` is set, PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod accounts;
+mod bad_input;
+mod http_surface;
+mod isolation;
+mod outbox;
+mod support;
+mod tidy;

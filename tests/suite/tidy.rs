@@ -1,0 +1,125 @@
+//! Tidy checks over the sources: layers name only what they may (STYLE.md, Layering).
+
+use std::path::{Path, PathBuf};
+
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(rust_files(&path));
+        } else if path.extension().is_some_and(|ext| ext == "rs") {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// The lines of a file that are code, not comments.
+fn code_lines(path: &Path) -> impl Iterator<Item = String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("//"))
+        .map(str::to_owned)
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Files under `root` (relative to the workspace) that name `word`, except those under `allowed`.
+fn offenders(root: &str, word: &str, allowed: &[&str]) -> Vec<String> {
+    let base = workspace().join(root);
+    rust_files(&base)
+        .into_iter()
+        .filter(|path| {
+            !allowed
+                .iter()
+                .any(|allowed| path.starts_with(base.join(allowed)))
+        })
+        .filter(|path| code_lines(path).any(|line| line.contains(word)))
+        .map(|path| {
+            path.strip_prefix(workspace())
+                .unwrap()
+                .display()
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn only_the_store_names_sea_orm() {
+    assert_eq!(
+        offenders("api/src", "sea_orm", &["store"]),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn only_the_graphql_layer_names_async_graphql() {
+    assert_eq!(
+        offenders("api/src", "async_graphql", &["graphql"]),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn the_store_names_neither_graphql_nor_http() {
+    assert_eq!(
+        offenders("api/src/store", "async_graphql", &[]),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        offenders("api/src/store", "poem", &[]),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn the_domain_does_no_io_and_reads_no_clock() {
+    for word in [
+        "tokio",
+        "sea_orm",
+        "async_graphql",
+        "poem",
+        "lettre",
+        "jsonwebtoken",
+        "std::fs",
+        "std::net",
+        "Utc::now",
+        "SystemTime",
+        "Instant::now",
+    ] {
+        assert_eq!(
+            offenders("domain/src", word, &[]),
+            Vec::<String>::new(),
+            "domain names {word}"
+        );
+    }
+}
+
+#[test]
+fn migrations_depend_on_none_of_our_crates() {
+    for word in ["domain::", "api::"] {
+        assert_eq!(offenders("migration/src", word, &[]), Vec::<String>::new());
+    }
+}
+
+#[test]
+fn tenant_data_is_reached_only_through_tenant_or_system_transactions() {
+    // Store functions take a TenantTx or SystemTx; only the tenant registry uses the raw pool.
+    assert_eq!(
+        offenders(
+            "api/src",
+            "registry()",
+            &["store/mod.rs", "store/tenants.rs"]
+        ),
+        Vec::<String>::new()
+    );
+}
