@@ -51,6 +51,9 @@ pub struct Config {
     pub log_filter: String,
     pub log_json: bool,
     pub graphql: GraphqlLimits,
+    /// Hard cap on a collection API body, compressed or not (`CDP_INGEST_MAX_BODY_BYTES`, default
+    /// 16 MiB). Each tenant's own limit (4 MB by default) applies below it.
+    pub ingest_max_body_bytes: usize,
     pub access_token_ttl: Duration,
     pub refresh_token_ttl: Duration,
     pub activation_token_ttl: Duration,
@@ -133,6 +136,7 @@ impl Config {
                 max_body_bytes: parse_var("CDP_GRAPHQL_MAX_BODY_BYTES", "1048576")?,
                 max_batch: parse_var("CDP_GRAPHQL_MAX_BATCH", "10")?,
             },
+            ingest_max_body_bytes: parse_var("CDP_INGEST_MAX_BODY_BYTES", "16777216")?,
             access_token_ttl: Duration::from_secs(parse_var("CDP_ACCESS_TOKEN_TTL_SECS", "900")?),
             refresh_token_ttl: Duration::from_secs(parse_var(
                 "CDP_REFRESH_TOKEN_TTL_SECS",
@@ -180,6 +184,7 @@ impl Config {
                 max_body_bytes: 1024 * 1024,
                 max_batch: 10,
             },
+            ingest_max_body_bytes: 16 * 1024 * 1024,
             access_token_ttl: Duration::from_secs(900),
             refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
             activation_token_ttl: Duration::from_secs(72 * 3600),

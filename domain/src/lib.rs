@@ -5,7 +5,10 @@
 //! reads no clock: where time matters, `now` is a parameter.
 
 pub mod account;
+pub mod identity;
 pub mod ids;
+pub mod ingest;
+pub mod traits;
 
 pub use account::mask_email;
 pub use account::{

@@ -8,6 +8,7 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261128_000001_foundation;
+mod m20261128_000002_customer_data;
 pub mod tenancy;
 
 pub struct Migrator;
@@ -15,6 +16,9 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261128_000001_foundation::Migration)]
+        vec![
+            Box::new(m20261128_000001_foundation::Migration),
+            Box::new(m20261128_000002_customer_data::Migration),
+        ]
     }
 }

@@ -13,45 +13,45 @@ impl MigrationName for Migration {
     }
 }
 
-fn uuid(name: &'static str) -> ColumnDef {
+pub(crate) fn uuid(name: &'static str) -> ColumnDef {
     ColumnDef::new(name).uuid().not_null().to_owned()
 }
-fn uuid_null(name: &'static str) -> ColumnDef {
+pub(crate) fn uuid_null(name: &'static str) -> ColumnDef {
     ColumnDef::new(name).uuid().null().to_owned()
 }
-fn text(name: &'static str) -> ColumnDef {
+pub(crate) fn text(name: &'static str) -> ColumnDef {
     ColumnDef::new(name).text().not_null().to_owned()
 }
-fn text_null(name: &'static str) -> ColumnDef {
+pub(crate) fn text_null(name: &'static str) -> ColumnDef {
     ColumnDef::new(name).text().null().to_owned()
 }
-fn time(name: &'static str) -> ColumnDef {
+pub(crate) fn time(name: &'static str) -> ColumnDef {
     ColumnDef::new(name)
         .timestamp_with_time_zone()
         .not_null()
         .to_owned()
 }
-fn time_null(name: &'static str) -> ColumnDef {
+pub(crate) fn time_null(name: &'static str) -> ColumnDef {
     ColumnDef::new(name)
         .timestamp_with_time_zone()
         .null()
         .to_owned()
 }
-fn json(name: &'static str) -> ColumnDef {
+pub(crate) fn json(name: &'static str) -> ColumnDef {
     ColumnDef::new(name).json_binary().not_null().to_owned()
 }
-fn json_null(name: &'static str) -> ColumnDef {
+pub(crate) fn json_null(name: &'static str) -> ColumnDef {
     ColumnDef::new(name).json_binary().null().to_owned()
 }
-fn int(name: &'static str) -> ColumnDef {
+pub(crate) fn int(name: &'static str) -> ColumnDef {
     ColumnDef::new(name).integer().not_null().to_owned()
 }
-fn boolean(name: &'static str) -> ColumnDef {
+pub(crate) fn boolean(name: &'static str) -> ColumnDef {
     ColumnDef::new(name).boolean().not_null().to_owned()
 }
 
 /// `PRIMARY KEY (tenant_id, <cols>...)`.
-fn tenant_pk(cols: &[&'static str]) -> IndexCreateStatement {
+pub(crate) fn tenant_pk(cols: &[&'static str]) -> IndexCreateStatement {
     let mut index = Index::create();
     index.col("tenant_id");
     for col in cols {
@@ -61,7 +61,7 @@ fn tenant_pk(cols: &[&'static str]) -> IndexCreateStatement {
 }
 
 /// A foreign key from `(tenant_id, from)` to `(tenant_id, to)` of `table`.
-fn tenant_fk(
+pub(crate) fn tenant_fk(
     from_table: &'static str,
     from: &'static str,
     table: &'static str,
@@ -80,7 +80,7 @@ fn tenant_fk(
         .to_owned()
 }
 
-fn tenant_fk_to_tenants(from_table: &'static str) -> ForeignKeyCreateStatement {
+pub(crate) fn tenant_fk_to_tenants(from_table: &'static str) -> ForeignKeyCreateStatement {
     ForeignKey::create()
         .name(format!("fk_{from_table}_tenant"))
         .from_tbl(from_table)
@@ -91,7 +91,7 @@ fn tenant_fk_to_tenants(from_table: &'static str) -> ForeignKeyCreateStatement {
         .to_owned()
 }
 
-async fn unique_index(
+pub(crate) async fn unique_index(
     manager: &SchemaManager<'_>,
     table: &'static str,
     name: &'static str,
@@ -105,7 +105,7 @@ async fn unique_index(
     manager.create_index(index.to_owned()).await
 }
 
-async fn plain_index(
+pub(crate) async fn plain_index(
     manager: &SchemaManager<'_>,
     table: &'static str,
     name: &'static str,

@@ -4,6 +4,7 @@
 
 mod accounts;
 mod bad_input;
+mod collect;
 mod http_surface;
 mod isolation;
 mod outbox;

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 
+use domain::ingest::Channel;
 use domain::{ApiKeyId, Permission, TenantId, UserId};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -10,13 +11,15 @@ pub enum PrincipalKind {
         user_id: UserId,
         email: String,
     },
-    /// A WRITE key may only send data.
+    /// A WRITE key may only send data; it is a source with a channel.
     WriteKey {
         key_id: ApiKeyId,
+        channel: Channel,
     },
     /// A SECRET key acts with the admin role's permissions, without account management.
     SecretKey {
         key_id: ApiKeyId,
+        channel: Channel,
     },
 }
 
@@ -40,6 +43,15 @@ impl Principal {
         }
     }
 
+    /// The api key behind the principal and its channel, if it is a key.
+    pub fn source(&self) -> Option<(ApiKeyId, Channel)> {
+        match &self.kind {
+            PrincipalKind::WriteKey { key_id, channel }
+            | PrincipalKind::SecretKey { key_id, channel } => Some((*key_id, *channel)),
+            PrincipalKind::User { .. } => None,
+        }
+    }
+
     pub fn user_id(&self) -> Option<UserId> {
         match &self.kind {
             PrincipalKind::User { user_id, .. } => Some(*user_id),
@@ -51,7 +63,7 @@ impl Principal {
     pub fn actor(&self) -> String {
         match &self.kind {
             PrincipalKind::User { user_id, email } => format!("user:{user_id} <{email}>"),
-            PrincipalKind::WriteKey { key_id } | PrincipalKind::SecretKey { key_id } => {
+            PrincipalKind::WriteKey { key_id, .. } | PrincipalKind::SecretKey { key_id, .. } => {
                 format!("api_key:{key_id}")
             }
         }

@@ -4,7 +4,7 @@ use async_graphql::{Context, Object, Result, ID};
 
 use super::types::{
     ApiKey, ApiKeyScope, AuditEntryConnection, AuthPayload, CreatedApiKey, Me, Permission, Role,
-    SignUpInput, SignUpPayload, Tenant, User, UserConnection,
+    SignUpInput, SignUpPayload, SourceChannel, Tenant, User, UserConnection,
 };
 use super::{service_error, RequestContext};
 use crate::auth::Principal;
@@ -269,12 +269,19 @@ impl AccountsMutation {
         ctx: &Context<'_>,
         name: String,
         scope: ApiKeyScope,
+        #[graphql(default_with = "SourceChannel::Other")] channel: SourceChannel,
     ) -> Result<CreatedApiKey> {
         let env = Env::of(ctx)?;
-        let (api_key, secret) =
-            accounts::create_api_key(env.state, env.principal()?, env.meta(), &name, scope.into())
-                .await
-                .gql()?;
+        let (api_key, secret) = accounts::create_api_key(
+            env.state,
+            env.principal()?,
+            env.meta(),
+            &name,
+            scope.into(),
+            channel.into(),
+        )
+        .await
+        .gql()?;
         Ok(CreatedApiKey {
             api_key: api_key.into(),
             secret,

@@ -5,6 +5,7 @@
 //! the request context, never from an argument.
 
 mod accounts;
+mod customers;
 pub mod transport;
 mod types;
 
@@ -17,10 +18,10 @@ use crate::config::GraphqlLimits;
 use crate::service::{AppState, RequestMeta, ServiceError};
 
 #[derive(MergedObject, Default)]
-pub struct Query(accounts::AccountsQuery);
+pub struct Query(accounts::AccountsQuery, customers::CustomersQuery);
 
 #[derive(MergedObject, Default)]
-pub struct Mutation(accounts::AccountsMutation);
+pub struct Mutation(accounts::AccountsMutation, customers::CustomersMutation);
 
 pub type CdpSchema = Schema<Query, Mutation, EmptySubscription>;
 

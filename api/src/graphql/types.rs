@@ -159,11 +159,52 @@ impl From<accounts::Tenant> for Tenant {
     }
 }
 
+/// The channel a source (a WRITE key) sends from.
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+pub enum SourceChannel {
+    Web,
+    Mobile,
+    Server,
+    Email,
+    Social,
+    Other,
+}
+
+impl From<domain::ingest::Channel> for SourceChannel {
+    fn from(channel: domain::ingest::Channel) -> Self {
+        use domain::ingest::Channel as C;
+        match channel {
+            C::Web => SourceChannel::Web,
+            C::Mobile => SourceChannel::Mobile,
+            C::Server => SourceChannel::Server,
+            C::Email => SourceChannel::Email,
+            C::Social => SourceChannel::Social,
+            C::Other => SourceChannel::Other,
+        }
+    }
+}
+
+impl From<SourceChannel> for domain::ingest::Channel {
+    fn from(channel: SourceChannel) -> Self {
+        use domain::ingest::Channel as C;
+        match channel {
+            SourceChannel::Web => C::Web,
+            SourceChannel::Mobile => C::Mobile,
+            SourceChannel::Server => C::Server,
+            SourceChannel::Email => C::Email,
+            SourceChannel::Social => C::Social,
+            SourceChannel::Other => C::Other,
+        }
+    }
+}
+
+/// An api key; every WRITE key is a named source of data with a channel.
 #[derive(SimpleObject, Clone, Debug)]
 pub struct ApiKey {
     pub id: ID,
     pub name: String,
     pub scope: ApiKeyScope,
+    pub channel: SourceChannel,
     pub prefix: String,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
@@ -175,6 +216,7 @@ impl From<accounts::ApiKey> for ApiKey {
             id: ID(key.id.to_string()),
             name: key.name,
             scope: key.scope.into(),
+            channel: key.channel.into(),
             prefix: key.prefix,
             created_at: key.created_at,
             revoked_at: key.revoked_at,

@@ -3,9 +3,11 @@
 //! Guarantees: the GraphQL body is read with a hard size limit before it is parsed; credentials
 //! are checked before any operation runs; every error body carries a contract error code.
 
+mod collect;
 mod graphiql;
 mod graphql;
 mod health;
+pub mod ratelimit;
 
 use poem::http::Method;
 use poem::middleware::Cors;
@@ -28,7 +30,21 @@ pub fn routes(state: AppState, schema: CdpSchema) -> poem::Route {
                 state: state.clone(),
             },
         );
+    // Browsers send analytics from customers' own sites: the collection API answers CORS
+    // preflights from any origin (the write key is public by design).
+    let collection = collect::routes().with(
+        Cors::new()
+            .allow_methods([Method::POST, Method::OPTIONS])
+            .allow_headers(["authorization", "content-type", "content-encoding"])
+            .max_age(86400),
+    );
+    // `/graphql` admits only the configured frontend origins.
+    let graphql_routes = match cors(&state.config.cors_origins) {
+        Some(cors) => graphql_routes.with(cors).boxed(),
+        None => graphql_routes.boxed(),
+    };
     Route::new()
+        .nest("/v1", collection)
         .nest("/graphql", graphql_routes)
         .at("/healthz", get(health::healthz))
         .at("/readyz", get(health::readyz))
@@ -54,12 +70,11 @@ pub fn app(
     state: AppState,
     schema: CdpSchema,
 ) -> poem::endpoint::BoxEndpoint<'static, poem::Response> {
-    let cors = cors(&state.config.cors_origins);
-    let app = routes(state.clone(), schema.clone())
+    let limits = std::sync::Arc::new(ratelimit::RateLimits::default());
+    routes(state.clone(), schema.clone())
         .data(state)
-        .data(schema);
-    match cors {
-        Some(cors) => app.with(cors).map_to_response().boxed(),
-        None => app.map_to_response().boxed(),
-    }
+        .data(schema)
+        .data(limits)
+        .map_to_response()
+        .boxed()
 }

@@ -69,6 +69,8 @@ pub struct ApiKey {
     pub id: ApiKeyId,
     pub name: String,
     pub scope: ApiKeyScope,
+    /// The channel this source sends from.
+    pub channel: domain::ingest::Channel,
     pub prefix: String,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
@@ -138,6 +140,7 @@ fn api_key_from_row(row: store::api_keys::ApiKeyRow) -> ApiKey {
             ApiKeyScope::Write
         },
         prefix: row.prefix,
+        channel: domain::ingest::Channel::parse(&row.channel),
         created_at: row.created_at,
         revoked_at: row.revoked_at,
     }
@@ -793,6 +796,7 @@ pub async fn create_api_key(
     meta: &RequestMeta,
     name: &str,
     scope: ApiKeyScope,
+    channel: domain::ingest::Channel,
 ) -> ServiceResult<(ApiKey, String)> {
     let principal = require_account_manager(principal, Permission::ApiKeysManage)?;
     let name = name.trim();
@@ -820,6 +824,7 @@ pub async fn create_api_key(
             prefix: &visible,
             key_hash: &secret.hash,
             created_by: principal.user_id().map(|id| id.as_uuid()),
+            channel: channel.as_str(),
         },
         now,
     )
@@ -889,7 +894,7 @@ pub async fn me(state: &AppState, principal: Option<&Principal>) -> ServiceResul
     let tenant = tenant_from_row(store::tenants::get(&tx).await?);
     let (user, api_key) = match &principal.kind {
         PrincipalKind::User { user_id, .. } => (Some(load_user(&tx, *user_id).await?), None),
-        PrincipalKind::WriteKey { key_id } | PrincipalKind::SecretKey { key_id } => (
+        PrincipalKind::WriteKey { key_id, .. } | PrincipalKind::SecretKey { key_id, .. } => (
             None,
             Some(api_key_from_row(store::api_keys::get(&tx, *key_id).await?)),
         ),

@@ -67,15 +67,16 @@ pub async fn authenticate_api_key(state: &AppState, key: &str) -> ServiceResult<
         return Err(unauthenticated());
     }
     let key_id = ApiKeyId(row.id);
+    let channel = domain::ingest::Channel::parse(&row.channel);
     let (kind, permissions) = if is_secret && row.scope == "SECRET" {
         let permissions = BuiltInRole::Admin
             .permissions()
             .into_iter()
             .filter(|permission| !Permission::ACCOUNT_MANAGEMENT.contains(permission))
             .collect();
-        (PrincipalKind::SecretKey { key_id }, permissions)
+        (PrincipalKind::SecretKey { key_id, channel }, permissions)
     } else if !is_secret && row.scope == "WRITE" {
-        (PrincipalKind::WriteKey { key_id }, BTreeSet::new())
+        (PrincipalKind::WriteKey { key_id, channel }, BTreeSet::new())
     } else {
         return Err(unauthenticated());
     };

@@ -9,7 +9,10 @@ pub mod accounts;
 pub mod audit;
 pub mod auth;
 pub mod emails;
+pub mod ingest;
 pub mod pagination;
+pub mod profiles;
+pub mod settings;
 
 use std::sync::Arc;
 

@@ -18,6 +18,7 @@ pub struct NewApiKey<'a> {
     pub prefix: &'a str,
     pub key_hash: &'a str,
     pub created_by: Option<Uuid>,
+    pub channel: &'a str,
 }
 
 pub async fn insert(
@@ -35,6 +36,7 @@ pub async fn insert(
         created_by: Set(key.created_by),
         created_at: Set(now),
         revoked_at: Set(None),
+        channel: Set(key.channel.to_owned()),
     }
     .insert(tx.conn())
     .await?)

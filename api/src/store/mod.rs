@@ -10,7 +10,10 @@ mod entity;
 
 pub mod api_keys;
 pub mod audit;
+pub mod events;
+pub mod ingest;
 pub mod outbox;
+pub mod profiles;
 pub mod roles;
 pub mod sessions;
 pub mod tenants;

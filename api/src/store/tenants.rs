@@ -50,3 +50,16 @@ pub async fn find_by_id(store: &Store, tenant_id: TenantId) -> StoreResult<Optio
         .one(store.registry())
         .await?)
 }
+
+/// Replaces the settings document of this transaction's tenant.
+pub async fn set_settings(tx: &TenantTx, settings: serde_json::Value) -> StoreResult<()> {
+    tenants::Entity::update_many()
+        .col_expr(
+            tenants::Column::Settings,
+            sea_orm::sea_query::Expr::value(settings),
+        )
+        .filter(tenants::Column::Id.eq(tx.tenant_id().as_uuid()))
+        .exec(tx.conn())
+        .await?;
+    Ok(())
+}

@@ -150,6 +150,19 @@ impl Drop for TestDb {
     }
 }
 
+/// Server logs go to the test's captured output (shown when a test fails); `CDP_TEST_LOG` sets
+/// the filter (default `warn`).
+pub fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = std::env::var("CDP_TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    });
+}
+
 /// A running server with its own database and SMTP sink.
 pub struct TestServer {
     pub app: Option<Application>,
@@ -337,4 +350,64 @@ pub fn slug(prefix: &str) -> String {
         "{prefix}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     )
+}
+
+/// Creates a WRITE key (a source) with a channel and returns its secret.
+pub async fn write_key(server: &TestServer, admin: &Session, name: &str, channel: &str) -> String {
+    let data = server
+        .gql_ok(
+            Some(&admin.access_token),
+            "mutation($n: String!, $c: SourceChannel!) { createApiKey(name: $n, scope: WRITE, channel: $c) { secret } }",
+            json!({"n": name, "c": channel}),
+        )
+        .await;
+    data["createApiKey"]["secret"].as_str().unwrap().to_owned()
+}
+
+/// Posts to the collection API with HTTP Basic auth; returns the status and the JSON body.
+pub async fn collect(server: &TestServer, path: &str, key: &str, body: &Value) -> (u16, Value) {
+    let response = server
+        .client
+        .post(server.url(path))
+        .basic_auth(key, Some(""))
+        .json(body)
+        .send()
+        .await
+        .expect("request sent");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// The profile holding an identity, with the fields most tests look at.
+pub async fn profile_by(server: &TestServer, token: &str, kind: &str, value: &str) -> Value {
+    let data = server
+        .gql_ok(
+            Some(token),
+            "query($k: String!, $v: String!) { profileByIdentity(kind: $k, value: $v) {
+                id traits channels eventCount firstSeenAt lastSeenAt mergedIds
+                identities { kind value } consents { purpose granted }
+                groups { groupId traits }
+                mergeLedger { action rule identityKind identityValue otherProfileId messageId }
+                events(first: 100) { totalCount edges { node { type name properties messageId channel } } }
+            } }",
+            json!({"k": kind, "v": value}),
+        )
+        .await;
+    data["profileByIdentity"].clone()
+}
+
+/// The accepted-message count of the tenant's sources, from the data-quality view.
+pub async fn data_quality(server: &TestServer, token: &str) -> Value {
+    server
+        .gql_ok(
+            Some(token),
+            "{ dataQuality { sourceId name channel accepted duplicates rejected { reason count } warnings { reason count } } }",
+            json!({}),
+        )
+        .await["dataQuality"]
+        .clone()
 }

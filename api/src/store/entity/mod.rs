@@ -2,8 +2,16 @@
 
 pub mod api_keys;
 pub mod audit_log;
+pub mod consents;
 pub mod email_outbox;
+pub mod events;
+pub mod groups;
+pub mod identities;
+pub mod ingest_stats;
+pub mod merge_ledger;
 pub mod one_time_tokens;
+pub mod profile_groups;
+pub mod profiles;
 pub mod refresh_sessions;
 pub mod roles;
 pub mod tenants;

@@ -1,0 +1,716 @@
+//! The one write path of customer data: the HTTP collection API, the GraphQL `identify` and
+//! `track` mutations and `cdp import` all come through [`ingest`].
+//!
+//! A batch is parsed and cleaned first (pure, in `domain`), then applied in one tenant
+//! transaction: duplicates are skipped by message id, identities are resolved against the
+//! profiles the batch touches (locked on PostgreSQL), merges and conflicts are recorded in the
+//! ledger, traits merge by timestamp, and everything is written with a few multi-row statements.
+//! The caller acknowledges only after the commit. A concurrent batch that linked the same new
+//! identifier first makes this one retry, so that one identifier never makes two profiles.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use domain::identity::{IdentityGraph, IdentityKey, ProfileNode, ANONYMOUS_ID, USER_ID};
+use domain::ingest::{parse_message, Channel, Envelope, Message, MessageType, Rejection};
+use domain::traits::{self, Stamp};
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use super::{settings, AppState, ServiceError, ServiceResult};
+use crate::store::ingest::{
+    ConsentRow, EventRow, GroupRow, IdentityRow, LedgerRow, ProfileRow, WriteSet,
+};
+use crate::store::{self, StoreError, TenantTx};
+
+/// Where data comes from: an api key (a named source with a channel), or a signed-in user.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub key_id: Option<Uuid>,
+    pub channel: Channel,
+}
+
+impl Source {
+    /// The id the per-source counts are kept under; data sent by users (GraphQL, import) counts
+    /// under the nil id.
+    fn stats_id(&self) -> Uuid {
+        self.key_id.unwrap_or(Uuid::nil())
+    }
+}
+
+/// One request's messages and the batch-level fields that apply to all of them.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub messages: Vec<Value>,
+    pub sent_at: Option<Value>,
+    pub context: Option<Value>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// What became of one message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Accepted { profile_id: Uuid, event_id: Uuid },
+    Duplicate,
+    Rejected(Rejection),
+}
+
+#[derive(Debug, Clone)]
+pub struct MessageReport {
+    pub index: usize,
+    pub message_id: Option<String>,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct IngestReport {
+    pub messages: Vec<MessageReport>,
+}
+
+impl IngestReport {
+    pub fn count(&self, predicate: impl Fn(&Outcome) -> bool) -> usize {
+        self.messages
+            .iter()
+            .filter(|report| predicate(&report.outcome))
+            .count()
+    }
+    pub fn accepted(&self) -> usize {
+        self.count(|outcome| matches!(outcome, Outcome::Accepted { .. }))
+    }
+    pub fn duplicates(&self) -> usize {
+        self.count(|outcome| matches!(outcome, Outcome::Duplicate))
+    }
+    pub fn rejected(&self) -> impl Iterator<Item = &MessageReport> {
+        self.messages
+            .iter()
+            .filter(|report| matches!(report.outcome, Outcome::Rejected(_)))
+    }
+}
+
+/// Ingests a batch for a tenant. Returns once everything accepted is committed.
+pub async fn ingest(
+    state: &AppState,
+    tenant_id: domain::TenantId,
+    source: &Source,
+    batch: Batch,
+) -> ServiceResult<IngestReport> {
+    let settings = settings::load(state, tenant_id).await?;
+    ingest_with(state, tenant_id, source, batch, &settings).await
+}
+
+/// [`ingest`] with the tenant's settings already loaded.
+#[tracing::instrument(skip_all, fields(tenant_id = %tenant_id, messages = batch.messages.len()))]
+pub async fn ingest_with(
+    state: &AppState,
+    tenant_id: domain::TenantId,
+    source: &Source,
+    batch: Batch,
+    settings: &settings::IngestSettings,
+) -> ServiceResult<IngestReport> {
+    let options = settings.parse_options();
+    let parsed: Vec<Result<Message, Rejection>> = batch
+        .messages
+        .iter()
+        .map(|raw| {
+            let envelope = Envelope {
+                received_at: batch.received_at,
+                batch_sent_at: batch.sent_at.as_ref(),
+                batch_context: batch.context.as_ref(),
+                generated_message_id: Uuid::now_v7().to_string(),
+            };
+            parse_message(raw, &envelope, &options)
+        })
+        .collect();
+    let mut attempt = 0;
+    loop {
+        let tx = state.store.begin(tenant_id).await?;
+        match apply(
+            state,
+            &tx,
+            source,
+            &settings.identity_rules,
+            &parsed,
+            &batch,
+        )
+        .await
+        {
+            Ok(report) => match tx.commit().await {
+                Ok(()) => return Ok(report),
+                Err(error) if error.is_retryable() && attempt < 8 => {}
+                Err(error) => return Err(error.into()),
+            },
+            Err(error)
+                if (error.is_retryable() || matches!(error, StoreError::Conflict(_)))
+                    && attempt < 8 =>
+            {
+                drop(tx);
+            }
+            Err(error) => return Err(error.into()),
+        }
+        attempt += 1;
+        tracing::debug!(
+            attempt,
+            "ingest batch conflicted with a concurrent one; retrying"
+        );
+        // Back off a little, with jitter, so that colliding batches do not collide again.
+        let jitter = rand::random::<u64>() % 20;
+        tokio::time::sleep(std::time::Duration::from_millis(5 * attempt + jitter)).await;
+    }
+}
+
+/// A profile being changed by this batch.
+struct Working {
+    row: ProfileRow,
+    changed: bool,
+}
+
+/// Everything the batch builds up before writing.
+struct Work<'a> {
+    tenant_id: Uuid,
+    now: DateTime<Utc>,
+    source: &'a Source,
+    rules: &'a domain::identity::IdentityRules,
+    graph: IdentityGraph,
+    profiles: HashMap<Uuid, Working>,
+    redirect: HashMap<Uuid, Uuid>,
+    consents: HashMap<(Uuid, String), ConsentRow>,
+    changed_consents: BTreeSet<(Uuid, String)>,
+    groups: HashMap<String, GroupRow>,
+    changed_groups: BTreeSet<String>,
+    profile_groups: Vec<(Uuid, String, DateTime<Utc>)>,
+    new_identities: Vec<(IdentityKey, String, String)>,
+    events: Vec<EventRow>,
+    merges: Vec<(Uuid, Uuid)>,
+    ledger: Vec<LedgerRow>,
+    stats: HashMap<String, i64>,
+}
+
+impl Work<'_> {
+    fn final_id(&self, mut id: Uuid) -> Uuid {
+        while let Some(next) = self.redirect.get(&id) {
+            id = *next;
+        }
+        id
+    }
+
+    fn count(&mut self, outcome: impl Into<String>) {
+        *self.stats.entry(outcome.into()).or_default() += 1;
+    }
+
+    fn ledger(
+        &mut self,
+        action: &str,
+        profile_id: Uuid,
+        other: Option<Uuid>,
+        message_id: &str,
+        identity: Option<&IdentityKey>,
+        rule: &str,
+    ) {
+        self.ledger.push(LedgerRow {
+            tenant_id: self.tenant_id,
+            id: Uuid::now_v7(),
+            at: self.now,
+            action: action.to_owned(),
+            profile_id,
+            other_profile_id: other,
+            message_id: Some(message_id.to_owned()),
+            identity_kind: identity.map(|identity| identity.kind.clone()),
+            identity_value: identity.map(|identity| identity.value.clone()),
+            rule: rule.to_owned(),
+            detail: None,
+        });
+    }
+
+    /// Folds `merged` into `survivor` in memory: traits per key by timestamp, counts, seen
+    /// times, channels and consents.
+    fn merge(&mut self, survivor: Uuid, merged: Uuid) {
+        let Some(mut gone) = self.profiles.remove(&merged) else {
+            return;
+        };
+        if let Some(target) = self.profiles.get_mut(&survivor) {
+            let row = &mut target.row;
+            let mut traits_map = row.traits.as_object().cloned().unwrap_or_default();
+            let mut clock = row.trait_clock.as_object().cloned().unwrap_or_default();
+            traits::merge(
+                &mut traits_map,
+                &mut clock,
+                gone.row.traits.as_object().unwrap_or(&Map::new()),
+                gone.row.trait_clock.as_object().unwrap_or(&Map::new()),
+            );
+            row.traits = Value::Object(traits_map);
+            row.trait_clock = Value::Object(clock);
+            row.event_count += gone.row.event_count;
+            row.first_seen_at = row.first_seen_at.min(gone.row.first_seen_at);
+            row.last_seen_at = row.last_seen_at.max(gone.row.last_seen_at);
+            row.created_at = row.created_at.min(gone.row.created_at);
+            row.channels = union_channels(&row.channels, &gone.row.channels);
+            target.changed = true;
+        }
+        let moved: Vec<(Uuid, String)> = self
+            .consents
+            .keys()
+            .filter(|(id, _)| *id == merged)
+            .cloned()
+            .collect();
+        for key in moved {
+            if let Some(mut consent) = self.consents.remove(&key) {
+                let survivor_key = (survivor, key.1.clone());
+                let newer = self
+                    .consents
+                    .get(&survivor_key)
+                    .is_none_or(|existing| consent.updated_at > existing.updated_at);
+                if newer {
+                    consent.profile_id = survivor;
+                    self.consents.insert(survivor_key.clone(), consent);
+                    self.changed_consents.insert(survivor_key);
+                }
+            }
+            self.changed_consents.remove(&key);
+        }
+        gone.row.merged_into = Some(survivor);
+        gone.changed = true;
+        self.redirect.insert(merged, survivor);
+        self.merges.push((merged, survivor));
+        // Keep the tombstone so that the merged id keeps resolving.
+        self.profiles.insert(merged, gone);
+    }
+}
+
+fn union_channels(a: &Value, b: &Value) -> Value {
+    let mut set: BTreeSet<String> = BTreeSet::new();
+    for value in [a, b] {
+        if let Some(items) = value.as_array() {
+            set.extend(items.iter().filter_map(Value::as_str).map(str::to_owned));
+        }
+    }
+    json!(set)
+}
+
+async fn apply(
+    state: &AppState,
+    tx: &TenantTx,
+    source: &Source,
+    rules: &domain::identity::IdentityRules,
+    parsed: &[Result<Message, Rejection>],
+    batch: &Batch,
+) -> Result<IngestReport, StoreError> {
+    let now = state.now();
+    let mut work = Work {
+        tenant_id: tx.tenant_id().as_uuid(),
+        now,
+        source,
+        rules,
+        graph: IdentityGraph::default(),
+        profiles: HashMap::new(),
+        redirect: HashMap::new(),
+        consents: HashMap::new(),
+        changed_consents: BTreeSet::new(),
+        groups: HashMap::new(),
+        changed_groups: BTreeSet::new(),
+        profile_groups: Vec::new(),
+        new_identities: Vec::new(),
+        events: Vec::new(),
+        merges: Vec::new(),
+        ledger: Vec::new(),
+        stats: HashMap::new(),
+    };
+
+    // Duplicates: stored before, or earlier in this batch.
+    let message_ids: Vec<String> = parsed
+        .iter()
+        .flatten()
+        .map(|message| message.message_id.clone())
+        .collect();
+    let stored: HashSet<String> = store::events::existing_message_ids(tx, &message_ids)
+        .await?
+        .into_iter()
+        .collect();
+
+    // Everything the batch's identities touch, loaded at once.
+    let mut keys: BTreeSet<(String, String)> = BTreeSet::new();
+    for message in parsed.iter().flatten() {
+        for identity in &message.identities {
+            keys.insert((identity.key.kind.clone(), identity.key.value.clone()));
+        }
+        if let Some(previous) = &message.previous_id {
+            keys.insert((USER_ID.to_owned(), previous.clone()));
+            keys.insert((ANONYMOUS_ID.to_owned(), previous.clone()));
+        }
+    }
+    let keys: Vec<(String, String)> = keys.into_iter().collect();
+    let owned = store::profiles::identities_by_keys(tx, &keys).await?;
+    let owner_ids: BTreeSet<Uuid> = owned.iter().map(|row| row.profile_id).collect();
+    let rows = store::profiles::load(tx, state.store.backend(), &owner_ids, true).await?;
+    let owner_list: Vec<Uuid> = owner_ids.iter().copied().collect();
+    let all_identities = store::profiles::identities_of(tx, &owner_list).await?;
+    for consent in store::profiles::consents_of(tx, &owner_list).await? {
+        work.consents
+            .insert((consent.profile_id, consent.purpose.clone()), consent);
+    }
+    let group_ids: Vec<String> = parsed
+        .iter()
+        .flatten()
+        .filter_map(|message| message.group_id.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    for group in store::profiles::groups_by_ids(tx, &group_ids).await? {
+        work.groups.insert(group.group_id.clone(), group);
+    }
+    for row in rows {
+        let identities = all_identities
+            .iter()
+            .filter(|identity| identity.profile_id == row.id)
+            .map(|identity| IdentityKey::new(identity.kind.clone(), identity.lookup.clone()))
+            .collect();
+        work.graph.insert_profile(
+            row.id,
+            ProfileNode {
+                created_at: row.created_at,
+                identities,
+            },
+        );
+        work.profiles.insert(
+            row.id,
+            Working {
+                row,
+                changed: false,
+            },
+        );
+    }
+    let known_user_ids: HashSet<String> = owned
+        .iter()
+        .filter(|row| row.kind == USER_ID)
+        .map(|row| row.lookup.clone())
+        .collect();
+
+    let mut report = IngestReport::default();
+    let mut seen_in_batch: HashSet<String> = HashSet::new();
+    for (index, result) in parsed.iter().enumerate() {
+        let message = match result {
+            Ok(message) => message,
+            Err(rejection) => {
+                work.count(format!("rejected:{}", rejection.code));
+                let message_id = batch.messages[index]
+                    .get("messageId")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                report.messages.push(MessageReport {
+                    index,
+                    message_id,
+                    outcome: Outcome::Rejected(rejection.clone()),
+                });
+                continue;
+            }
+        };
+        if stored.contains(&message.message_id) || !seen_in_batch.insert(message.message_id.clone())
+        {
+            work.count("duplicate");
+            report.messages.push(MessageReport {
+                index,
+                message_id: Some(message.message_id.clone()),
+                outcome: Outcome::Duplicate,
+            });
+            continue;
+        }
+        for warning in &message.warnings {
+            work.count(format!("warning:{warning}"));
+        }
+        match apply_message(&mut work, message, &known_user_ids, batch.received_at) {
+            Ok((profile_id, event_id)) => {
+                work.count("accepted");
+                report.messages.push(MessageReport {
+                    index,
+                    message_id: Some(message.message_id.clone()),
+                    outcome: Outcome::Accepted {
+                        profile_id,
+                        event_id,
+                    },
+                });
+            }
+            Err(rejection) => {
+                work.count(format!("rejected:{}", rejection.code));
+                report.messages.push(MessageReport {
+                    index,
+                    message_id: Some(message.message_id.clone()),
+                    outcome: Outcome::Rejected(rejection),
+                });
+            }
+        }
+    }
+
+    // Resolve every row to its final profile, then write.
+    for report in &mut report.messages {
+        if let Outcome::Accepted { profile_id, .. } = &mut report.outcome {
+            *profile_id = work.final_id(*profile_id);
+        }
+    }
+    let mut set = WriteSet::default();
+    for working in work.profiles.values() {
+        if working.changed {
+            set.profiles.push(working.row.clone());
+        }
+    }
+    set.profiles.sort_by_key(|row| row.id);
+    set.merges = work.merges.clone();
+    for (key, display, message_id) in &work.new_identities {
+        let Some(owner) = work.graph.owner(key) else {
+            continue;
+        };
+        set.identities.push(IdentityRow {
+            tenant_id: work.tenant_id,
+            kind: key.kind.clone(),
+            lookup: key.value.clone(),
+            value: display.clone(),
+            profile_id: owner,
+            message_id: Some(message_id.clone()),
+            created_at: now,
+        });
+    }
+    for event in &work.events {
+        let mut event = event.clone();
+        event.profile_id = work.final_id(event.profile_id);
+        set.events.push(event);
+    }
+    for key in &work.changed_consents {
+        if let Some(consent) = work.consents.get(key) {
+            let mut consent = consent.clone();
+            consent.profile_id = work.final_id(consent.profile_id);
+            set.consents.push(consent);
+        }
+    }
+    for group_id in &work.changed_groups {
+        if let Some(group) = work.groups.get(group_id) {
+            set.groups.push(group.clone());
+        }
+    }
+    let mut memberships: BTreeSet<(Uuid, String)> = BTreeSet::new();
+    for (profile_id, group_id, joined_at) in &work.profile_groups {
+        let profile_id = work.final_id(*profile_id);
+        if memberships.insert((profile_id, group_id.clone())) {
+            set.profile_groups
+                .push((profile_id, group_id.clone(), *joined_at));
+        }
+    }
+    set.ledger = std::mem::take(&mut work.ledger);
+    for row in &mut set.ledger {
+        row.profile_id = work.final_id(row.profile_id);
+    }
+    let stats_id = source.stats_id();
+    let mut stats: Vec<(Uuid, String, i64)> = work
+        .stats
+        .into_iter()
+        .map(|(outcome, count)| (stats_id, outcome, count))
+        .collect();
+    stats.sort();
+    set.stats = stats;
+    store::ingest::apply(tx, set, now).await?;
+    Ok(report)
+}
+
+/// Applies one clean, new message to the working set. Returns (profile, event).
+fn apply_message(
+    work: &mut Work<'_>,
+    message: &Message,
+    known_user_ids: &HashSet<String>,
+    received_at: DateTime<Utc>,
+) -> Result<(Uuid, Uuid), Rejection> {
+    let mut keys: Vec<IdentityKey> = message
+        .identities
+        .iter()
+        .map(|identity| identity.key.clone())
+        .collect();
+    let mut displays: HashMap<IdentityKey, String> = message
+        .identities
+        .iter()
+        .map(|identity| (identity.key.clone(), identity.display.clone()))
+        .collect();
+    if let Some(previous) = &message.previous_id {
+        if !domain::ingest::is_blocked_identity(previous, &[]) {
+            // An alias names an earlier user id when one is known, else an anonymous id.
+            let kind = if known_user_ids.contains(previous) {
+                USER_ID
+            } else {
+                ANONYMOUS_ID
+            };
+            let key = IdentityKey::new(kind, previous.clone());
+            displays.insert(key.clone(), previous.clone());
+            keys.push(key);
+        }
+    }
+    let now = work.now;
+    let resolution = work
+        .graph
+        .resolve(&keys, work.rules, now, Uuid::now_v7)
+        .ok_or_else(|| Rejection {
+            code: "no_usable_identity",
+            detail: "every identifier of the message is a value that never identifies anybody"
+                .to_owned(),
+        })?;
+    if resolution.created {
+        work.profiles.insert(
+            resolution.profile,
+            Working {
+                row: ProfileRow {
+                    tenant_id: work.tenant_id,
+                    id: resolution.profile,
+                    traits: json!({}),
+                    trait_clock: json!({}),
+                    channels: json!([]),
+                    first_seen_at: message.timestamp,
+                    last_seen_at: message.timestamp,
+                    event_count: 0,
+                    merged_into: None,
+                    created_at: now,
+                    updated_at: now,
+                },
+                changed: true,
+            },
+        );
+    }
+    for merge in &resolution.merges {
+        work.merge(merge.survivor, merge.merged);
+        work.ledger(
+            "merge",
+            merge.survivor,
+            Some(merge.merged),
+            &message.message_id,
+            Some(&merge.via),
+            "shared_identifier",
+        );
+    }
+    for conflict in &resolution.conflicts {
+        work.ledger(
+            "conflict",
+            conflict.profile,
+            conflict.owner,
+            &message.message_id,
+            Some(&conflict.identity),
+            &conflict.rule,
+        );
+    }
+    for key in &resolution.linked {
+        let display = displays
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| key.value.clone());
+        work.new_identities
+            .push((key.clone(), display, message.message_id.clone()));
+    }
+    let profile_id = resolution.profile;
+    let stamp = Stamp {
+        at: message.timestamp,
+        message_id: message.message_id.clone(),
+    };
+    let channel = work.source.channel.as_str();
+    let working = work
+        .profiles
+        .get_mut(&profile_id)
+        .ok_or_else(|| Rejection {
+            code: "internal",
+            detail: "the resolved profile is not loaded".to_owned(),
+        })?;
+    let row = &mut working.row;
+    if message.kind == MessageType::Identify && !message.traits.is_empty() {
+        let mut traits_map = row.traits.as_object().cloned().unwrap_or_default();
+        let mut clock = row.trait_clock.as_object().cloned().unwrap_or_default();
+        traits::apply(&mut traits_map, &mut clock, &message.traits, &stamp);
+        row.traits = Value::Object(traits_map);
+        row.trait_clock = Value::Object(clock);
+    }
+    row.event_count += 1;
+    row.first_seen_at = row.first_seen_at.min(message.timestamp);
+    row.last_seen_at = row.last_seen_at.max(message.timestamp);
+    row.channels = union_channels(&row.channels, &json!([channel]));
+    working.changed = true;
+
+    for (purpose, granted) in &message.consents {
+        let key = (profile_id, purpose.clone());
+        let newer = work
+            .consents
+            .get(&key)
+            .is_none_or(|existing| message.timestamp >= existing.updated_at);
+        if newer {
+            work.consents.insert(
+                key.clone(),
+                ConsentRow {
+                    tenant_id: work.tenant_id,
+                    profile_id,
+                    purpose: purpose.clone(),
+                    granted: *granted,
+                    updated_at: message.timestamp,
+                    source: format!("message:{}", message.message_id),
+                },
+            );
+            work.changed_consents.insert(key);
+        }
+    }
+
+    if let (MessageType::Group, Some(group_id)) = (message.kind, &message.group_id) {
+        let group = work
+            .groups
+            .entry(group_id.clone())
+            .or_insert_with(|| GroupRow {
+                tenant_id: work.tenant_id,
+                group_id: group_id.clone(),
+                traits: json!({}),
+                trait_clock: json!({}),
+                updated_at: now,
+            });
+        let mut traits_map = group.traits.as_object().cloned().unwrap_or_default();
+        let mut clock = group.trait_clock.as_object().cloned().unwrap_or_default();
+        traits::apply(&mut traits_map, &mut clock, &message.traits, &stamp);
+        group.traits = Value::Object(traits_map);
+        group.trait_clock = Value::Object(clock);
+        group.updated_at = now;
+        work.changed_groups.insert(group_id.clone());
+        work.profile_groups
+            .push((profile_id, group_id.clone(), message.timestamp));
+    }
+
+    let properties = match message.kind {
+        MessageType::Identify => message.traits.clone(),
+        MessageType::Group => {
+            let mut properties = message.traits.clone();
+            properties.insert("groupId".to_owned(), json!(message.group_id));
+            properties
+        }
+        MessageType::Alias => {
+            let mut properties = Map::new();
+            properties.insert("previousId".to_owned(), json!(message.previous_id));
+            properties
+        }
+        _ => message.properties.clone(),
+    };
+    let event_id = Uuid::now_v7();
+    work.events.push(EventRow {
+        tenant_id: work.tenant_id,
+        id: event_id,
+        profile_id,
+        message_id: message.message_id.clone(),
+        kind: message.kind.as_str().to_owned(),
+        name: message.name.clone(),
+        properties: Value::Object(properties),
+        context: Value::Object(message.context.clone()),
+        timestamp: message.timestamp,
+        received_at,
+        source_id: work.source.key_id,
+        channel: channel.to_owned(),
+        user_id: message.user_id.clone(),
+        anonymous_id: message.anonymous_id.clone(),
+    });
+    Ok((profile_id, event_id))
+}
+
+/// Maps a rejection of a GraphQL-sent message to a BAD_USER_INPUT error naming the input field.
+pub fn rejection_error(rejection: &Rejection) -> ServiceError {
+    let field = match rejection.code {
+        "missing_event" => "input.event",
+        "missing_identity" | "no_usable_identity" | "invalid_identifier" => "input.userId",
+        "invalid_timestamp" | "timestamp_out_of_range" => "input.timestamp",
+        "message_id_too_long" => "input.messageId",
+        "too_deep" | "message_too_large" | "nul_character" => "input",
+        _ => "input",
+    };
+    ServiceError::bad_input(field, format!("{}: {}", rejection.code, rejection.detail))
+}

@@ -1,0 +1,888 @@
+//! Reading unified profiles and events; manual merges, splits and consent changes.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use domain::identity::{IdentityKey, EMAIL, PHONE};
+use domain::traits::{self, Stamp};
+use domain::Permission;
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use super::auth::require_permission;
+use super::pagination::{build_page, decode_cursor, page_size, Page};
+use super::{audit, settings, AppState, RequestMeta, ServiceError, ServiceResult};
+use crate::auth::Principal;
+use crate::store;
+
+/// Trait keys treated as personal data: masked for principals without PII_READ.
+pub const PII_TRAITS: [&str; 8] = [
+    "email",
+    "phone",
+    "name",
+    "firstName",
+    "lastName",
+    "address",
+    "birthday",
+    "username",
+];
+
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub kind: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Consent {
+    pub purpose: String,
+    pub granted: bool,
+    pub updated_at: DateTime<Utc>,
+    pub source: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub group_id: String,
+    pub traits: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct LedgerEntry {
+    pub id: Uuid,
+    pub at: DateTime<Utc>,
+    pub action: String,
+    pub profile_id: Uuid,
+    pub other_profile_id: Option<Uuid>,
+    pub message_id: Option<String>,
+    pub identity_kind: Option<String>,
+    pub identity_value: Option<String>,
+    pub rule: String,
+}
+
+/// A unified profile, already masked for the principal that asked.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub id: Uuid,
+    pub traits: Value,
+    pub channels: Vec<String>,
+    pub first_seen_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    pub event_count: i64,
+    pub created_at: DateTime<Utc>,
+    /// Whether PII is to be masked in everything loaded for this profile.
+    pub masked: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub id: Uuid,
+    pub profile_id: Uuid,
+    pub kind: String,
+    pub name: Option<String>,
+    pub properties: Value,
+    pub context: Value,
+    pub timestamp: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub message_id: String,
+    pub channel: String,
+    pub source_id: Option<Uuid>,
+}
+
+pub fn mask_value(kind: &str, value: &str) -> String {
+    match kind {
+        EMAIL => domain::mask_email(value),
+        _ => {
+            let chars: Vec<char> = value.chars().collect();
+            if chars.len() <= 4 {
+                "***".to_owned()
+            } else {
+                format!(
+                    "{}***{}",
+                    chars[..2].iter().collect::<String>(),
+                    chars[chars.len() - 2..].iter().collect::<String>()
+                )
+            }
+        }
+    }
+}
+
+fn mask_traits(traits: &Value) -> Value {
+    let Some(map) = traits.as_object() else {
+        return traits.clone();
+    };
+    let masked: Map<String, Value> = map
+        .iter()
+        .map(|(key, value)| {
+            if PII_TRAITS.contains(&key.as_str()) {
+                let shown = match value {
+                    Value::String(text) if key == "email" => {
+                        Value::String(domain::mask_email(text))
+                    }
+                    Value::String(text) => Value::String(mask_value(key, text)),
+                    Value::Null => Value::Null,
+                    _ => Value::String("***".to_owned()),
+                };
+                (key.clone(), shown)
+            } else {
+                (key.clone(), value.clone())
+            }
+        })
+        .collect();
+    Value::Object(masked)
+}
+
+fn masks(principal: &Principal) -> bool {
+    !principal.has(Permission::PiiRead)
+}
+
+fn profile_from_row(row: store::profiles::ProfileRow, masked: bool) -> Profile {
+    Profile {
+        id: row.id,
+        traits: if masked {
+            mask_traits(&row.traits)
+        } else {
+            row.traits
+        },
+        channels: row
+            .channels
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
+        first_seen_at: row.first_seen_at,
+        last_seen_at: row.last_seen_at,
+        event_count: row.event_count,
+        created_at: row.created_at,
+        masked,
+    }
+}
+
+pub fn event_from_row(row: store::events::EventRow, masked: bool) -> Event {
+    let properties = if masked && row.kind == "identify" {
+        mask_traits(&row.properties)
+    } else {
+        row.properties
+    };
+    Event {
+        id: row.id,
+        profile_id: row.profile_id,
+        kind: row.kind,
+        name: row.name,
+        properties,
+        context: row.context,
+        timestamp: row.timestamp,
+        received_at: row.received_at,
+        message_id: row.message_id,
+        channel: row.channel,
+        source_id: row.source_id,
+    }
+}
+
+fn parse_profile_id(id: &str) -> ServiceResult<Uuid> {
+    Uuid::parse_str(id.trim()).map_err(|_| ServiceError::NotFound("profile"))
+}
+
+/// A profile by id; a merged id resolves to its survivor.
+pub async fn get(
+    state: &AppState,
+    principal: Option<&Principal>,
+    id: &str,
+) -> ServiceResult<Option<Profile>> {
+    let principal = require_permission(principal, Permission::ProfilesRead)?;
+    let Ok(id) = Uuid::parse_str(id.trim()) else {
+        return Ok(None);
+    };
+    let tx = state.store.read(principal.tenant_id).await?;
+    Ok(store::profiles::get_resolved(&tx, id)
+        .await?
+        .map(|row| profile_from_row(row, masks(principal))))
+}
+
+/// Normalizes a looked-up identity value the way ingestion does.
+fn lookup_key(kind: &str, value: &str, region: Option<&str>) -> Option<IdentityKey> {
+    let kind = kind.trim().to_lowercase();
+    let value = match kind.as_str() {
+        EMAIL => domain::ingest::normalize_email(value)?,
+        PHONE => domain::ingest::normalize_phone(value, region)?,
+        _ => value.trim().to_owned(),
+    };
+    Some(IdentityKey::new(kind, value))
+}
+
+pub async fn by_identity(
+    state: &AppState,
+    principal: Option<&Principal>,
+    kind: &str,
+    value: &str,
+) -> ServiceResult<Option<Profile>> {
+    let principal = require_permission(principal, Permission::ProfilesRead)?;
+    let tx = state.store.read(principal.tenant_id).await?;
+    let settings = settings::load_in(&tx).await?;
+    let Some(key) = lookup_key(kind, value, settings.default_region.as_deref()) else {
+        return Ok(None);
+    };
+    let found = store::profiles::identities_by_keys(&tx, &[(key.kind, key.value)]).await?;
+    let Some(identity) = found.first() else {
+        return Ok(None);
+    };
+    Ok(store::profiles::get_resolved(&tx, identity.profile_id)
+        .await?
+        .map(|row| profile_from_row(row, masks(principal))))
+}
+
+/// Filters of `profiles`.
+#[derive(Debug, Default, Clone)]
+pub struct ProfileFilter {
+    pub segment_id: Option<String>,
+    pub stage: Option<String>,
+    pub trait_equals: Option<Value>,
+    pub seen_after: Option<DateTime<Utc>>,
+    pub seen_before: Option<DateTime<Utc>>,
+}
+
+pub async fn list(
+    state: &AppState,
+    principal: Option<&Principal>,
+    filter: ProfileFilter,
+    first: Option<i32>,
+    after: Option<&str>,
+) -> ServiceResult<Page<Profile>> {
+    let principal = require_permission(principal, Permission::ProfilesRead)?;
+    let limit = page_size(first)?;
+    let after = decode_cursor(after)?;
+    let mut store_filter = store::profiles::ProfileFilter {
+        seen_after: filter.seen_after,
+        seen_before: filter.seen_before,
+        ..Default::default()
+    };
+    if let Some(equals) = &filter.trait_equals {
+        let object = equals.as_object().ok_or_else(|| {
+            ServiceError::bad_input(
+                "filter.traitEquals",
+                "traitEquals must be an object of trait paths and values",
+            )
+        })?;
+        for (path, value) in object {
+            if value.is_object() || value.is_array() {
+                return Err(ServiceError::bad_input(
+                    format!("filter.traitEquals.{path}"),
+                    "traitEquals compares with strings, numbers, booleans or null",
+                ));
+            }
+            let parts: Vec<String> = path.split('.').map(str::to_owned).collect();
+            if parts.iter().any(String::is_empty) {
+                return Err(ServiceError::bad_input(
+                    format!("filter.traitEquals.{path}"),
+                    "a trait path is keys joined by dots",
+                ));
+            }
+            store_filter.trait_equals.push((parts, value.clone()));
+        }
+    }
+    // Segments and lifecycle stages do not exist yet for this tenant's data model version: a
+    // filter on one matches no profile, which is exactly what filtering by an unknown segment
+    // or stage means.
+    if filter.segment_id.is_some() || filter.stage.is_some() {
+        store_filter.only_ids = Some(Vec::new());
+    }
+    let tx = state.store.read(principal.tenant_id).await?;
+    let (rows, total) =
+        store::profiles::page(&tx, state.store.backend(), &store_filter, after, limit + 1).await?;
+    let masked = masks(principal);
+    Ok(build_page(
+        rows,
+        limit,
+        total,
+        |row| row.id,
+        |row| profile_from_row(row, masked),
+    ))
+}
+
+pub async fn identities(
+    state: &AppState,
+    principal: Option<&Principal>,
+    profile: &Profile,
+) -> ServiceResult<Vec<Identity>> {
+    let principal = require_permission(principal, Permission::ProfilesRead)?;
+    let tx = state.store.read(principal.tenant_id).await?;
+    let rows = store::profiles::identities_of(&tx, &[profile.id]).await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| Identity {
+            value: if profile.masked && (row.kind == EMAIL || row.kind == PHONE) {
+                mask_value(&row.kind, &row.value)
+            } else {
+                row.value
+            },
+            kind: row.kind,
+        })
+        .collect())
+}
+
+pub async fn consents(
+    state: &AppState,
+    principal: Option<&Principal>,
+    profile_id: Uuid,
+) -> ServiceResult<Vec<Consent>> {
+    let principal = require_permission(principal, Permission::ProfilesRead)?;
+    let tx = state.store.read(principal.tenant_id).await?;
+    Ok(store::profiles::consents_of(&tx, &[profile_id])
+        .await?
+        .into_iter()
+        .map(|row| Consent {
+            purpose: row.purpose,
+            granted: row.granted,
+            updated_at: row.updated_at,
+            source: row.source,
+        })
+        .collect())
+}
+
+pub async fn merged_ids(
+    state: &AppState,
+    principal: Option<&Principal>,
+    profile_id: Uuid,
+) -> ServiceResult<Vec<Uuid>> {
+    let principal = require_permission(principal, Permission::ProfilesRead)?;
+    let tx = state.store.read(principal.tenant_id).await?;
+    Ok(store::profiles::merged_ids(&tx, profile_id).await?)
+}
+
+pub async fn groups(
+    state: &AppState,
+    principal: Option<&Principal>,
+    profile_id: Uuid,
+) -> ServiceResult<Vec<Group>> {
+    let principal = require_permission(principal, Permission::ProfilesRead)?;
+    let tx = state.store.read(principal.tenant_id).await?;
+    Ok(store::profiles::groups_of(&tx, profile_id)
+        .await?
+        .into_iter()
+        .map(|row| Group {
+            group_id: row.group_id,
+            traits: row.traits,
+        })
+        .collect())
+}
+
+/// The merge ledger of a profile and of every profile merged into it, newest first.
+pub async fn ledger(
+    state: &AppState,
+    principal: Option<&Principal>,
+    profile: &Profile,
+) -> ServiceResult<Vec<LedgerEntry>> {
+    let principal = require_permission(principal, Permission::ProfilesRead)?;
+    let tx = state.store.read(principal.tenant_id).await?;
+    let mut ids = store::profiles::merged_ids(&tx, profile.id).await?;
+    ids.push(profile.id);
+    Ok(store::profiles::ledger_of(&tx, &ids)
+        .await?
+        .into_iter()
+        .map(|row| LedgerEntry {
+            id: row.id,
+            at: row.at,
+            action: row.action,
+            profile_id: row.profile_id,
+            other_profile_id: row.other_profile_id,
+            message_id: row.message_id,
+            identity_value: match (&row.identity_kind, row.identity_value) {
+                (Some(kind), Some(value)) if profile.masked && (kind == EMAIL || kind == PHONE) => {
+                    Some(mask_value(kind, &value))
+                }
+                (_, value) => value,
+            },
+            identity_kind: row.identity_kind,
+            rule: row.rule,
+        })
+        .collect())
+}
+
+/// Cursor of the newest-first event order: `timestamp|id`.
+fn encode_event_cursor(row: &store::events::EventRow) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+        "ev:{}|{}",
+        row.timestamp
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        row.id
+    ))
+}
+
+fn decode_event_cursor(
+    cursor: Option<&str>,
+) -> ServiceResult<Option<store::events::EventPosition>> {
+    use base64::Engine;
+    let Some(cursor) = cursor else {
+        return Ok(None);
+    };
+    let invalid = || ServiceError::bad_input("after", "after is not a cursor returned by this API");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let (timestamp, id) = text
+        .strip_prefix("ev:")
+        .and_then(|rest| rest.split_once('|'))
+        .ok_or_else(invalid)?;
+    Ok(Some(store::events::EventPosition {
+        timestamp: DateTime::parse_from_rfc3339(timestamp)
+            .map_err(|_| invalid())?
+            .with_timezone(&Utc),
+        id: Uuid::parse_str(id).map_err(|_| invalid())?,
+    }))
+}
+
+/// Events, newest first, optionally of one profile (a merged id counts as its survivor) and name.
+pub async fn events(
+    state: &AppState,
+    principal: Option<&Principal>,
+    profile_id: Option<&str>,
+    name: Option<String>,
+    first: Option<i32>,
+    after: Option<&str>,
+) -> ServiceResult<Page<Event>> {
+    let principal = require_permission(principal, Permission::ProfilesRead)?;
+    let limit = page_size(first)?;
+    let position = decode_event_cursor(after)?;
+    let tx = state.store.read(principal.tenant_id).await?;
+    let profile_id = match profile_id {
+        None => None,
+        Some(id) => match Uuid::parse_str(id.trim()) {
+            Ok(id) => Some(
+                store::profiles::get_resolved(&tx, id)
+                    .await?
+                    .map(|row| row.id)
+                    .unwrap_or(id),
+            ),
+            Err(_) => {
+                return Ok(Page {
+                    items: Vec::new(),
+                    has_next_page: false,
+                    total_count: 0,
+                })
+            }
+        },
+    };
+    let filter = store::events::EventFilter { profile_id, name };
+    let (mut rows, total) = store::events::page(&tx, &filter, position, limit + 1).await?;
+    let has_next_page = rows.len() as u64 > limit;
+    rows.truncate(limit as usize);
+    let masked = masks(principal);
+    Ok(Page {
+        items: rows
+            .into_iter()
+            .map(|row| {
+                let cursor = encode_event_cursor(&row);
+                (event_from_row(row, masked), cursor)
+            })
+            .collect(),
+        has_next_page,
+        total_count: total,
+    })
+}
+
+/// An event by message id (the answer to an idempotent `track` retry).
+pub async fn event_by_message_id(
+    state: &AppState,
+    principal: &Principal,
+    message_id: &str,
+) -> ServiceResult<Option<Event>> {
+    let tx = state.store.read(principal.tenant_id).await?;
+    Ok(store::events::by_message_id(&tx, message_id)
+        .await?
+        .map(|row| event_from_row(row, masks(principal))))
+}
+
+/// Merges `merge_id` into `keep_id` on an admin's word, recorded in the ledger. Refused when the
+/// two profiles together would break an identity limit (two user ids): split first.
+pub async fn merge(
+    state: &AppState,
+    principal: Option<&Principal>,
+    meta: &RequestMeta,
+    keep_id: &str,
+    merge_id: &str,
+) -> ServiceResult<Profile> {
+    let principal = require_permission(principal, Permission::ProfilesWrite)?;
+    let keep = parse_profile_id(keep_id)?;
+    let gone = parse_profile_id(merge_id)?;
+    let now = state.now();
+    let tx = state.store.begin(principal.tenant_id).await?;
+    let settings = settings::load_in(&tx).await?;
+    let ids: BTreeSet<Uuid> = [keep, gone].into_iter().collect();
+    let rows = store::profiles::load(&tx, state.store.backend(), &ids, true).await?;
+    let (Some(mut keep_row), Some(mut gone_row)) = (
+        rows.iter()
+            .find(|row| row.id == keep && row.merged_into.is_none())
+            .cloned(),
+        rows.iter()
+            .find(|row| row.id == gone && row.merged_into.is_none())
+            .cloned(),
+    ) else {
+        return Err(ServiceError::NotFound("profile"));
+    };
+    if keep == gone {
+        return Err(ServiceError::bad_input(
+            "mergeId",
+            "a profile cannot be merged into itself",
+        ));
+    }
+    let identities = store::profiles::identities_of(&tx, &[keep, gone]).await?;
+    let mut graph = domain::identity::IdentityGraph::default();
+    for row in [&keep_row, &gone_row] {
+        let keys = identities
+            .iter()
+            .filter(|identity| identity.profile_id == row.id)
+            .map(|identity| IdentityKey::new(identity.kind.clone(), identity.lookup.clone()))
+            .collect();
+        graph.insert_profile(
+            row.id,
+            domain::identity::ProfileNode {
+                created_at: row.created_at,
+                identities: keys,
+            },
+        );
+    }
+    if let Some(rule) = graph.merge_violation(keep, gone, &settings.identity_rules) {
+        return Err(ServiceError::Conflict(format!("these profiles cannot be one person under rule {rule}; split the conflicting identity first")));
+    }
+    let mut traits_map = keep_row.traits.as_object().cloned().unwrap_or_default();
+    let mut clock = keep_row
+        .trait_clock
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    traits::merge(
+        &mut traits_map,
+        &mut clock,
+        gone_row.traits.as_object().unwrap_or(&Map::new()),
+        gone_row.trait_clock.as_object().unwrap_or(&Map::new()),
+    );
+    keep_row.traits = Value::Object(traits_map);
+    keep_row.trait_clock = Value::Object(clock);
+    keep_row.event_count += gone_row.event_count;
+    keep_row.first_seen_at = keep_row.first_seen_at.min(gone_row.first_seen_at);
+    keep_row.last_seen_at = keep_row.last_seen_at.max(gone_row.last_seen_at);
+    let mut channels: BTreeSet<String> = BTreeSet::new();
+    for value in [&keep_row.channels, &gone_row.channels] {
+        channels.extend(
+            value
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(str::to_owned),
+        );
+    }
+    keep_row.channels = json!(channels);
+    gone_row.merged_into = Some(keep);
+    // Consents: the newer decision per purpose wins.
+    let consents = store::profiles::consents_of(&tx, &[keep, gone]).await?;
+    let mut merged_consents: Vec<store::profiles::ConsentRow> = Vec::new();
+    for consent in consents.iter().filter(|consent| consent.profile_id == gone) {
+        let ours = consents
+            .iter()
+            .find(|c| c.profile_id == keep && c.purpose == consent.purpose);
+        if ours.is_none_or(|ours| consent.updated_at > ours.updated_at) {
+            merged_consents.push(store::profiles::ConsentRow {
+                profile_id: keep,
+                ..consent.clone()
+            });
+        }
+    }
+    let set = store::ingest::WriteSet {
+        profiles: vec![keep_row.clone(), gone_row],
+        merges: vec![(gone, keep)],
+        consents: merged_consents,
+        ledger: vec![store::ingest::LedgerRow {
+            tenant_id: principal.tenant_id.as_uuid(),
+            id: Uuid::now_v7(),
+            at: now,
+            action: "manual_merge".to_owned(),
+            profile_id: keep,
+            other_profile_id: Some(gone),
+            message_id: None,
+            identity_kind: None,
+            identity_value: None,
+            rule: format!("requested by {}", principal.actor()),
+            detail: None,
+        }],
+        ..Default::default()
+    };
+    store::ingest::apply(&tx, set, now).await?;
+    audit::record(
+        state,
+        &tx,
+        meta,
+        &principal.actor(),
+        "profile.merge",
+        Some(&format!("profile:{keep}")),
+        Some(json!({"merged": gone})),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(profile_from_row(keep_row, masks(principal)))
+}
+
+/// Undoes a wrong merge: moves one identity of a profile, and the events that arrived under it,
+/// to a new profile; both profiles' traits and counts are recomputed from their events. Recorded
+/// in the ledger and the audit log. Returns the new profile.
+pub async fn split(
+    state: &AppState,
+    principal: Option<&Principal>,
+    meta: &RequestMeta,
+    profile_id: &str,
+    kind: &str,
+    value: &str,
+) -> ServiceResult<Profile> {
+    let principal = require_permission(principal, Permission::ProfilesWrite)?;
+    let profile_id = parse_profile_id(profile_id)?;
+    let now = state.now();
+    let tx = state.store.begin(principal.tenant_id).await?;
+    let settings = settings::load_in(&tx).await?;
+    let key = lookup_key(kind, value, settings.default_region.as_deref()).ok_or_else(|| {
+        ServiceError::bad_input("value", "not a valid value for this identity kind")
+    })?;
+    let Some(source_row) = store::profiles::get_resolved(&tx, profile_id).await? else {
+        return Err(ServiceError::NotFound("profile"));
+    };
+    let identities = store::profiles::identities_of(&tx, &[source_row.id]).await?;
+    if !identities
+        .iter()
+        .any(|identity| identity.kind == key.kind && identity.lookup == key.value)
+    {
+        return Err(ServiceError::NotFound("identity"));
+    }
+    if identities.len() < 2 {
+        return Err(ServiceError::Conflict(
+            "the profile has no other identity; there is nothing to split off".to_owned(),
+        ));
+    }
+    let new_id = Uuid::now_v7();
+    let moved_events =
+        store::events::of_identity(&tx, source_row.id, &key.kind, &key.value).await?;
+    let moved_ids: Vec<Uuid> = moved_events.iter().map(|event| event.id).collect();
+    let remaining: Vec<store::events::EventRow> = store::events::all_of(&tx, source_row.id)
+        .await?
+        .into_iter()
+        .filter(|event| !moved_ids.contains(&event.id))
+        .collect();
+    let new_row = rebuilt(
+        principal.tenant_id.as_uuid(),
+        new_id,
+        now,
+        now,
+        &moved_events,
+    );
+    let kept_row = rebuilt(
+        principal.tenant_id.as_uuid(),
+        source_row.id,
+        source_row.created_at,
+        now,
+        &remaining,
+    );
+    let set = store::ingest::WriteSet {
+        profiles: vec![new_row.clone(), kept_row],
+        ledger: vec![store::ingest::LedgerRow {
+            tenant_id: principal.tenant_id.as_uuid(),
+            id: Uuid::now_v7(),
+            at: now,
+            action: "split".to_owned(),
+            profile_id: source_row.id,
+            other_profile_id: Some(new_id),
+            message_id: None,
+            identity_kind: Some(key.kind.clone()),
+            identity_value: Some(key.value.clone()),
+            rule: format!("requested by {}", principal.actor()),
+            detail: Some(json!({"eventsMoved": moved_ids.len()})),
+        }],
+        ..Default::default()
+    };
+    store::ingest::apply(&tx, set, now).await?;
+    store::ingest::move_identity(&tx, &key.kind, &key.value, new_id).await?;
+    store::ingest::move_events(&tx, &moved_ids, new_id).await?;
+    audit::record(
+        state,
+        &tx,
+        meta,
+        &principal.actor(),
+        "profile.split",
+        Some(&format!("profile:{}", source_row.id)),
+        Some(json!({"newProfile": new_id, "kind": key.kind, "eventsMoved": moved_ids.len()})),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(profile_from_row(new_row, masks(principal)))
+}
+
+/// A profile row recomputed from its events: traits from identify events by timestamp, counts,
+/// seen times and channels.
+fn rebuilt(
+    tenant_id: Uuid,
+    id: Uuid,
+    created_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+    events: &[store::events::EventRow],
+) -> store::profiles::ProfileRow {
+    let mut traits_map = Map::new();
+    let mut clock = Map::new();
+    let mut channels = BTreeSet::new();
+    for event in events {
+        if event.kind == "identify" {
+            if let Some(properties) = event.properties.as_object() {
+                traits::apply(
+                    &mut traits_map,
+                    &mut clock,
+                    properties,
+                    &Stamp {
+                        at: event.timestamp,
+                        message_id: event.message_id.clone(),
+                    },
+                );
+            }
+        }
+        channels.insert(event.channel.clone());
+    }
+    store::profiles::ProfileRow {
+        tenant_id,
+        id,
+        traits: Value::Object(traits_map),
+        trait_clock: Value::Object(clock),
+        channels: json!(channels),
+        first_seen_at: events
+            .iter()
+            .map(|event| event.timestamp)
+            .min()
+            .unwrap_or(now),
+        last_seen_at: events
+            .iter()
+            .map(|event| event.timestamp)
+            .max()
+            .unwrap_or(now),
+        event_count: events.len() as i64,
+        merged_into: None,
+        created_at,
+        updated_at: now,
+    }
+}
+
+/// Records a consent decision for a purpose.
+pub async fn set_consent(
+    state: &AppState,
+    principal: Option<&Principal>,
+    meta: &RequestMeta,
+    profile_id: &str,
+    purpose: &str,
+    granted: bool,
+) -> ServiceResult<Profile> {
+    let principal = require_permission(principal, Permission::ProfilesWrite)?;
+    let purpose = purpose.trim();
+    if purpose.is_empty() || purpose.len() > 100 || purpose.chars().any(char::is_control) {
+        return Err(ServiceError::bad_input(
+            "purpose",
+            "purpose must be 1 to 100 characters",
+        ));
+    }
+    let id = parse_profile_id(profile_id)?;
+    let now = state.now();
+    let tx = state.store.begin(principal.tenant_id).await?;
+    let row = store::profiles::get_resolved(&tx, id)
+        .await?
+        .ok_or(ServiceError::NotFound("profile"))?;
+    let set = store::ingest::WriteSet {
+        consents: vec![store::profiles::ConsentRow {
+            tenant_id: principal.tenant_id.as_uuid(),
+            profile_id: row.id,
+            purpose: purpose.to_owned(),
+            granted,
+            updated_at: now,
+            source: principal.actor(),
+        }],
+        ..Default::default()
+    };
+    store::ingest::apply(&tx, set, now).await?;
+    audit::record(
+        state,
+        &tx,
+        meta,
+        &principal.actor(),
+        "consent.set",
+        Some(&format!("profile:{}", row.id)),
+        Some(json!({"purpose": purpose, "granted": granted})),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(profile_from_row(row, masks(principal)))
+}
+
+/// Per-source counts of accepted, duplicate and rejected messages (by reason) and warnings.
+#[derive(Debug, Clone)]
+pub struct SourceQuality {
+    pub source_id: Option<Uuid>,
+    pub name: String,
+    pub channel: String,
+    pub accepted: i64,
+    pub duplicates: i64,
+    pub rejected: Vec<(String, i64)>,
+    pub warnings: Vec<(String, i64)>,
+    pub last_seen_at: Option<DateTime<Utc>>,
+}
+
+pub async fn data_quality(
+    state: &AppState,
+    principal: Option<&Principal>,
+) -> ServiceResult<Vec<SourceQuality>> {
+    let principal = require_permission(principal, Permission::ProfilesRead)?;
+    let tx = state.store.read(principal.tenant_id).await?;
+    let keys = store::api_keys::list(&tx).await?;
+    let stats = store::ingest::stats(&tx).await?;
+    let mut sources: Vec<SourceQuality> = Vec::new();
+    let mut source_ids: Vec<Uuid> = keys
+        .iter()
+        .filter(|key| key.scope == "WRITE")
+        .map(|key| key.id)
+        .collect();
+    for stat in &stats {
+        if !source_ids.contains(&stat.source_id) {
+            source_ids.push(stat.source_id);
+        }
+    }
+    for source_id in source_ids {
+        let key = keys.iter().find(|key| key.id == source_id);
+        let mut quality = SourceQuality {
+            source_id: (!source_id.is_nil()).then_some(source_id),
+            name: key
+                .map(|key| key.name.clone())
+                .unwrap_or_else(|| "GraphQL and import".to_owned()),
+            channel: key
+                .map(|key| key.channel.clone())
+                .unwrap_or_else(|| "server".to_owned()),
+            accepted: 0,
+            duplicates: 0,
+            rejected: Vec::new(),
+            warnings: Vec::new(),
+            last_seen_at: None,
+        };
+        for stat in stats.iter().filter(|stat| stat.source_id == source_id) {
+            quality.last_seen_at = quality.last_seen_at.max(Some(stat.updated_at));
+            match stat.outcome.split_once(':') {
+                Some(("rejected", reason)) => {
+                    quality.rejected.push((reason.to_owned(), stat.count))
+                }
+                Some(("warning", reason)) => quality.warnings.push((reason.to_owned(), stat.count)),
+                _ if stat.outcome == "accepted" => quality.accepted = stat.count,
+                _ if stat.outcome == "duplicate" => quality.duplicates = stat.count,
+                _ => {}
+            }
+        }
+        quality.rejected.sort();
+        quality.warnings.sort();
+        sources.push(quality);
+    }
+    Ok(sources)
+}

@@ -1,0 +1,124 @@
+//! Events (reads): the timeline of a profile, the event list, and duplicate detection.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+};
+use uuid::Uuid;
+
+use super::entity::events;
+use super::{StoreResult, TenantTx};
+
+pub use events::Model as EventRow;
+
+/// Which of these message ids are already stored.
+pub async fn existing_message_ids(
+    tx: &TenantTx,
+    message_ids: &[String],
+) -> StoreResult<Vec<String>> {
+    let mut found = Vec::new();
+    for chunk in message_ids.chunks(500) {
+        let rows: Vec<String> = events::Entity::find()
+            .select_only()
+            .column(events::Column::MessageId)
+            .filter(events::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+            .filter(events::Column::MessageId.is_in(chunk.iter().cloned()))
+            .into_tuple::<String>()
+            .all(tx.conn())
+            .await?;
+        found.extend(rows);
+    }
+    Ok(found)
+}
+
+pub async fn by_message_id(tx: &TenantTx, message_id: &str) -> StoreResult<Option<EventRow>> {
+    Ok(events::Entity::find()
+        .filter(events::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(events::Column::MessageId.eq(message_id))
+        .one(tx.conn())
+        .await?)
+}
+
+/// Filters of the event list.
+#[derive(Debug, Default, Clone)]
+pub struct EventFilter {
+    pub profile_id: Option<Uuid>,
+    pub name: Option<String>,
+}
+
+/// The position of an event in the newest-first order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventPosition {
+    pub timestamp: DateTime<Utc>,
+    pub id: Uuid,
+}
+
+fn filtered(tx: &TenantTx, filter: &EventFilter) -> sea_orm::Select<events::Entity> {
+    let mut query =
+        events::Entity::find().filter(events::Column::TenantId.eq(tx.tenant_id().as_uuid()));
+    if let Some(profile_id) = filter.profile_id {
+        query = query.filter(events::Column::ProfileId.eq(profile_id));
+    }
+    if let Some(name) = &filter.name {
+        query = query.filter(events::Column::Name.eq(name.as_str()));
+    }
+    query
+}
+
+/// One page of events, newest first (by timestamp, then id), after the cursor position.
+pub async fn page(
+    tx: &TenantTx,
+    filter: &EventFilter,
+    after: Option<EventPosition>,
+    limit: u64,
+) -> StoreResult<(Vec<EventRow>, u64)> {
+    let total = filtered(tx, filter).count(tx.conn()).await?;
+    let mut query = filtered(tx, filter)
+        .order_by_desc(events::Column::Timestamp)
+        .order_by_desc(events::Column::Id)
+        .limit(limit);
+    if let Some(after) = after {
+        query = query.filter(
+            Condition::any()
+                .add(events::Column::Timestamp.lt(after.timestamp))
+                .add(
+                    Condition::all()
+                        .add(events::Column::Timestamp.eq(after.timestamp))
+                        .add(events::Column::Id.lt(after.id)),
+                ),
+        );
+    }
+    Ok((query.all(tx.conn()).await?, total))
+}
+
+/// Events of a profile that arrived under one identifier (for splitting it off).
+pub async fn of_identity(
+    tx: &TenantTx,
+    profile_id: Uuid,
+    kind: &str,
+    value: &str,
+) -> StoreResult<Vec<EventRow>> {
+    let column = match kind {
+        domain::identity::USER_ID => events::Column::UserId,
+        domain::identity::ANONYMOUS_ID => events::Column::AnonymousId,
+        _ => return Ok(Vec::new()),
+    };
+    Ok(events::Entity::find()
+        .filter(events::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(events::Column::ProfileId.eq(profile_id))
+        .filter(column.eq(value))
+        .order_by_asc(events::Column::Timestamp)
+        .all(tx.conn())
+        .await?)
+}
+
+/// Every event of a profile, oldest first (to recompute its derived state).
+pub async fn all_of(tx: &TenantTx, profile_id: Uuid) -> StoreResult<Vec<EventRow>> {
+    Ok(events::Entity::find()
+        .filter(events::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(events::Column::ProfileId.eq(profile_id))
+        .order_by_asc(events::Column::Timestamp)
+        .order_by_asc(events::Column::Id)
+        .all(tx.conn())
+        .await?)
+}

@@ -1,0 +1,347 @@
+//! The bulk writer of the ingestion path: applies one batch's changes with a few multi-row
+//! statements. It decides nothing; the service computed every row.
+//!
+//! Order matters and is fixed here: profiles (so that foreign keys hold), merges (re-pointing
+//! rows of merged profiles), identities, events, consents, groups, the ledger, the counts.
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
+use uuid::Uuid;
+
+use super::entity::{
+    consents, events, groups, identities, ingest_stats, merge_ledger, profile_groups, profiles,
+};
+use super::{StoreError, StoreResult, TenantTx};
+
+pub use consents::Model as ConsentRow;
+pub use events::Model as EventRow;
+pub use groups::Model as GroupRow;
+pub use identities::Model as IdentityRow;
+pub use merge_ledger::Model as LedgerRow;
+pub use profiles::Model as ProfileRow;
+
+/// Rows per multi-row statement: well under SQLite's limit of bound variables.
+const CHUNK: usize = 200;
+
+/// Everything one batch changes.
+#[derive(Debug, Default)]
+pub struct WriteSet {
+    /// New and changed profiles, tombstones included (upserted whole).
+    pub profiles: Vec<ProfileRow>,
+    /// (merged, survivor): re-point the merged profile's stored rows.
+    pub merges: Vec<(Uuid, Uuid)>,
+    pub identities: Vec<IdentityRow>,
+    pub events: Vec<EventRow>,
+    /// Consents to upsert.
+    pub consents: Vec<ConsentRow>,
+    pub groups: Vec<GroupRow>,
+    pub profile_groups: Vec<(Uuid, String, DateTime<Utc>)>,
+    pub ledger: Vec<LedgerRow>,
+    /// (source id, outcome, count) to add.
+    pub stats: Vec<(Uuid, String, i64)>,
+}
+
+pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreResult<()> {
+    let tenant = tx.tenant_id().as_uuid();
+    for chunk in set.profiles.chunks(CHUNK) {
+        let rows = chunk.iter().map(|row| profiles::ActiveModel {
+            tenant_id: Set(tenant),
+            id: Set(row.id),
+            traits: Set(row.traits.clone()),
+            trait_clock: Set(row.trait_clock.clone()),
+            channels: Set(row.channels.clone()),
+            first_seen_at: Set(row.first_seen_at),
+            last_seen_at: Set(row.last_seen_at),
+            event_count: Set(row.event_count),
+            merged_into: Set(row.merged_into),
+            created_at: Set(row.created_at),
+            updated_at: Set(now),
+        });
+        profiles::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::columns([profiles::Column::TenantId, profiles::Column::Id])
+                    .update_columns([
+                        profiles::Column::Traits,
+                        profiles::Column::TraitClock,
+                        profiles::Column::Channels,
+                        profiles::Column::FirstSeenAt,
+                        profiles::Column::LastSeenAt,
+                        profiles::Column::EventCount,
+                        profiles::Column::MergedInto,
+                        profiles::Column::UpdatedAt,
+                    ])
+                    .to_owned(),
+            )
+            .exec(tx.conn())
+            .await?;
+    }
+
+    for (merged, survivor) in &set.merges {
+        move_profile_rows(tx, *merged, *survivor).await?;
+    }
+
+    for chunk in set.identities.chunks(CHUNK) {
+        let rows = chunk.iter().map(|row| identities::ActiveModel {
+            tenant_id: Set(tenant),
+            kind: Set(row.kind.clone()),
+            lookup: Set(row.lookup.clone()),
+            value: Set(row.value.clone()),
+            profile_id: Set(row.profile_id),
+            message_id: Set(row.message_id.clone()),
+            created_at: Set(row.created_at),
+        });
+        // A unique violation here means another transaction linked the same identifier first:
+        // the caller retries the batch, which then sees it.
+        identities::Entity::insert_many(rows)
+            .exec(tx.conn())
+            .await
+            .map_err(|error| {
+                StoreError::unique_as_conflict(error, "identity linked concurrently")
+            })?;
+    }
+
+    for chunk in set.events.chunks(CHUNK) {
+        let rows = chunk.iter().map(|row| events::ActiveModel {
+            tenant_id: Set(tenant),
+            id: Set(row.id),
+            profile_id: Set(row.profile_id),
+            message_id: Set(row.message_id.clone()),
+            kind: Set(row.kind.clone()),
+            name: Set(row.name.clone()),
+            properties: Set(row.properties.clone()),
+            context: Set(row.context.clone()),
+            timestamp: Set(row.timestamp),
+            received_at: Set(row.received_at),
+            source_id: Set(row.source_id),
+            channel: Set(row.channel.clone()),
+            user_id: Set(row.user_id.clone()),
+            anonymous_id: Set(row.anonymous_id.clone()),
+        });
+        events::Entity::insert_many(rows)
+            .exec(tx.conn())
+            .await
+            .map_err(|error| {
+                StoreError::unique_as_conflict(error, "message stored concurrently")
+            })?;
+    }
+
+    for chunk in set.consents.chunks(CHUNK) {
+        let rows = chunk.iter().map(|row| consents::ActiveModel {
+            tenant_id: Set(tenant),
+            profile_id: Set(row.profile_id),
+            purpose: Set(row.purpose.clone()),
+            granted: Set(row.granted),
+            updated_at: Set(row.updated_at),
+            source: Set(row.source.clone()),
+        });
+        consents::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::columns([
+                    consents::Column::TenantId,
+                    consents::Column::ProfileId,
+                    consents::Column::Purpose,
+                ])
+                .update_columns([
+                    consents::Column::Granted,
+                    consents::Column::UpdatedAt,
+                    consents::Column::Source,
+                ])
+                .to_owned(),
+            )
+            .exec(tx.conn())
+            .await?;
+    }
+
+    for chunk in set.groups.chunks(CHUNK) {
+        let rows = chunk.iter().map(|row| groups::ActiveModel {
+            tenant_id: Set(tenant),
+            group_id: Set(row.group_id.clone()),
+            traits: Set(row.traits.clone()),
+            trait_clock: Set(row.trait_clock.clone()),
+            updated_at: Set(row.updated_at),
+        });
+        groups::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::columns([groups::Column::TenantId, groups::Column::GroupId])
+                    .update_columns([
+                        groups::Column::Traits,
+                        groups::Column::TraitClock,
+                        groups::Column::UpdatedAt,
+                    ])
+                    .to_owned(),
+            )
+            .exec(tx.conn())
+            .await?;
+    }
+    for chunk in set.profile_groups.chunks(CHUNK) {
+        let rows =
+            chunk.iter().map(
+                |(profile_id, group_id, joined_at)| profile_groups::ActiveModel {
+                    tenant_id: Set(tenant),
+                    profile_id: Set(*profile_id),
+                    group_id: Set(group_id.clone()),
+                    joined_at: Set(*joined_at),
+                },
+            );
+        profile_groups::Entity::insert_many(rows)
+            .on_conflict_do_nothing_on([
+                profile_groups::Column::TenantId,
+                profile_groups::Column::ProfileId,
+                profile_groups::Column::GroupId,
+            ])
+            .exec(tx.conn())
+            .await?;
+    }
+
+    for chunk in set.ledger.chunks(CHUNK) {
+        let rows = chunk.iter().map(|row| merge_ledger::ActiveModel {
+            tenant_id: Set(tenant),
+            id: Set(row.id),
+            at: Set(row.at),
+            action: Set(row.action.clone()),
+            profile_id: Set(row.profile_id),
+            other_profile_id: Set(row.other_profile_id),
+            message_id: Set(row.message_id.clone()),
+            identity_kind: Set(row.identity_kind.clone()),
+            identity_value: Set(row.identity_value.clone()),
+            rule: Set(row.rule.clone()),
+            detail: Set(row.detail.clone()),
+        });
+        merge_ledger::Entity::insert_many(rows)
+            .exec(tx.conn())
+            .await?;
+    }
+
+    if !set.stats.is_empty() {
+        let rows = set
+            .stats
+            .iter()
+            .map(|(source_id, outcome, count)| ingest_stats::ActiveModel {
+                tenant_id: Set(tenant),
+                source_id: Set(*source_id),
+                outcome: Set(outcome.clone()),
+                count: Set(*count),
+                updated_at: Set(now),
+            });
+        ingest_stats::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::columns([
+                    ingest_stats::Column::TenantId,
+                    ingest_stats::Column::SourceId,
+                    ingest_stats::Column::Outcome,
+                ])
+                .value(
+                    ingest_stats::Column::Count,
+                    Expr::col((ingest_stats::Entity, ingest_stats::Column::Count)).add(Expr::col(
+                        (
+                            sea_orm::sea_query::Alias::new("excluded"),
+                            ingest_stats::Column::Count,
+                        ),
+                    )),
+                )
+                .update_column(ingest_stats::Column::UpdatedAt)
+                .to_owned(),
+            )
+            .exec(tx.conn())
+            .await?;
+    }
+    Ok(())
+}
+
+/// Re-points everything stored under `merged` to `survivor`: identities, events, group links;
+/// drops the merged profile's consents (the caller upserts the merged result on the survivor);
+/// and flattens tombstones that pointed at `merged`.
+pub async fn move_profile_rows(tx: &TenantTx, merged: Uuid, survivor: Uuid) -> StoreResult<()> {
+    let tenant = tx.tenant_id().as_uuid();
+    identities::Entity::update_many()
+        .col_expr(identities::Column::ProfileId, Expr::value(survivor))
+        .filter(identities::Column::TenantId.eq(tenant))
+        .filter(identities::Column::ProfileId.eq(merged))
+        .exec(tx.conn())
+        .await?;
+    events::Entity::update_many()
+        .col_expr(events::Column::ProfileId, Expr::value(survivor))
+        .filter(events::Column::TenantId.eq(tenant))
+        .filter(events::Column::ProfileId.eq(merged))
+        .exec(tx.conn())
+        .await?;
+    let memberships = profile_groups::Entity::find()
+        .filter(profile_groups::Column::TenantId.eq(tenant))
+        .filter(profile_groups::Column::ProfileId.eq(merged))
+        .all(tx.conn())
+        .await?;
+    if !memberships.is_empty() {
+        let rows = memberships.iter().map(|row| profile_groups::ActiveModel {
+            tenant_id: Set(tenant),
+            profile_id: Set(survivor),
+            group_id: Set(row.group_id.clone()),
+            joined_at: Set(row.joined_at),
+        });
+        profile_groups::Entity::insert_many(rows)
+            .on_conflict_do_nothing_on([
+                profile_groups::Column::TenantId,
+                profile_groups::Column::ProfileId,
+                profile_groups::Column::GroupId,
+            ])
+            .exec(tx.conn())
+            .await?;
+        profile_groups::Entity::delete_many()
+            .filter(profile_groups::Column::TenantId.eq(tenant))
+            .filter(profile_groups::Column::ProfileId.eq(merged))
+            .exec(tx.conn())
+            .await?;
+    }
+    consents::Entity::delete_many()
+        .filter(consents::Column::TenantId.eq(tenant))
+        .filter(consents::Column::ProfileId.eq(merged))
+        .exec(tx.conn())
+        .await?;
+    profiles::Entity::update_many()
+        .col_expr(profiles::Column::MergedInto, Expr::value(survivor))
+        .filter(profiles::Column::TenantId.eq(tenant))
+        .filter(profiles::Column::MergedInto.eq(merged))
+        .exec(tx.conn())
+        .await?;
+    Ok(())
+}
+
+/// Moves a set of events to another profile (splitting a wrong merge).
+pub async fn move_events(tx: &TenantTx, event_ids: &[Uuid], profile_id: Uuid) -> StoreResult<()> {
+    for chunk in event_ids.chunks(CHUNK) {
+        events::Entity::update_many()
+            .col_expr(events::Column::ProfileId, Expr::value(profile_id))
+            .filter(events::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+            .filter(events::Column::Id.is_in(chunk.iter().copied()))
+            .exec(tx.conn())
+            .await?;
+    }
+    Ok(())
+}
+
+/// Moves one identity to another profile.
+pub async fn move_identity(
+    tx: &TenantTx,
+    kind: &str,
+    lookup: &str,
+    profile_id: Uuid,
+) -> StoreResult<()> {
+    identities::Entity::update_many()
+        .col_expr(identities::Column::ProfileId, Expr::value(profile_id))
+        .filter(identities::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(identities::Column::Kind.eq(kind))
+        .filter(identities::Column::Lookup.eq(lookup))
+        .exec(tx.conn())
+        .await?;
+    Ok(())
+}
+
+/// Per-source ingestion counts of the tenant.
+pub async fn stats(tx: &TenantTx) -> StoreResult<Vec<ingest_stats::Model>> {
+    Ok(ingest_stats::Entity::find()
+        .filter(ingest_stats::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .all(tx.conn())
+        .await?)
+}
+
+pub use ingest_stats::Model as StatRow;

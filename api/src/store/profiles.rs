@@ -1,0 +1,280 @@
+//! Profiles and what hangs off them: identities, consents, groups and the merge ledger (reads).
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, LockType};
+use sea_orm::{
+    ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+};
+use uuid::Uuid;
+
+use super::entity::{consents, groups, identities, merge_ledger, profile_groups, profiles};
+use super::{Backend, StoreResult, TenantTx};
+
+pub use consents::Model as ConsentRow;
+pub use groups::Model as GroupRow;
+pub use identities::Model as IdentityRow;
+pub use merge_ledger::Model as LedgerRow;
+pub use profiles::Model as ProfileRow;
+
+/// Identities with these (kind, lookup) pairs.
+pub async fn identities_by_keys(
+    tx: &TenantTx,
+    keys: &[(String, String)],
+) -> StoreResult<Vec<IdentityRow>> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut by_kind: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (kind, lookup) in keys {
+        by_kind.entry(kind).or_default().push(lookup);
+    }
+    let mut any = Condition::any();
+    for (kind, lookups) in by_kind {
+        any = any.add(
+            Condition::all()
+                .add(identities::Column::Kind.eq(kind))
+                .add(identities::Column::Lookup.is_in(lookups)),
+        );
+    }
+    Ok(identities::Entity::find()
+        .filter(identities::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(any)
+        .all(tx.conn())
+        .await?)
+}
+
+/// Every identity of these profiles.
+pub async fn identities_of(tx: &TenantTx, profile_ids: &[Uuid]) -> StoreResult<Vec<IdentityRow>> {
+    if profile_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(identities::Entity::find()
+        .filter(identities::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(identities::Column::ProfileId.is_in(profile_ids.iter().copied()))
+        .order_by_asc(identities::Column::Kind)
+        .order_by_asc(identities::Column::CreatedAt)
+        .all(tx.conn())
+        .await?)
+}
+
+/// Loads profiles by id. With `lock`, on PostgreSQL the rows are locked for update in id order,
+/// so that concurrent batches touching the same profiles serialize without deadlocking.
+pub async fn load(
+    tx: &TenantTx,
+    backend: Backend,
+    ids: &BTreeSet<Uuid>,
+    lock: bool,
+) -> StoreResult<Vec<ProfileRow>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut query = profiles::Entity::find()
+        .filter(profiles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(profiles::Column::Id.is_in(ids.iter().copied()))
+        .order_by_asc(profiles::Column::Id);
+    if lock && backend == Backend::Postgres {
+        query = query.lock(LockType::Update);
+    }
+    Ok(query.all(tx.conn()).await?)
+}
+
+/// A profile by id, following a merge to its survivor.
+pub async fn get_resolved(tx: &TenantTx, id: Uuid) -> StoreResult<Option<ProfileRow>> {
+    let Some(row) = get_raw(tx, id).await? else {
+        return Ok(None);
+    };
+    match row.merged_into {
+        Some(survivor) => get_raw(tx, survivor).await,
+        None => Ok(Some(row)),
+    }
+}
+
+async fn get_raw(tx: &TenantTx, id: Uuid) -> StoreResult<Option<ProfileRow>> {
+    Ok(profiles::Entity::find()
+        .filter(profiles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(profiles::Column::Id.eq(id))
+        .one(tx.conn())
+        .await?)
+}
+
+/// Live profiles by id (no tombstones), in the order asked.
+pub async fn get_many(tx: &TenantTx, ids: &[Uuid]) -> StoreResult<Vec<ProfileRow>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = profiles::Entity::find()
+        .filter(profiles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(profiles::Column::Id.is_in(ids.iter().copied()))
+        .all(tx.conn())
+        .await?;
+    Ok(ids
+        .iter()
+        .filter_map(|id| rows.iter().find(|row| row.id == *id).cloned())
+        .collect())
+}
+
+/// Ids of the profiles merged into this one.
+pub async fn merged_ids(tx: &TenantTx, id: Uuid) -> StoreResult<Vec<Uuid>> {
+    Ok(profiles::Entity::find()
+        .select_only()
+        .column(profiles::Column::Id)
+        .filter(profiles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(profiles::Column::MergedInto.eq(id))
+        .order_by_asc(profiles::Column::Id)
+        .into_tuple::<Uuid>()
+        .all(tx.conn())
+        .await?)
+}
+
+/// Filters of the profile list.
+#[derive(Debug, Default, Clone)]
+pub struct ProfileFilter {
+    /// (dot path, scalar JSON value) pairs that must all equal.
+    pub trait_equals: Vec<(Vec<String>, serde_json::Value)>,
+    pub seen_after: Option<DateTime<Utc>>,
+    pub seen_before: Option<DateTime<Utc>>,
+    /// Restricts to these ids (segment members); None means no restriction.
+    pub only_ids: Option<Vec<Uuid>>,
+}
+
+fn trait_condition(backend: Backend, path: &[String], value: &serde_json::Value) -> Expr {
+    match backend {
+        Backend::Postgres => {
+            // jsonb_extract_path(traits, VARIADIC $1::text[]) = $2::jsonb, all parameters bound.
+            Expr::cust_with_values(
+                "jsonb_extract_path(traits, VARIADIC CAST($1 AS text[])) = CAST($2 AS jsonb)",
+                [
+                    sea_orm::Value::Array(
+                        sea_orm::sea_query::ArrayType::String,
+                        Some(Box::new(
+                            path.iter()
+                                .map(|part| sea_orm::Value::String(Some(part.clone())))
+                                .collect(),
+                        )),
+                    ),
+                    sea_orm::Value::String(Some(value.to_string())),
+                ],
+            )
+        }
+        Backend::Sqlite => {
+            let json_path = format!(
+                "${}",
+                path.iter()
+                    .map(|part| format!(".\"{}\"", part.replace('"', "\\\"")))
+                    .collect::<String>()
+            );
+            // json_extract returns SQL values; compare them with the value converted the same way
+            // (json_extract of the value itself), and require the same JSON type.
+            let json_path = sea_orm::Value::String(Some(json_path));
+            let value = sea_orm::Value::String(Some(value.to_string()));
+            Expr::cust_with_values(
+                "(json_type(traits, ?) = json_type(?) AND json_extract(traits, ?) IS json_extract(?, '$'))",
+                [json_path.clone(), value.clone(), json_path, value],
+            )
+        }
+    }
+}
+
+fn filtered(
+    tx: &TenantTx,
+    backend: Backend,
+    filter: &ProfileFilter,
+) -> sea_orm::Select<profiles::Entity> {
+    let mut query = profiles::Entity::find()
+        .filter(profiles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(profiles::Column::MergedInto.is_null());
+    for (path, value) in &filter.trait_equals {
+        query = query.filter(trait_condition(backend, path, value));
+    }
+    if let Some(after) = filter.seen_after {
+        query = query.filter(profiles::Column::LastSeenAt.gte(after));
+    }
+    if let Some(before) = filter.seen_before {
+        query = query.filter(profiles::Column::LastSeenAt.lt(before));
+    }
+    if let Some(ids) = &filter.only_ids {
+        query = query.filter(profiles::Column::Id.is_in(ids.iter().copied()));
+    }
+    query
+}
+
+/// One page of live profiles in creation order.
+pub async fn page(
+    tx: &TenantTx,
+    backend: Backend,
+    filter: &ProfileFilter,
+    after: Option<Uuid>,
+    limit: u64,
+) -> StoreResult<(Vec<ProfileRow>, u64)> {
+    let total = filtered(tx, backend, filter).count(tx.conn()).await?;
+    let mut query = filtered(tx, backend, filter)
+        .order_by_asc(profiles::Column::Id)
+        .limit(limit);
+    if let Some(after) = after {
+        query = query.filter(profiles::Column::Id.gt(after));
+    }
+    Ok((query.all(tx.conn()).await?, total))
+}
+
+pub async fn consents_of(tx: &TenantTx, profile_ids: &[Uuid]) -> StoreResult<Vec<ConsentRow>> {
+    if profile_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(consents::Entity::find()
+        .filter(consents::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(consents::Column::ProfileId.is_in(profile_ids.iter().copied()))
+        .order_by_asc(consents::Column::Purpose)
+        .all(tx.conn())
+        .await?)
+}
+
+/// The groups (accounts) a profile belongs to, with their traits.
+pub async fn groups_of(tx: &TenantTx, profile_id: Uuid) -> StoreResult<Vec<GroupRow>> {
+    let group_ids: Vec<String> = profile_groups::Entity::find()
+        .select_only()
+        .column(profile_groups::Column::GroupId)
+        .filter(profile_groups::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(profile_groups::Column::ProfileId.eq(profile_id))
+        .into_tuple::<String>()
+        .all(tx.conn())
+        .await?;
+    if group_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(groups::Entity::find()
+        .filter(groups::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(groups::Column::GroupId.is_in(group_ids))
+        .order_by_asc(groups::Column::GroupId)
+        .all(tx.conn())
+        .await?)
+}
+
+pub async fn groups_by_ids(tx: &TenantTx, group_ids: &[String]) -> StoreResult<Vec<GroupRow>> {
+    if group_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(groups::Entity::find()
+        .filter(groups::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(groups::Column::GroupId.is_in(group_ids.iter().cloned()))
+        .all(tx.conn())
+        .await?)
+}
+
+/// Ledger entries about a profile (as survivor or as the other side), newest first.
+pub async fn ledger_of(tx: &TenantTx, profile_ids: &[Uuid]) -> StoreResult<Vec<LedgerRow>> {
+    if profile_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(merge_ledger::Entity::find()
+        .filter(merge_ledger::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(
+            Condition::any()
+                .add(merge_ledger::Column::ProfileId.is_in(profile_ids.iter().copied()))
+                .add(merge_ledger::Column::OtherProfileId.is_in(profile_ids.iter().copied())),
+        )
+        .order_by_desc(merge_ledger::Column::Id)
+        .all(tx.conn())
+        .await?)
+}

@@ -1,0 +1,209 @@
+//! The data-collection API: compatibility with real Segment clients, the transport rules, and
+//! the limits.
+
+use std::io::Write;
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+fn samples() -> Vec<Value> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/contract/samples/segment-clients.jsonl");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()))
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn requests_recorded_from_real_segment_clients_become_unified_profiles() {
+    for backend in backends() {
+        let smtp = SmtpSink::start().await;
+        let server = TestServer::start(backend, &smtp).await;
+        let owner = new_tenant(&server, &smtp, &slug("samples"), "owner@samples.example").await;
+        let key = write_key(&server, &owner, "website", "WEB").await;
+        for sample in samples() {
+            let mut request = server
+                .client
+                .post(server.url(sample["path"].as_str().unwrap()))
+                .basic_auth(&key, Some(""));
+            for (name, value) in sample["headers"].as_object().unwrap() {
+                if name != "Authorization" {
+                    request = request.header(name.as_str(), value.as_str().unwrap());
+                }
+            }
+            let response = request
+                .body(sample["body"].to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(
+                body,
+                json!({"success": true}),
+                "[{backend:?}] every sample message is accepted"
+            );
+        }
+        let token = owner.access_token.as_str();
+
+        let ada = profile_by(&server, token, "user_id", "user-42").await;
+        assert_eq!(
+            ada["traits"]["email"], "ada@example.com",
+            "emails are normalized"
+        );
+        assert_eq!(ada["traits"]["firstName"], "Ada");
+        assert_eq!(
+            ada["traits"]["plan"], "pro",
+            "group traits stay on the group"
+        );
+        assert_eq!(ada["channels"], json!(["web"]));
+        let kinds: Vec<(String, String)> = ada["identities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["kind"].as_str().unwrap().to_owned(),
+                    i["value"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        for expected in [
+            ("user_id", "user-42"),
+            ("anonymous_id", "anon-1"),
+            ("email", "ada@example.com"),
+            ("anonymous_id", "anon-7"),
+        ] {
+            assert!(
+                kinds.contains(&(expected.0.to_owned(), expected.1.to_owned())),
+                "{expected:?} in {kinds:?}"
+            );
+        }
+        assert_eq!(ada["eventCount"], 5);
+        let events = ada["events"]["edges"].as_array().unwrap();
+        let page = events.iter().find(|e| e["node"]["type"] == "page").unwrap();
+        assert_eq!(page["node"]["name"], "Quickstart");
+        assert_eq!(page["node"]["properties"]["category"], "Docs");
+        let order = events
+            .iter()
+            .find(|e| e["node"]["name"] == "Order Completed")
+            .unwrap();
+        assert_eq!(order["node"]["properties"]["revenue"], 129.5);
+        assert_eq!(
+            ada["groups"],
+            json!([{"groupId": "acme-inc", "traits": {"name": "Acme", "plan": "enterprise"}}])
+        );
+        // The alias made anon-7 resolve to the same person.
+        let aliased = profile_by(&server, token, "anonymous_id", "anon-7").await;
+        assert_eq!(aliased["id"], ada["id"]);
+        // Lookups normalize like ingestion does.
+        let by_email = profile_by(&server, token, "email", "  ADA@example.COM ").await;
+        assert_eq!(by_email["id"], ada["id"]);
+
+        let bob = profile_by(&server, token, "user_id", "user-43").await;
+        assert_eq!(bob["traits"]["phone"], "+442079460958", "phones are E.164");
+        assert_eq!(
+            bob["consents"],
+            json!([{"purpose": "email_marketing", "granted": true}])
+        );
+        let by_phone = profile_by(&server, token, "phone", "+44 20 7946 0958").await;
+        assert_eq!(by_phone["id"], bob["id"]);
+        let anonymous = profile_by(&server, token, "anonymous_id", "anon-3").await;
+        assert_eq!(
+            anonymous["events"]["edges"][0]["node"]["name"],
+            "Product Viewed"
+        );
+
+        let quality = data_quality(&server, token).await;
+        let website = quality
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "website")
+            .unwrap();
+        assert_eq!(website["channel"], "web");
+        assert!(website["accepted"].as_i64().unwrap() >= 8);
+        assert_eq!(website["rejected"], json!([]));
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn gzip_text_plain_body_write_keys_and_short_paths_are_accepted() {
+    for backend in backends() {
+        let smtp = SmtpSink::start().await;
+        let server = TestServer::start(backend, &smtp).await;
+        let owner = new_tenant(
+            &server,
+            &smtp,
+            &slug("transport"),
+            "owner@transport.example",
+        )
+        .await;
+        let key = write_key(&server, &owner, "browser", "WEB").await;
+
+        // The browser library: text/plain, the key in the body, a short path.
+        let body = json!({"writeKey": key, "anonymousId": "browser-1", "event": "Clicked", "messageId": "b-1"});
+        let response = server
+            .client
+            .post(server.url("/v1/t"))
+            .header("content-type", "text/plain")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+
+        // A gzip batch through /v1/b.
+        let batch = json!({"batch": [
+            {"type": "identify", "anonymousId": "browser-1", "userId": "u-1", "traits": {"email": "u1@transport.example"}, "messageId": "b-2"},
+            {"type": "screen", "userId": "u-1", "name": "Home", "messageId": "b-3"}
+        ]});
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(batch.to_string().as_bytes()).unwrap();
+        let compressed = encoder.finish().unwrap();
+        let response = server
+            .client
+            .post(server.url("/v1/b"))
+            .basic_auth(&key, Some(""))
+            .header("content-encoding", "gzip")
+            .header("content-type", "application/json")
+            .body(compressed)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+
+        // A CORS preflight from any site is answered.
+        let preflight = server
+            .client
+            .request(reqwest::Method::OPTIONS, server.url("/v1/batch"))
+            .header("Origin", "https://shop.example")
+            .header("Access-Control-Request-Method", "POST")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            preflight.headers()["access-control-allow-origin"],
+            "https://shop.example"
+        );
+
+        let profile = profile_by(&server, &owner.access_token, "user_id", "u-1").await;
+        assert_eq!(profile["eventCount"], 3);
+        let types: Vec<&str> = profile["events"]["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["node"]["type"].as_str().unwrap())
+            .collect();
+        assert!(
+            types.contains(&"screen") && types.contains(&"track") && types.contains(&"identify"),
+            "{types:?}"
+        );
+        server.stop().await;
+    }
+}
