@@ -10,3 +10,4 @@ mod isolation;
 mod outbox;
 mod support;
 mod tidy;
+mod unify;

@@ -413,12 +413,13 @@ async fn apply(
             });
             continue;
         }
-        for warning in &message.warnings {
-            work.count(format!("warning:{warning}"));
-        }
         match apply_message(&mut work, message, &known_user_ids, batch.received_at) {
             Ok((profile_id, event_id)) => {
                 work.count("accepted");
+                // Warnings are reported for the messages that were stored.
+                for warning in &message.warnings {
+                    work.count(format!("warning:{warning}"));
+                }
                 report.messages.push(MessageReport {
                     index,
                     message_id: Some(message.message_id.clone()),
