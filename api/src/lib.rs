@@ -7,6 +7,7 @@
 //! `async_graphql`. A tidy test in `tests/` enforces both.
 
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod graphql;
 pub mod http;

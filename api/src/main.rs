@@ -27,6 +27,18 @@ enum Command {
     },
     /// Print the GraphQL schema (SDL).
     Schema,
+    /// Load Segment-format messages (JSON lines) into a tenant, through the same write path as
+    /// /v1/batch, with a progress bar; rejected lines go to a side file with their reasons.
+    Import {
+        /// The tenant's slug.
+        #[arg(long)]
+        tenant: String,
+        /// The file to load; `-` reads standard input.
+        file: String,
+        /// Where to write rejected lines (default: FILE.rejected.jsonl).
+        #[arg(long)]
+        rejected: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -103,6 +115,18 @@ async fn main() -> anyhow::Result<()> {
                 tenant.slug, tenant.id, user.email
             );
             println!("activation link: {public_url}/activate?token={token}");
+            Ok(())
+        }
+        Command::Import { tenant, file, rejected } => {
+            let state = api::startup::state(config, Arc::new(SystemClock)).await?;
+            let summary = api::cli::import(&state, &tenant, &file, rejected, std::io::IsTerminal::is_terminal(&std::io::stderr())).await?;
+            println!(
+                "{} accepted, {} duplicate, {} rejected",
+                summary.accepted, summary.duplicates, summary.rejected
+            );
+            if let Some(path) = summary.rejected_file {
+                println!("rejected lines and their reasons: {}", path.display());
+            }
             Ok(())
         }
         Command::Schema => Ok(()),

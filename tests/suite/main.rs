@@ -6,6 +6,7 @@ mod accounts;
 mod bad_input;
 mod collect;
 mod http_surface;
+mod import;
 mod isolation;
 mod outbox;
 mod support;
