@@ -323,6 +323,13 @@ pub fn parse_message(
     let mut traits = object_field(object, "traits")?;
     let mut properties = object_field(object, "properties")?;
     let mut context = object_field(object, "context")?;
+    // Some clients (RudderStack's) send identify traits in `context.traits` only; the top-level
+    // `traits` win where both name a key.
+    if kind == MessageType::Identify {
+        if let Some(Value::Object(context_traits)) = context.get("traits") {
+            merge_under(&mut traits, &context_traits.clone());
+        }
+    }
     if let Some(Value::Object(batch_context)) = envelope.batch_context {
         merge_under(&mut context, batch_context);
     }
@@ -733,6 +740,22 @@ mod tests {
             .any(|i| i.key == IdentityKey::new("crm_id", "C-1")));
         assert_eq!(message.warnings, ["invalid_external_id"]);
         assert_eq!(message.consents.len(), 2);
+    }
+
+    #[test]
+    fn identify_traits_sent_in_the_context_count_as_traits() {
+        let message = parse(json!({
+            "type": "identify", "userId": "u",
+            "traits": {"plan": "pro"},
+            "context": {"traits": {"plan": "free", "email": "A@B.co"}}
+        }))
+        .unwrap();
+        assert_eq!(message.traits["plan"], "pro", "top-level traits win");
+        assert_eq!(message.traits["email"], "a@b.co");
+        assert!(message
+            .identities
+            .iter()
+            .any(|i| i.key == IdentityKey::new(EMAIL, "a@b.co")));
     }
 
     #[test]

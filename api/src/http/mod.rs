@@ -31,11 +31,11 @@ pub fn routes(state: AppState, schema: CdpSchema) -> poem::Route {
             },
         );
     // Browsers send analytics from customers' own sites: the collection API answers CORS
-    // preflights from any origin (the write key is public by design).
+    // preflights from any origin (the write key is public by design) and admits whatever headers
+    // the client libraries send (RudderStack's AnonymousId, Segment's X-Retry-Count, …).
     let collection = collect::routes().with(
         Cors::new()
             .allow_methods([Method::POST, Method::OPTIONS])
-            .allow_headers(["authorization", "content-type", "content-encoding"])
             .max_age(86400),
     );
     // `/graphql` admits only the configured frontend origins.
