@@ -9,6 +9,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261128_000001_foundation;
 mod m20261128_000002_customer_data;
+mod m20261128_000003_understand;
 pub mod tenancy;
 
 pub struct Migrator;
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261128_000001_foundation::Migration),
             Box::new(m20261128_000002_customer_data::Migration),
+            Box::new(m20261128_000003_understand::Migration),
         ]
     }
 }
