@@ -315,17 +315,6 @@ async fn apply(
         stats: HashMap::new(),
     };
 
-    // Duplicates: stored before, or earlier in this batch.
-    let message_ids: Vec<String> = parsed
-        .iter()
-        .flatten()
-        .map(|message| message.message_id.clone())
-        .collect();
-    let stored: HashSet<String> = store::events::existing_message_ids(tx, &message_ids)
-        .await?
-        .into_iter()
-        .collect();
-
     // Everything the batch's identities touch, loaded at once.
     let mut keys: BTreeSet<(String, String)> = BTreeSet::new();
     for message in parsed.iter().flatten() {
@@ -338,6 +327,19 @@ async fn apply(
         }
     }
     let keys: Vec<(String, String)> = keys.into_iter().collect();
+    store::ingest::lock_identities(tx, state.store.backend(), &keys).await?;
+    // Duplicates: stored before, or earlier in this batch (checked under the identity locks, so
+    // that a concurrent retry of the same batch is seen once it commits).
+    let message_ids: Vec<String> = parsed
+        .iter()
+        .flatten()
+        .map(|message| message.message_id.clone())
+        .collect();
+    let stored: HashSet<String> = store::events::existing_message_ids(tx, &message_ids)
+        .await?
+        .into_iter()
+        .collect();
+
     let owned = store::profiles::identities_by_keys(tx, &keys).await?;
     let owner_ids: BTreeSet<Uuid> = owned.iter().map(|row| row.profile_id).collect();
     let rows = store::profiles::load(tx, state.store.backend(), &owner_ids, true).await?;

@@ -345,3 +345,57 @@ pub async fn stats(tx: &TenantTx) -> StoreResult<Vec<ingest_stats::Model>> {
 }
 
 pub use ingest_stats::Model as StatRow;
+
+/// Serializes concurrent batches that carry the same identifiers, before they look them up.
+///
+/// On PostgreSQL every identifier maps to a transaction-scoped advisory lock (a 64-bit hash of
+/// tenant, kind and lookup), taken in ascending order so that two batches can never wait on each
+/// other in a cycle. A second batch carrying a new identifier then waits for the first to commit
+/// and finds its profile, instead of creating a twin and retrying. A hash collision only makes
+/// two unrelated identifiers queue behind each other. SQLite needs nothing: its write
+/// transactions are serialized already.
+pub async fn lock_identities(
+    tx: &TenantTx,
+    backend: super::Backend,
+    keys: &[(String, String)],
+) -> StoreResult<()> {
+    if backend != super::Backend::Postgres || keys.is_empty() {
+        return Ok(());
+    }
+    let tenant = tx.tenant_id().as_uuid();
+    let mut hashes: Vec<i64> = keys
+        .iter()
+        .map(|(kind, lookup)| {
+            use sha2::Digest;
+            let mut hasher = sha2::Sha256::new();
+            hasher.update(tenant.as_bytes());
+            hasher.update(kind.as_bytes());
+            hasher.update([0u8]);
+            hasher.update(lookup.as_bytes());
+            let digest = hasher.finalize();
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&digest[..8]);
+            i64::from_be_bytes(first)
+        })
+        .collect();
+    hashes.sort_unstable();
+    hashes.dedup();
+    let array = sea_orm::Value::Array(
+        sea_orm::sea_query::ArrayType::BigInt,
+        Some(Box::new(
+            hashes
+                .into_iter()
+                .map(|hash| sea_orm::Value::BigInt(Some(hash)))
+                .collect(),
+        )),
+    );
+    use sea_orm::ConnectionTrait;
+    tx.conn()
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock(k) FROM (SELECT k FROM unnest($1::bigint[]) AS k ORDER BY k) AS ordered",
+            [array],
+        ))
+        .await?;
+    Ok(())
+}

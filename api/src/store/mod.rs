@@ -10,6 +10,7 @@ mod entity;
 
 pub mod api_keys;
 pub mod audit;
+pub mod conditions;
 pub mod events;
 pub mod ingest;
 pub mod outbox;
