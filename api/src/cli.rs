@@ -26,12 +26,20 @@ pub struct ImportSummary {
 /// Loads Segment-format messages (one JSON object a line; `-` reads standard input) into a tenant
 /// through the same write path as `/v1/batch`, in batches, with a progress bar. Rejected lines
 /// go to `rejected_path` with their line number and reason.
-pub async fn import(state: &AppState, tenant_slug: &str, file: &str, rejected_path: Option<PathBuf>, show_progress: bool) -> anyhow::Result<ImportSummary> {
+pub async fn import(
+    state: &AppState,
+    tenant_slug: &str,
+    file: &str,
+    rejected_path: Option<PathBuf>,
+    show_progress: bool,
+) -> anyhow::Result<ImportSummary> {
     let tenant = store::tenants::find_by_slug(&state.store, tenant_slug)
         .await?
         .with_context(|| format!("there is no tenant with the slug {tenant_slug:?}"))?;
     let tenant_id = domain::TenantId(tenant.id);
-    let settings = settings::load(state, tenant_id).await.map_err(|error| anyhow::anyhow!("{error}"))?;
+    let settings = settings::load(state, tenant_id)
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
 
     let (reader, total_bytes): (Box<dyn BufRead>, Option<u64>) = if file == "-" {
         (Box::new(std::io::BufReader::new(std::io::stdin())), None)
@@ -45,8 +53,10 @@ pub async fn import(state: &AppState, tenant_slug: &str, file: &str, rejected_pa
     } else if let Some(size) = total_bytes {
         let bar = ProgressBar::new(size);
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta}) {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta}) {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar
     } else {
@@ -62,18 +72,30 @@ pub async fn import(state: &AppState, tenant_slug: &str, file: &str, rejected_pa
     });
     let mut rejected_out: Option<std::io::BufWriter<std::fs::File>> = None;
     let mut summary = ImportSummary::default();
-    let source = Source { key_id: None, channel: domain::ingest::Channel::Other };
+    let source = Source {
+        key_id: None,
+        channel: domain::ingest::Channel::Other,
+    };
 
     let mut pending: Vec<(usize, Value)> = Vec::with_capacity(IMPORT_BATCH);
-    let mut write_rejection = |summary: &mut ImportSummary, line: usize, reason: &str, original: Value| -> anyhow::Result<()> {
+    let mut write_rejection = |summary: &mut ImportSummary,
+                               line: usize,
+                               reason: &str,
+                               original: Value|
+     -> anyhow::Result<()> {
         summary.rejected += 1;
         if rejected_out.is_none() {
-            let file = std::fs::File::create(&rejected_path).with_context(|| format!("cannot create {}", rejected_path.display()))?;
+            let file = std::fs::File::create(&rejected_path)
+                .with_context(|| format!("cannot create {}", rejected_path.display()))?;
             rejected_out = Some(std::io::BufWriter::new(file));
             summary.rejected_file = Some(rejected_path.clone());
         }
         if let Some(out) = rejected_out.as_mut() {
-            writeln!(out, "{}", json!({"line": line, "reason": reason, "message": original}))?;
+            writeln!(
+                out,
+                "{}",
+                json!({"line": line, "reason": reason, "message": original})
+            )?;
         }
         Ok(())
     };
@@ -90,10 +112,17 @@ pub async fn import(state: &AppState, tenant_slug: &str, file: &str, rejected_pa
             }
             match serde_json::from_str::<Value>(&line) {
                 Ok(value) => pending.push((index + 1, value)),
-                Err(error) => write_rejection(&mut summary, index + 1, &format!("invalid_json: {error}"), Value::String(line))?,
+                Err(error) => write_rejection(
+                    &mut summary,
+                    index + 1,
+                    &format!("invalid_json: {error}"),
+                    Value::String(line),
+                )?,
             }
         }
-        if pending.len() >= IMPORT_BATCH.min(settings.max_batch_messages) || (done && !pending.is_empty()) {
+        if pending.len() >= IMPORT_BATCH.min(settings.max_batch_messages)
+            || (done && !pending.is_empty())
+        {
             let chunk = std::mem::take(&mut pending);
             let batch = Batch {
                 messages: chunk.iter().map(|(_, value)| value.clone()).collect(),
@@ -114,7 +143,10 @@ pub async fn import(state: &AppState, tenant_slug: &str, file: &str, rejected_pa
                     }
                 }
             }
-            progress.set_message(format!("{} accepted, {} duplicate, {} rejected", summary.accepted, summary.duplicates, summary.rejected));
+            progress.set_message(format!(
+                "{} accepted, {} duplicate, {} rejected",
+                summary.accepted, summary.duplicates, summary.rejected
+            ));
         }
         if done {
             break;
@@ -126,4 +158,3 @@ pub async fn import(state: &AppState, tenant_slug: &str, file: &str, rejected_pa
     progress.finish_and_clear();
     Ok(summary)
 }
-

@@ -117,9 +117,20 @@ async fn main() -> anyhow::Result<()> {
             println!("activation link: {public_url}/activate?token={token}");
             Ok(())
         }
-        Command::Import { tenant, file, rejected } => {
+        Command::Import {
+            tenant,
+            file,
+            rejected,
+        } => {
             let state = api::startup::state(config, Arc::new(SystemClock)).await?;
-            let summary = api::cli::import(&state, &tenant, &file, rejected, std::io::IsTerminal::is_terminal(&std::io::stderr())).await?;
+            let summary = api::cli::import(
+                &state,
+                &tenant,
+                &file,
+                rejected,
+                std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            )
+            .await?;
             println!(
                 "{} accepted, {} duplicate, {} rejected",
                 summary.accepted, summary.duplicates, summary.rejected

@@ -4,7 +4,8 @@
 use sea_orm_migration::prelude::*;
 
 use crate::m20261128_000001_foundation::{
-    boolean, int, json, plain_index, tenant_fk, tenant_fk_to_tenants, tenant_pk, text, text_null, time, uuid,
+    boolean, int, json, plain_index, tenant_fk, tenant_fk_to_tenants, tenant_pk, text, text_null,
+    time, uuid,
 };
 use crate::tenancy::protect_tenant_table;
 
@@ -32,21 +33,50 @@ impl MigrationTrait for Migration {
         // column comparisons.
         for column in [
             ColumnDef::new("stage").text().null().to_owned(),
-            ColumnDef::new("stage_since").timestamp_with_time_zone().null().to_owned(),
-            ColumnDef::new("total_revenue").double().not_null().default(0.0).to_owned(),
-            ColumnDef::new("order_count").big_integer().not_null().default(0).to_owned(),
-            ColumnDef::new("mean_gap_seconds").double().null().to_owned(),
+            ColumnDef::new("stage_since")
+                .timestamp_with_time_zone()
+                .null()
+                .to_owned(),
+            ColumnDef::new("total_revenue")
+                .double()
+                .not_null()
+                .default(0.0)
+                .to_owned(),
+            ColumnDef::new("order_count")
+                .big_integer()
+                .not_null()
+                .default(0)
+                .to_owned(),
+            ColumnDef::new("mean_gap_seconds")
+                .double()
+                .null()
+                .to_owned(),
             ColumnDef::new("rfm_recency").integer().null().to_owned(),
             ColumnDef::new("rfm_frequency").integer().null().to_owned(),
             ColumnDef::new("rfm_monetary").integer().null().to_owned(),
-            ColumnDef::new("churn_risk").boolean().not_null().default(false).to_owned(),
+            ColumnDef::new("churn_risk")
+                .boolean()
+                .not_null()
+                .default(false)
+                .to_owned(),
         ] {
             let mut column = column;
             manager
-                .alter_table(Table::alter().table("profiles").add_column(&mut column).to_owned())
+                .alter_table(
+                    Table::alter()
+                        .table("profiles")
+                        .add_column(&mut column)
+                        .to_owned(),
+                )
                 .await?;
         }
-        plain_index(manager, "profiles", "ix_profiles_stage", &["tenant_id", "stage"]).await?;
+        plain_index(
+            manager,
+            "profiles",
+            "ix_profiles_stage",
+            &["tenant_id", "stage"],
+        )
+        .await?;
 
         manager
             .create_table(
@@ -76,12 +106,30 @@ impl MigrationTrait for Migration {
                     .col(uuid("profile_id"))
                     .col(time("since"))
                     .primary_key(&mut tenant_pk(&["segment_id", "profile_id"]))
-                    .foreign_key(&mut tenant_fk("segment_members", "segment_id", "segments", "id", ForeignKeyAction::Cascade))
-                    .foreign_key(&mut tenant_fk("segment_members", "profile_id", "profiles", "id", ForeignKeyAction::Cascade))
+                    .foreign_key(&mut tenant_fk(
+                        "segment_members",
+                        "segment_id",
+                        "segments",
+                        "id",
+                        ForeignKeyAction::Cascade,
+                    ))
+                    .foreign_key(&mut tenant_fk(
+                        "segment_members",
+                        "profile_id",
+                        "profiles",
+                        "id",
+                        ForeignKeyAction::Cascade,
+                    ))
                     .to_owned(),
             )
             .await?;
-        plain_index(manager, "segment_members", "ix_segment_members_profile", &["tenant_id", "profile_id"]).await?;
+        plain_index(
+            manager,
+            "segment_members",
+            "ix_segment_members_profile",
+            &["tenant_id", "profile_id"],
+        )
+        .await?;
         manager
             .create_table(
                 Table::create()
@@ -94,12 +142,30 @@ impl MigrationTrait for Migration {
                     .col(time("at"))
                     .col(text("reason"))
                     .primary_key(&mut tenant_pk(&["id"]))
-                    .foreign_key(&mut tenant_fk("segment_history", "segment_id", "segments", "id", ForeignKeyAction::Cascade))
+                    .foreign_key(&mut tenant_fk(
+                        "segment_history",
+                        "segment_id",
+                        "segments",
+                        "id",
+                        ForeignKeyAction::Cascade,
+                    ))
                     .to_owned(),
             )
             .await?;
-        plain_index(manager, "segment_history", "ix_segment_history_segment", &["tenant_id", "segment_id", "at"]).await?;
-        plain_index(manager, "segment_history", "ix_segment_history_profile", &["tenant_id", "profile_id"]).await?;
+        plain_index(
+            manager,
+            "segment_history",
+            "ix_segment_history_segment",
+            &["tenant_id", "segment_id", "at"],
+        )
+        .await?;
+        plain_index(
+            manager,
+            "segment_history",
+            "ix_segment_history_profile",
+            &["tenant_id", "profile_id"],
+        )
+        .await?;
         manager
             .create_table(
                 Table::create()
@@ -109,7 +175,13 @@ impl MigrationTrait for Migration {
                     .col(text("day"))
                     .col(ColumnDef::new("size").big_integer().not_null())
                     .primary_key(&mut tenant_pk(&["segment_id", "day"]))
-                    .foreign_key(&mut tenant_fk("segment_snapshots", "segment_id", "segments", "id", ForeignKeyAction::Cascade))
+                    .foreign_key(&mut tenant_fk(
+                        "segment_snapshots",
+                        "segment_id",
+                        "segments",
+                        "id",
+                        ForeignKeyAction::Cascade,
+                    ))
                     .to_owned(),
             )
             .await?;
@@ -140,12 +212,30 @@ impl MigrationTrait for Migration {
                     .col(time("at"))
                     .col(text("reason"))
                     .primary_key(&mut tenant_pk(&["id"]))
-                    .foreign_key(&mut tenant_fk("lifecycle_transitions", "profile_id", "profiles", "id", ForeignKeyAction::Cascade))
+                    .foreign_key(&mut tenant_fk(
+                        "lifecycle_transitions",
+                        "profile_id",
+                        "profiles",
+                        "id",
+                        ForeignKeyAction::Cascade,
+                    ))
                     .to_owned(),
             )
             .await?;
-        plain_index(manager, "lifecycle_transitions", "ix_lifecycle_transitions_profile", &["tenant_id", "profile_id", "at"]).await?;
-        plain_index(manager, "lifecycle_transitions", "ix_lifecycle_transitions_at", &["tenant_id", "at"]).await?;
+        plain_index(
+            manager,
+            "lifecycle_transitions",
+            "ix_lifecycle_transitions_profile",
+            &["tenant_id", "profile_id", "at"],
+        )
+        .await?;
+        plain_index(
+            manager,
+            "lifecycle_transitions",
+            "ix_lifecycle_transitions_at",
+            &["tenant_id", "at"],
+        )
+        .await?;
 
         for table in TABLES {
             protect_tenant_table(manager, table).await?;
@@ -155,7 +245,9 @@ impl MigrationTrait for Migration {
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         for table in TABLES.iter().rev() {
-            manager.drop_table(Table::drop().table(*table).if_exists().to_owned()).await?;
+            manager
+                .drop_table(Table::drop().table(*table).if_exists().to_owned())
+                .await?;
         }
         Ok(())
     }

@@ -24,8 +24,13 @@ async fn an_import_loads_valid_lines_counts_duplicates_and_writes_rejects_with_r
         std::fs::write(&file, lines.join("\n")).unwrap();
 
         let state = server.app.as_ref().unwrap().state();
-        let summary = api::cli::import(state, &tenant_slug, file.to_str().unwrap(), None, false).await.unwrap();
-        assert_eq!((summary.accepted, summary.duplicates, summary.rejected), (1200, 1, 2));
+        let summary = api::cli::import(state, &tenant_slug, file.to_str().unwrap(), None, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            (summary.accepted, summary.duplicates, summary.rejected),
+            (1200, 1, 2)
+        );
         let rejected_file = summary.rejected_file.unwrap();
         let rejects: Vec<serde_json::Value> = std::fs::read_to_string(&rejected_file)
             .unwrap()
@@ -34,17 +39,41 @@ async fn an_import_loads_valid_lines_counts_duplicates_and_writes_rejects_with_r
             .collect();
         assert_eq!(rejects.len(), 2);
         assert_eq!(rejects[0]["line"], 1202);
-        assert!(rejects[0]["reason"].as_str().unwrap().starts_with("invalid_json"));
+        assert!(rejects[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid_json"));
         assert_eq!(rejects[1]["line"], 1203);
-        assert!(rejects[1]["reason"].as_str().unwrap().starts_with("missing_identity"));
+        assert!(rejects[1]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("missing_identity"));
 
         let token = owner.access_token.as_str();
-        let total = server.gql_ok(Some(token), "{ events { totalCount } profiles { totalCount } }", json!({})).await;
-        assert_eq!((total["events"]["totalCount"].clone(), total["profiles"]["totalCount"].clone()), (json!(1200), json!(40)));
+        let total = server
+            .gql_ok(
+                Some(token),
+                "{ events { totalCount } profiles { totalCount } }",
+                json!({}),
+            )
+            .await;
+        assert_eq!(
+            (
+                total["events"]["totalCount"].clone(),
+                total["profiles"]["totalCount"].clone()
+            ),
+            (json!(1200), json!(40))
+        );
         // Importing the same file again stores nothing twice.
-        let again = api::cli::import(state, &tenant_slug, file.to_str().unwrap(), None, false).await.unwrap();
+        let again = api::cli::import(state, &tenant_slug, file.to_str().unwrap(), None, false)
+            .await
+            .unwrap();
         assert_eq!((again.accepted, again.duplicates), (0, 1201));
-        assert!(api::cli::import(state, "no-such-tenant", file.to_str().unwrap(), None, false).await.is_err());
+        assert!(
+            api::cli::import(state, "no-such-tenant", file.to_str().unwrap(), None, false)
+                .await
+                .is_err()
+        );
         server.stop().await;
     }
 }
