@@ -54,13 +54,20 @@ enum TenantCommand {
     },
 }
 
-fn init_tracing(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_filter)
+/// Logs go to standard error, filtered by `CDP_LOG` (default `info`), as text or, with
+/// `CDP_LOG_FORMAT=json`, JSON lines. Set up before the configuration is read, so that its
+/// warnings (a generated secret, for example) are seen.
+fn init_tracing() {
+    let filter = std::env::var("CDP_LOG")
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+        .unwrap_or_else(|| "info".to_owned());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if config.log_json {
+    if std::env::var("CDP_LOG_FORMAT").is_ok_and(|format| format == "json") {
         builder.json().init();
     } else {
         builder.init();
@@ -75,8 +82,8 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", api::graphql::sdl());
         return Ok(());
     }
+    init_tracing();
     let config = Config::from_env()?;
-    init_tracing(&config);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let application = api::startup::build(config).await?;
