@@ -123,7 +123,15 @@ pub async fn ingest_with(
         .collect();
     let mut attempt = 0;
     loop {
-        let tx = state.store.begin(tenant_id).await?;
+        let tx = match state.store.begin(tenant_id).await {
+            Ok(tx) => tx,
+            Err(error) if error.is_retryable() && attempt < 8 => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
         match apply(
             state,
             &tx,

@@ -103,7 +103,10 @@ impl Store {
             .max_connections(options.max_connections)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(10))
-            .sqlx_logging(false);
+            .sqlx_logging(false)
+            // SQLite has one writer at a time: a writer waits up to 30 s for the lock instead of
+            // failing after sqlx's default of 5 s under a burst of concurrent batches.
+            .map_sqlx_sqlite_opts(|options| options.busy_timeout(Duration::from_secs(30)));
         let db = Database::connect(connect).await?;
         let backend = match db.get_database_backend() {
             DbBackend::Postgres => Backend::Postgres,
