@@ -236,22 +236,7 @@ impl Work<'_> {
             return;
         };
         if let Some(target) = self.profiles.get_mut(&survivor) {
-            let row = &mut target.row;
-            let mut traits_map = row.traits.as_object().cloned().unwrap_or_default();
-            let mut clock = row.trait_clock.as_object().cloned().unwrap_or_default();
-            traits::merge(
-                &mut traits_map,
-                &mut clock,
-                gone.row.traits.as_object().unwrap_or(&Map::new()),
-                gone.row.trait_clock.as_object().unwrap_or(&Map::new()),
-            );
-            row.traits = Value::Object(traits_map);
-            row.trait_clock = Value::Object(clock);
-            row.event_count += gone.row.event_count;
-            row.first_seen_at = row.first_seen_at.min(gone.row.first_seen_at);
-            row.last_seen_at = row.last_seen_at.max(gone.row.last_seen_at);
-            row.created_at = row.created_at.min(gone.row.created_at);
-            row.channels = union_channels(&row.channels, &gone.row.channels);
+            fold_profile(&mut target.row, &gone.row);
             target.changed = true;
         }
         let moved: Vec<(Uuid, String)> = self
@@ -282,6 +267,31 @@ impl Work<'_> {
         // Keep the tombstone so that the merged id keeps resolving.
         self.profiles.insert(merged, gone);
     }
+}
+
+/// Folds a merged profile's derived state into its survivor: traits per key by timestamp, event
+/// counts, first and last seen, the earlier creation time, and the union of channels. Used by
+/// automatic merges here and by manual merges in `profiles`.
+pub(crate) fn fold_profile(survivor: &mut ProfileRow, merged: &ProfileRow) {
+    let mut traits_map = survivor.traits.as_object().cloned().unwrap_or_default();
+    let mut clock = survivor
+        .trait_clock
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    traits::merge(
+        &mut traits_map,
+        &mut clock,
+        merged.traits.as_object().unwrap_or(&Map::new()),
+        merged.trait_clock.as_object().unwrap_or(&Map::new()),
+    );
+    survivor.traits = Value::Object(traits_map);
+    survivor.trait_clock = Value::Object(clock);
+    survivor.event_count += merged.event_count;
+    survivor.first_seen_at = survivor.first_seen_at.min(merged.first_seen_at);
+    survivor.last_seen_at = survivor.last_seen_at.max(merged.last_seen_at);
+    survivor.created_at = survivor.created_at.min(merged.created_at);
+    survivor.channels = union_channels(&survivor.channels, &merged.channels);
 }
 
 fn union_channels(a: &Value, b: &Value) -> Value {

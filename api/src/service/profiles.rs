@@ -551,35 +551,7 @@ pub async fn merge(
     if let Some(rule) = graph.merge_violation(keep, gone, &settings.identity_rules) {
         return Err(ServiceError::Conflict(format!("these profiles cannot be one person under rule {rule}; split the conflicting identity first")));
     }
-    let mut traits_map = keep_row.traits.as_object().cloned().unwrap_or_default();
-    let mut clock = keep_row
-        .trait_clock
-        .as_object()
-        .cloned()
-        .unwrap_or_default();
-    traits::merge(
-        &mut traits_map,
-        &mut clock,
-        gone_row.traits.as_object().unwrap_or(&Map::new()),
-        gone_row.trait_clock.as_object().unwrap_or(&Map::new()),
-    );
-    keep_row.traits = Value::Object(traits_map);
-    keep_row.trait_clock = Value::Object(clock);
-    keep_row.event_count += gone_row.event_count;
-    keep_row.first_seen_at = keep_row.first_seen_at.min(gone_row.first_seen_at);
-    keep_row.last_seen_at = keep_row.last_seen_at.max(gone_row.last_seen_at);
-    let mut channels: BTreeSet<String> = BTreeSet::new();
-    for value in [&keep_row.channels, &gone_row.channels] {
-        channels.extend(
-            value
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .map(str::to_owned),
-        );
-    }
-    keep_row.channels = json!(channels);
+    super::ingest::fold_profile(&mut keep_row, &gone_row);
     gone_row.merged_into = Some(keep);
     // Consents: the newer decision per purpose wins.
     let consents = store::profiles::consents_of(&tx, &[keep, gone]).await?;
