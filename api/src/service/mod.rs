@@ -37,6 +37,45 @@ impl Clock for SystemClock {
     }
 }
 
+/// A clock that stands still until it is moved: tests and benchmarks drive time-dependent work
+/// (segment windows, the scheduler, churn) with it instead of sleeping.
+#[derive(Debug)]
+pub struct ManualClock {
+    now: std::sync::Mutex<DateTime<Utc>>,
+}
+
+impl ManualClock {
+    pub fn new(now: DateTime<Utc>) -> ManualClock {
+        ManualClock {
+            now: std::sync::Mutex::new(now),
+        }
+    }
+
+    pub fn set(&self, now: DateTime<Utc>) {
+        *self
+            .now
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = now;
+    }
+
+    pub fn advance(&self, by: chrono::Duration) {
+        let mut now = self
+            .now
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *now += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self
+            .now
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Everything a use case needs, shared by every request. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {

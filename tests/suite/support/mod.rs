@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use api::config::Config;
+pub use api::service::{Clock, ManualClock, SystemClock};
 use api::startup::Application;
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::{json, Value};
@@ -185,10 +186,22 @@ impl TestServer {
         smtp: Option<&SmtpSink>,
         configure: impl FnOnce(&mut Config),
     ) -> TestServer {
+        TestServer::start_with_clock(db, smtp, configure, Arc::new(SystemClock)).await
+    }
+
+    /// A server whose time comes from `clock` (a [`ManualClock`] in tests of time windows).
+    pub async fn start_with_clock(
+        db: Arc<TestDb>,
+        smtp: Option<&SmtpSink>,
+        configure: impl FnOnce(&mut Config),
+        clock: Arc<dyn Clock>,
+    ) -> TestServer {
         let mut config = Config::for_tests(&db.data_dir, &db.service_url);
         config.smtp_url = smtp.map(SmtpSink::url);
         configure(&mut config);
-        let app = api::startup::build(config).await.expect("server starts");
+        let app = api::startup::build_with_clock(config, clock)
+            .await
+            .expect("server starts");
         let base = format!("http://{}", app.address());
         TestServer {
             app: Some(app),
