@@ -1111,6 +1111,20 @@ impl Dependencies {
         !self.stages.is_empty() || self.attributes.contains(&Attribute::Stage)
     }
 
+    /// Adds everything `other` depends on.
+    pub fn absorb(&mut self, other: &Dependencies) {
+        self.trait_keys.extend(other.trait_keys.iter().cloned());
+        self.event_names.extend(other.event_names.iter().cloned());
+        self.any_event |= other.any_event;
+        self.all_time_events |= other.all_time_events;
+        self.attributes.extend(other.attributes.iter().copied());
+        self.stages.extend(other.stages.iter().cloned());
+        self.consent_purposes
+            .extend(other.consent_purposes.iter().cloned());
+        self.time_dependent |= other.time_dependent;
+        self.longest_window = self.longest_window.max(other.longest_window);
+    }
+
     fn note_window(&mut self, window: Window) {
         self.time_dependent = true;
         self.longest_window = self.longest_window.max(Some(window));
