@@ -5,6 +5,7 @@
 //! reads no clock: where time matters, `now` is a parameter.
 
 pub mod account;
+pub mod analytics;
 pub mod condition;
 pub mod identity;
 pub mod ids;

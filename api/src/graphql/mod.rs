@@ -5,6 +5,7 @@
 //! the request context, never from an argument.
 
 mod accounts;
+mod analytics;
 mod customers;
 pub mod transport;
 mod types;
@@ -18,7 +19,11 @@ use crate::config::GraphqlLimits;
 use crate::service::{AppState, RequestMeta, ServiceError};
 
 #[derive(MergedObject, Default)]
-pub struct Query(accounts::AccountsQuery, customers::CustomersQuery);
+pub struct Query(
+    accounts::AccountsQuery,
+    customers::CustomersQuery,
+    analytics::AnalyticsQuery,
+);
 
 #[derive(MergedObject, Default)]
 pub struct Mutation(accounts::AccountsMutation, customers::CustomersMutation);

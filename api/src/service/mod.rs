@@ -6,6 +6,7 @@
 //! causes them.
 
 pub mod accounts;
+pub mod analytics;
 pub mod audit;
 pub mod auth;
 pub mod emails;

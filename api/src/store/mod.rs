@@ -8,6 +8,7 @@
 
 mod entity;
 
+pub mod analytics;
 pub mod api_keys;
 pub mod audit;
 pub mod conditions;
