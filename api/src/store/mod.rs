@@ -97,8 +97,12 @@ pub struct StoreOptions {
 }
 
 impl Store {
-    /// Connects, and on SQLite switches the file to WAL so that readers never block the writer.
+    /// Connects. On SQLite every connection runs in WAL mode with `synchronous=NORMAL`, so that
+    /// readers never block the writer and a commit does not wait for a disk flush (a power cut
+    /// may lose the last commits, never corrupt the file). On PostgreSQL every connection plans
+    /// each execution of a prepared statement with its actual parameters (see below).
     pub async fn connect(options: &StoreOptions) -> StoreResult<Store> {
+        use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
         let mut connect = ConnectOptions::new(options.url.clone());
         connect
             .max_connections(options.max_connections)
@@ -107,7 +111,23 @@ impl Store {
             .sqlx_logging(false)
             // SQLite has one writer at a time: a writer waits up to 30 s for the lock instead of
             // failing after sqlx's default of 5 s under a burst of concurrent batches.
-            .map_sqlx_sqlite_opts(|options| options.busy_timeout(Duration::from_secs(30)));
+            // `synchronous` is a per-connection setting, so it must be set on every connection of
+            // the pool, not once after connecting.
+            .map_sqlx_sqlite_opts(|options| {
+                options
+                    .busy_timeout(Duration::from_secs(30))
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+            })
+            // sqlx prepares every statement once per connection. After five executions
+            // PostgreSQL may switch a prepared statement to a generic plan, chosen with the
+            // statistics of that moment: on a fresh database, the statistics of empty tables,
+            // which pick the wrong index for the duplicate check, the identity lookups and the
+            // foreign-key checks once the tables grow. Custom plans cost a little planning per
+            // execution and always see the real parameters and the current statistics.
+            .map_sqlx_postgres_opts(|options| {
+                options.options([("plan_cache_mode", "force_custom_plan")])
+            });
         let db = Database::connect(connect).await?;
         let backend = match db.get_database_backend() {
             DbBackend::Postgres => Backend::Postgres,
@@ -118,10 +138,6 @@ impl Store {
                 ))))
             }
         };
-        if backend == Backend::Sqlite {
-            db.execute_unprepared("PRAGMA journal_mode=WAL;").await?;
-            db.execute_unprepared("PRAGMA synchronous=NORMAL;").await?;
-        }
         Ok(Store { db, backend })
     }
 
