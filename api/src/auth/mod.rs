@@ -1,6 +1,7 @@
 //! Authentication: password hashing, access tokens (JWT), opaque secrets (refresh, one-time and
-//! api keys), the principal of a request and login throttling.
+//! api keys), the principal of a request, login throttling and short-lived caches of write keys.
 
+pub mod cache;
 pub mod jwt;
 pub mod password;
 pub mod principal;

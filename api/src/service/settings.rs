@@ -1,14 +1,19 @@
 //! Per-tenant ingestion settings: limits, the phone region, blocked identity values and the
-//! identity rules. Stored in the tenant's `settings` document; every field has a default.
+//! identity rules. Stored in the tenant's `settings` document; every field has a default. The
+//! ingestion path reads them through a short-lived cache that an update in this process clears.
+
+use std::time::Duration;
 
 use domain::identity::IdentityRules;
 use domain::ingest::ParseOptions;
 use domain::Permission;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use uuid::Uuid;
 
 use super::auth::require_permission;
 use super::{audit, AppState, RequestMeta, ServiceError, ServiceResult};
+use crate::auth::cache::TtlCache;
 use crate::auth::Principal;
 use crate::store::{self, TenantTx};
 
@@ -65,6 +70,28 @@ pub async fn load_in(tx: &TenantTx) -> ServiceResult<IngestSettings> {
 pub async fn load(state: &AppState, tenant_id: domain::TenantId) -> ServiceResult<IngestSettings> {
     let tx = state.store.read(tenant_id).await?;
     load_in(&tx).await
+}
+
+/// How long the ingestion path reuses a tenant's settings without reading them again. An update
+/// through this process applies to the next request; through another process of the same
+/// deployment, within this time.
+pub const CACHE_TIME_TO_LIVE: Duration = Duration::from_secs(5);
+
+static CACHE: TtlCache<Uuid, IngestSettings> = TtlCache::new(CACHE_TIME_TO_LIVE);
+
+/// [`load`] for the ingestion path, which reads the settings on every request: served from a
+/// short-lived cache (see [`CACHE_TIME_TO_LIVE`]).
+pub async fn load_cached(
+    state: &AppState,
+    tenant_id: domain::TenantId,
+) -> ServiceResult<IngestSettings> {
+    if let Some(settings) = CACHE.get(&tenant_id.as_uuid()) {
+        return Ok(settings);
+    }
+    let ticket = CACHE.ticket();
+    let settings = load(state, tenant_id).await?;
+    CACHE.insert(ticket, tenant_id.as_uuid(), settings.clone());
+    Ok(settings)
 }
 
 pub async fn get(state: &AppState, principal: Option<&Principal>) -> ServiceResult<IngestSettings> {
@@ -141,5 +168,8 @@ pub async fn update(
     )
     .await?;
     tx.commit().await?;
+    // After the commit: a read that started earlier may have seen the old settings, and the
+    // cache refuses it.
+    CACHE.invalidate(Duration::ZERO);
     Ok(settings)
 }
