@@ -10,6 +10,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261128_000001_foundation;
 mod m20261128_000002_customer_data;
 mod m20261128_000003_understand;
+mod m20261128_000010_ingest_tuning;
 pub mod tenancy;
 
 pub struct Migrator;
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000001_foundation::Migration),
             Box::new(m20261128_000002_customer_data::Migration),
             Box::new(m20261128_000003_understand::Migration),
+            Box::new(m20261128_000010_ingest_tuning::Migration),
         ]
     }
 }

@@ -9,6 +9,8 @@
 //! identifier first makes this one retry, so that one identifier never makes two profiles.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use domain::identity::{IdentityGraph, IdentityKey, ProfileNode, ANONYMOUS_ID, USER_ID};
@@ -94,7 +96,7 @@ pub async fn ingest(
     source: &Source,
     batch: Batch,
 ) -> ServiceResult<IngestReport> {
-    let settings = settings::load(state, tenant_id).await?;
+    let settings = settings::load_cached(state, tenant_id).await?;
     ingest_with(state, tenant_id, source, batch, &settings).await
 }
 
@@ -143,7 +145,10 @@ pub async fn ingest_with(
         .await
         {
             Ok(report) => match tx.commit().await {
-                Ok(()) => return Ok(report),
+                Ok(()) => {
+                    compact_stats_now_and_then(state, tenant_id).await;
+                    return Ok(report);
+                }
                 Err(error) if error.is_retryable() && attempt < 8 => {}
                 Err(error) => return Err(error.into()),
             },
@@ -163,6 +168,46 @@ pub async fn ingest_with(
         // Back off a little, with jitter, so that colliding batches do not collide again.
         let jitter = rand::random::<u64>() % 20;
         tokio::time::sleep(std::time::Duration::from_millis(5 * attempt + jitter)).await;
+    }
+}
+
+/// How often this process folds a tenant's appended count deltas into its per-source counts.
+const STATS_COMPACTION_INTERVAL: Duration = Duration::from_secs(10);
+
+/// When this process last folded each tenant's count deltas.
+static LAST_STATS_COMPACTION: Mutex<Option<HashMap<Uuid, Instant>>> = Mutex::new(None);
+
+/// Folds the tenant's count deltas into the per-source counts when the last fold is older than
+/// [`STATS_COMPACTION_INTERVAL`], in a transaction of its own after the batch's commit, so that
+/// batches never wait on the counts. A failure is logged and changes nothing: the deltas stay,
+/// and readers count them.
+async fn compact_stats_now_and_then(state: &AppState, tenant_id: domain::TenantId) {
+    let now = Instant::now();
+    let due = {
+        // The map holds plain instants, so a panic elsewhere cannot leave it inconsistent.
+        let mut guard = LAST_STATS_COMPACTION
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let last = guard.get_or_insert_with(HashMap::new);
+        match last.get(&tenant_id.as_uuid()) {
+            Some(at) if now.duration_since(*at) < STATS_COMPACTION_INTERVAL => false,
+            _ => {
+                last.insert(tenant_id.as_uuid(), now);
+                true
+            }
+        }
+    };
+    if !due {
+        return;
+    }
+    let result = async {
+        let tx = state.store.begin(tenant_id).await?;
+        store::ingest::compact_stats(&tx).await?;
+        tx.commit().await
+    }
+    .await;
+    if let Err(error) = result {
+        tracing::warn!(%tenant_id, error = ?error, "folding the ingestion counts failed; retrying later");
     }
 }
 
@@ -345,9 +390,28 @@ async fn apply(
         }
     }
     let keys: Vec<(String, String)> = keys.into_iter().collect();
-    store::ingest::lock_identities(tx, state.store.backend(), &keys).await?;
-    // Duplicates: stored before, or earlier in this batch (checked under the identity locks, so
-    // that a concurrent retry of the same batch is seen once it commits).
+    let backend = state.store.backend();
+    let mut owned = store::ingest::identities_by_keys(tx, backend, &keys).await?;
+    // Identifiers nobody holds yet are locked (on PostgreSQL), so that two batches carrying the
+    // same new identifier do not both create a profile for it; the second one waits and then
+    // finds the first one's. Identifiers already held resolve to profiles that are locked below.
+    let known: HashSet<(&str, &str)> = owned
+        .iter()
+        .map(|row| (row.kind.as_str(), row.lookup.as_str()))
+        .collect();
+    let unknown: Vec<(String, String)> = keys
+        .iter()
+        .filter(|(kind, lookup)| !known.contains(&(kind.as_str(), lookup.as_str())))
+        .cloned()
+        .collect();
+    if store::ingest::lock_identities(tx, backend, &unknown).await? {
+        owned.extend(store::ingest::identities_by_keys(tx, backend, &unknown).await?);
+    }
+    let owner_ids: BTreeSet<Uuid> = owned.iter().map(|row| row.profile_id).collect();
+    let rows = store::profiles::load(tx, backend, &owner_ids, true).await?;
+    // Duplicates: stored before, or earlier in this batch. Checked under the locks of every
+    // identifier and profile the batch touches, so that a concurrent retry of the same batch is
+    // seen once it commits.
     let message_ids: Vec<String> = parsed
         .iter()
         .flatten()
@@ -357,12 +421,14 @@ async fn apply(
         .await?
         .into_iter()
         .collect();
-
-    let owned = store::profiles::identities_by_keys(tx, &keys).await?;
-    let owner_ids: BTreeSet<Uuid> = owned.iter().map(|row| row.profile_id).collect();
-    let rows = store::profiles::load(tx, state.store.backend(), &owner_ids, true).await?;
     let owner_list: Vec<Uuid> = owner_ids.iter().copied().collect();
-    let all_identities = store::profiles::identities_of(tx, &owner_list).await?;
+    let mut identities_by_profile: HashMap<Uuid, BTreeSet<IdentityKey>> = HashMap::new();
+    for (profile_id, kind, lookup) in store::ingest::identity_keys_of(tx, &owner_list).await? {
+        identities_by_profile
+            .entry(profile_id)
+            .or_default()
+            .insert(IdentityKey::new(kind, lookup));
+    }
     for consent in store::profiles::consents_of(tx, &owner_list).await? {
         work.consents
             .insert((consent.profile_id, consent.purpose.clone()), consent);
@@ -378,11 +444,7 @@ async fn apply(
         work.groups.insert(group.group_id.clone(), group);
     }
     for row in rows {
-        let identities = all_identities
-            .iter()
-            .filter(|identity| identity.profile_id == row.id)
-            .map(|identity| IdentityKey::new(identity.kind.clone(), identity.lookup.clone()))
-            .collect();
+        let identities = identities_by_profile.remove(&row.id).unwrap_or_default();
         work.graph.insert_profile(
             row.id,
             ProfileNode {
@@ -526,6 +588,8 @@ async fn apply(
     stats.sort();
     set.stats = stats;
     store::ingest::apply(tx, set, now).await?;
+    // Every write of the batch is done and the transaction is still open: per-profile
+    // post-processing of the batch belongs here.
     Ok(report)
 }
 

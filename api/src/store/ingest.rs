@@ -2,11 +2,14 @@
 //! statements. It decides nothing; the service computed every row.
 //!
 //! Order matters and is fixed here: profiles (so that foreign keys hold), merges (re-pointing
-//! rows of merged profiles), identities, events, consents, groups, the ledger, the counts.
+//! rows of merged profiles), identities, events, consents, groups, the ledger, the counts
+//! (appended as deltas, see [`compact_stats`]).
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict, Query};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect,
+};
 use uuid::Uuid;
 
 use super::entity::{
@@ -214,40 +217,29 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
     }
 
     if !set.stats.is_empty() {
-        let rows = set
-            .stats
-            .iter()
-            .map(|(source_id, outcome, count)| ingest_stats::ActiveModel {
-                tenant_id: Set(tenant),
-                source_id: Set(*source_id),
-                outcome: Set(outcome.clone()),
-                count: Set(*count),
-                updated_at: Set(now),
-            });
-        ingest_stats::Entity::insert_many(rows)
-            .on_conflict(
-                OnConflict::columns([
-                    ingest_stats::Column::TenantId,
-                    ingest_stats::Column::SourceId,
-                    ingest_stats::Column::Outcome,
-                ])
-                .value(
-                    ingest_stats::Column::Count,
-                    Expr::col((ingest_stats::Entity, ingest_stats::Column::Count)).add(Expr::col(
-                        (
-                            sea_orm::sea_query::Alias::new("excluded"),
-                            ingest_stats::Column::Count,
-                        ),
-                    )),
-                )
-                .update_column(ingest_stats::Column::UpdatedAt)
-                .to_owned(),
-            )
-            .exec(tx.conn())
-            .await?;
+        // Appended, never updated: concurrent batches of one source do not wait on each other
+        // here, as they would on the one `ingest_stats` row per source and outcome.
+        let mut insert = Query::insert();
+        insert
+            .into_table(DELTAS)
+            .columns(["tenant_id", "id", "source_id", "outcome", "count", "at"].map(Alias::new));
+        for (source_id, outcome, count) in &set.stats {
+            insert.values_panic([
+                tenant.into(),
+                Uuid::now_v7().into(),
+                (*source_id).into(),
+                outcome.clone().into(),
+                (*count).into(),
+                now.into(),
+            ]);
+        }
+        tx.conn().execute(&insert).await?;
     }
     Ok(())
 }
+
+/// The append-only per-batch counts, folded into `ingest_stats` by [`compact_stats`].
+const DELTAS: &str = "ingest_stat_deltas";
 
 /// Re-points everything stored under `merged` to `survivor`: identities, events, group links;
 /// drops the merged profile's consents (the caller upserts the merged result on the survivor);
@@ -336,17 +328,168 @@ pub async fn move_identity(
     Ok(())
 }
 
-/// Per-source ingestion counts of the tenant.
+/// Per-source ingestion counts of the tenant: one row per source and outcome, exact (the folded
+/// counts plus the deltas not folded yet).
 pub async fn stats(tx: &TenantTx) -> StoreResult<Vec<ingest_stats::Model>> {
-    Ok(ingest_stats::Entity::find()
-        .filter(ingest_stats::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+    let tenant = tx.tenant_id().as_uuid();
+    let mut rows = ingest_stats::Entity::find()
+        .filter(ingest_stats::Column::TenantId.eq(tenant))
         .all(tx.conn())
-        .await?)
+        .await?;
+    let pending = Query::select()
+        .column(Alias::new("source_id"))
+        .column(Alias::new("outcome"))
+        .expr(Expr::cust("CAST(SUM(count) AS BIGINT)"))
+        .expr(Expr::cust("MAX(at)"))
+        .from(DELTAS)
+        .and_where(Expr::col(Alias::new("tenant_id")).eq(tenant))
+        .group_by_columns([Alias::new("source_id"), Alias::new("outcome")])
+        .to_owned();
+    for row in tx.conn().query_all(&pending).await? {
+        let source_id: Uuid = row.try_get_by_index(0)?;
+        let outcome: String = row.try_get_by_index(1)?;
+        let count: i64 = row.try_get_by_index(2)?;
+        let at: DateTime<Utc> = row.try_get_by_index(3)?;
+        match rows
+            .iter_mut()
+            .find(|stat| stat.source_id == source_id && stat.outcome == outcome)
+        {
+            Some(stat) => {
+                stat.count += count;
+                stat.updated_at = Ord::max(stat.updated_at, at);
+            }
+            None => rows.push(ingest_stats::Model {
+                tenant_id: tenant,
+                source_id,
+                outcome,
+                count,
+                updated_at: at,
+            }),
+        }
+    }
+    Ok(rows)
+}
+
+/// Folds the tenant's pending count deltas into `ingest_stats`, in one transaction: the deltas
+/// this deletes are exactly the ones it adds, so a count is never lost nor counted twice, even
+/// when two processes fold at once (the second finds the rows gone).
+pub async fn compact_stats(tx: &TenantTx) -> StoreResult<()> {
+    let tenant = tx.tenant_id().as_uuid();
+    let delete = Query::delete()
+        .from_table(DELTAS)
+        .and_where(Expr::col(Alias::new("tenant_id")).eq(tenant))
+        .returning(
+            Query::returning().columns(["source_id", "outcome", "count", "at"].map(Alias::new)),
+        )
+        .to_owned();
+    let mut sums: std::collections::BTreeMap<(Uuid, String), (i64, DateTime<Utc>)> =
+        Default::default();
+    for row in tx.conn().query_all(&delete).await? {
+        let source_id: Uuid = row.try_get_by_index(0)?;
+        let outcome: String = row.try_get_by_index(1)?;
+        let count: i64 = row.try_get_by_index(2)?;
+        let at: DateTime<Utc> = row.try_get_by_index(3)?;
+        let sum = sums.entry((source_id, outcome)).or_insert((0, at));
+        sum.0 += count;
+        sum.1 = Ord::max(sum.1, at);
+    }
+    if sums.is_empty() {
+        return Ok(());
+    }
+    let rows =
+        sums.into_iter().map(
+            |((source_id, outcome), (count, at))| ingest_stats::ActiveModel {
+                tenant_id: Set(tenant),
+                source_id: Set(source_id),
+                outcome: Set(outcome),
+                count: Set(count),
+                updated_at: Set(at),
+            },
+        );
+    ingest_stats::Entity::insert_many(rows)
+        .on_conflict(
+            OnConflict::columns([
+                ingest_stats::Column::TenantId,
+                ingest_stats::Column::SourceId,
+                ingest_stats::Column::Outcome,
+            ])
+            .value(
+                ingest_stats::Column::Count,
+                Expr::col((ingest_stats::Entity, ingest_stats::Column::Count)).add(Expr::col((
+                    Alias::new("excluded"),
+                    ingest_stats::Column::Count,
+                ))),
+            )
+            .update_column(ingest_stats::Column::UpdatedAt)
+            .to_owned(),
+        )
+        .exec(tx.conn())
+        .await?;
+    Ok(())
 }
 
 pub use ingest_stats::Model as StatRow;
 
-/// Serializes concurrent batches that carry the same identifiers, before they look them up.
+/// The identities with these (kind, lookup) pairs.
+///
+/// On SQLite one query per kind, each a range of the primary key `(tenant_id, kind, lookup)`:
+/// SQLite does not split an OR of several kinds into index lookups and would scan every identity
+/// of the tenant. PostgreSQL turns the one query into a bitmap OR of primary-key lookups.
+pub async fn identities_by_keys(
+    tx: &TenantTx,
+    backend: super::Backend,
+    keys: &[(String, String)],
+) -> StoreResult<Vec<IdentityRow>> {
+    if backend == super::Backend::Postgres || keys.is_empty() {
+        return super::profiles::identities_by_keys(tx, keys).await;
+    }
+    let mut by_kind: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (kind, lookup) in keys {
+        by_kind.entry(kind).or_default().push(lookup);
+    }
+    let mut found = Vec::new();
+    for (kind, lookups) in by_kind {
+        for chunk in lookups.chunks(CHUNK) {
+            found.extend(
+                identities::Entity::find()
+                    .filter(identities::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+                    .filter(identities::Column::Kind.eq(kind))
+                    .filter(identities::Column::Lookup.is_in(chunk.iter().copied()))
+                    .all(tx.conn())
+                    .await?,
+            );
+        }
+    }
+    Ok(found)
+}
+
+/// The (profile, kind, lookup) of every identity of these profiles, in no particular order.
+pub async fn identity_keys_of(
+    tx: &TenantTx,
+    profile_ids: &[Uuid],
+) -> StoreResult<Vec<(Uuid, String, String)>> {
+    let mut found = Vec::new();
+    for chunk in profile_ids.chunks(CHUNK) {
+        found.extend(
+            identities::Entity::find()
+                .select_only()
+                .column(identities::Column::ProfileId)
+                .column(identities::Column::Kind)
+                .column(identities::Column::Lookup)
+                .filter(identities::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+                .filter(identities::Column::ProfileId.is_in(chunk.iter().copied()))
+                .into_tuple::<(Uuid, String, String)>()
+                .all(tx.conn())
+                .await?,
+        );
+    }
+    Ok(found)
+}
+
+/// Serializes concurrent batches that carry the same new identifiers. The caller passes only the
+/// identifiers it did not find, and looks them up again once this returns true: a batch holding
+/// one of the locks may have linked it meanwhile. Identifiers already linked need no lock: their
+/// profile's row is locked instead (`profiles::load` with `lock`).
 ///
 /// On PostgreSQL every identifier maps to a transaction-scoped advisory lock (a 64-bit hash of
 /// tenant, kind and lookup), taken in ascending order so that two batches can never wait on each
@@ -358,9 +501,9 @@ pub async fn lock_identities(
     tx: &TenantTx,
     backend: super::Backend,
     keys: &[(String, String)],
-) -> StoreResult<()> {
+) -> StoreResult<bool> {
     if backend != super::Backend::Postgres || keys.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let tenant = tx.tenant_id().as_uuid();
     let mut hashes: Vec<i64> = keys
@@ -389,7 +532,6 @@ pub async fn lock_identities(
                 .collect(),
         )),
     );
-    use sea_orm::ConnectionTrait;
     tx.conn()
         .query_all_raw(sea_orm::Statement::from_sql_and_values(
             sea_orm::DbBackend::Postgres,
@@ -397,5 +539,5 @@ pub async fn lock_identities(
             [array],
         ))
         .await?;
-    Ok(())
+    Ok(true)
 }
