@@ -70,6 +70,14 @@ pub struct Config {
     pub outbox_lease: Duration,
     /// First retry delay; doubles with each attempt, with jitter.
     pub outbox_backoff_base: Duration,
+    /// How often the scheduler re-evaluates time-dependent segments and stages and recomputes
+    /// customer attributes; zero turns the scheduler off in this process.
+    pub scheduler_tick: Duration,
+    /// Profiles the scheduler changes per transaction.
+    pub scheduler_batch: u64,
+    /// How long `createSegment`/`updateSegment` wait for the build before answering with the
+    /// segment still building (the build goes on).
+    pub segment_build_wait: Duration,
 }
 
 impl Config {
@@ -160,6 +168,12 @@ impl Config {
                 "CDP_OUTBOX_BACKOFF_MS",
                 "30000",
             )?),
+            scheduler_tick: Duration::from_secs(parse_var("CDP_SCHEDULER_TICK_SECS", "300")?),
+            scheduler_batch: parse_var("CDP_SCHEDULER_BATCH", "500")?,
+            segment_build_wait: Duration::from_secs(parse_var(
+                "CDP_SEGMENT_BUILD_WAIT_SECS",
+                "10",
+            )?),
         })
     }
 
@@ -196,6 +210,10 @@ impl Config {
             outbox_max_attempts: 3,
             outbox_lease: Duration::from_secs(60),
             outbox_backoff_base: Duration::from_millis(50),
+            // Tests run the scheduler's ticks themselves, with a manual clock.
+            scheduler_tick: Duration::ZERO,
+            scheduler_batch: 500,
+            segment_build_wait: Duration::from_secs(60),
         }
     }
 

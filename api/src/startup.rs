@@ -45,6 +45,7 @@ pub async fn state(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppS
         )),
         config: Arc::new(config),
         clock,
+        bus: crate::service::bus::Bus::new(),
     })
 }
 
@@ -81,6 +82,11 @@ pub async fn build_with_clock(
             shutdown_rx.clone(),
         )));
     }
+
+    background.push(tokio::spawn(jobs::scheduler::run(
+        state.clone(),
+        shutdown_rx.clone(),
+    )));
 
     let schema = graphql::build_schema(state.clone(), &state.config.graphql);
     let app = http::app(state.clone(), schema);

@@ -10,6 +10,7 @@ mod http_surface;
 mod import;
 mod isolation;
 mod outbox;
+mod segments;
 mod support;
 mod tidy;
 mod unify;

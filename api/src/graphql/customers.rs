@@ -102,8 +102,31 @@ impl Profile {
     }
 
     /// Key of the current lifecycle stage.
-    async fn stage(&self) -> Option<String> {
-        None
+    async fn stage(&self, ctx: &Context<'_>) -> Result<Option<String>> {
+        super::segments::profile_stage(ctx, self.inner.id).await
+    }
+
+    /// The segments the profile is a member of now.
+    async fn segments(&self, ctx: &Context<'_>) -> Result<Vec<super::segments::Segment>> {
+        super::segments::profile_segments(ctx, self.inner.id).await
+    }
+
+    /// The profile's stage changes, newest first.
+    async fn lifecycle_transitions(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 50)] first: Option<i32>,
+    ) -> Result<Vec<super::segments::LifecycleTransition>> {
+        super::segments::profile_transitions(ctx, self.inner.id, first).await
+    }
+
+    /// The profile's entries into and exits from segments, newest first, with their reasons.
+    async fn segment_history(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 50)] first: Option<i32>,
+    ) -> Result<Vec<super::segments::SegmentMembershipChange>> {
+        super::segments::profile_segment_history(ctx, self.inner.id, first).await
     }
 
     async fn consents(&self, ctx: &Context<'_>) -> Result<Vec<Consent>> {

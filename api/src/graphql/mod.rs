@@ -7,6 +7,7 @@
 mod accounts;
 mod analytics;
 mod customers;
+mod segments;
 pub mod transport;
 mod types;
 
@@ -23,10 +24,15 @@ pub struct Query(
     accounts::AccountsQuery,
     customers::CustomersQuery,
     analytics::AnalyticsQuery,
+    segments::SegmentsQuery,
 );
 
 #[derive(MergedObject, Default)]
-pub struct Mutation(accounts::AccountsMutation, customers::CustomersMutation);
+pub struct Mutation(
+    accounts::AccountsMutation,
+    customers::CustomersMutation,
+    segments::SegmentsMutation,
+);
 
 pub type CdpSchema = Schema<Query, Mutation, EmptySubscription>;
 

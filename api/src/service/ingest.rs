@@ -8,7 +8,7 @@
 //! The caller acknowledges only after the commit. A concurrent batch that linked the same new
 //! identifier first makes this one retry, so that one identifier never makes two profiles.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,8 @@ pub struct MessageReport {
 #[derive(Debug, Clone, Default)]
 pub struct IngestReport {
     pub messages: Vec<MessageReport>,
+    /// Segment and stage changes the batch caused, published once it is committed.
+    pub notices: Vec<super::bus::Notice>,
 }
 
 impl IngestReport {
@@ -144,8 +146,9 @@ pub async fn ingest_with(
         )
         .await
         {
-            Ok(report) => match tx.commit().await {
+            Ok(mut report) => match tx.commit().await {
                 Ok(()) => {
+                    state.bus.publish(std::mem::take(&mut report.notices));
                     compact_stats_now_and_then(state, tenant_id).await;
                     return Ok(report);
                 }
@@ -587,10 +590,95 @@ async fn apply(
         .collect();
     stats.sort();
     set.stats = stats;
+    let understanding = Understanding::of(&set, parsed, &report, &owner_ids);
     store::ingest::apply(tx, set, now).await?;
-    // Every write of the batch is done and the transaction is still open: per-profile
-    // post-processing of the batch belongs here.
+    // Every write of the batch is done and the transaction is still open: the stage and the
+    // segments of the profiles it changed are decided here, in the same transaction.
+    for (merged, survivor) in &understanding.merges {
+        store::lifecycle::fold_order_totals(tx, *merged, *survivor).await?;
+    }
+    store::lifecycle::add_order_totals(tx, &understanding.orders).await?;
+    report.notices = super::understand::after_write(
+        tx,
+        state.store.backend(),
+        &understanding.deltas,
+        &understanding.merges,
+        now,
+    )
+    .await?;
     Ok(report)
+}
+
+/// What a batch changed, for real-time understanding: per surviving profile, what changed; the
+/// merges; and the orders to add to each profile's totals.
+struct Understanding {
+    deltas: BTreeMap<Uuid, super::understand::Delta>,
+    merges: Vec<(Uuid, Uuid)>,
+    orders: Vec<(Uuid, i64, f64)>,
+}
+
+impl Understanding {
+    fn of(
+        set: &WriteSet,
+        parsed: &[Result<Message, Rejection>],
+        report: &IngestReport,
+        existing: &BTreeSet<Uuid>,
+    ) -> Understanding {
+        use super::understand::Delta;
+        let mut deltas: BTreeMap<Uuid, Delta> = BTreeMap::new();
+        let mut orders: BTreeMap<Uuid, (i64, f64)> = BTreeMap::new();
+        let empty = Map::new();
+        for event in &set.events {
+            let delta = deltas.entry(event.profile_id).or_default();
+            delta.events = true;
+            if let Some(name) = &event.name {
+                delta.event_names.insert(name.clone());
+                let properties = event.properties.as_object().unwrap_or(&empty);
+                if let Some(value) = domain::analytics::order_value(name, properties) {
+                    let total = orders.entry(event.profile_id).or_default();
+                    total.0 += 1;
+                    total.1 += value;
+                }
+            }
+        }
+        for message_report in &report.messages {
+            let Outcome::Accepted { profile_id, .. } = message_report.outcome else {
+                continue;
+            };
+            if let Some(Ok(message)) = parsed.get(message_report.index) {
+                if message.kind == domain::ingest::MessageType::Identify {
+                    deltas
+                        .entry(profile_id)
+                        .or_default()
+                        .trait_keys
+                        .extend(message.traits.keys().cloned());
+                }
+            }
+        }
+        for consent in &set.consents {
+            deltas
+                .entry(consent.profile_id)
+                .or_default()
+                .consents
+                .insert(consent.purpose.clone());
+        }
+        for row in &set.profiles {
+            if row.merged_into.is_none() && !existing.contains(&row.id) {
+                deltas.entry(row.id).or_default().everything = true;
+            }
+        }
+        for (_, survivor) in &set.merges {
+            deltas.entry(*survivor).or_default().everything = true;
+        }
+        Understanding {
+            deltas,
+            merges: set.merges.clone(),
+            orders: orders
+                .into_iter()
+                .map(|(id, (count, revenue))| (id, count, revenue))
+                .collect(),
+        }
+    }
 }
 
 /// Applies one clean, new message to the working set. Returns (profile, event).

@@ -9,11 +9,15 @@ pub mod accounts;
 pub mod analytics;
 pub mod audit;
 pub mod auth;
+pub mod bus;
 pub mod emails;
 pub mod ingest;
+pub mod lifecycle;
 pub mod pagination;
 pub mod profiles;
+pub mod segments;
 pub mod settings;
+pub mod understand;
 
 use std::sync::Arc;
 
@@ -86,6 +90,8 @@ pub struct AppState {
     pub hasher: Hasher,
     pub login_throttle: Arc<LoginThrottle>,
     pub clock: Arc<dyn Clock>,
+    /// Committed membership changes and stage transitions, for subscriptions and campaigns.
+    pub bus: bus::Bus,
 }
 
 impl AppState {

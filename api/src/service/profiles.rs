@@ -132,11 +132,11 @@ fn mask_traits(traits: &Value) -> Value {
     Value::Object(masked)
 }
 
-fn masks(principal: &Principal) -> bool {
+pub(crate) fn masks(principal: &Principal) -> bool {
     !principal.has(Permission::PiiRead)
 }
 
-fn profile_from_row(row: store::profiles::ProfileRow, masked: bool) -> Profile {
+pub(crate) fn profile_from_row(row: store::profiles::ProfileRow, masked: bool) -> Profile {
     Profile {
         id: row.id,
         traits: if masked {
@@ -285,12 +285,14 @@ pub async fn list(
             store_filter.trait_equals.push((parts, value.clone()));
         }
     }
-    // Segments and lifecycle stages do not exist yet for this tenant's data model version: a
-    // filter on one matches no profile, which is exactly what filtering by an unknown segment
-    // or stage means.
-    if filter.segment_id.is_some() || filter.stage.is_some() {
-        store_filter.only_ids = Some(Vec::new());
+    if let Some(segment_id) = &filter.segment_id {
+        match Uuid::parse_str(segment_id.trim()) {
+            Ok(id) => store_filter.segment_id = Some(id),
+            // An id that names no segment selects no profile.
+            Err(_) => store_filter.only_ids = Some(Vec::new()),
+        }
     }
+    store_filter.stage = filter.stage.clone();
     let tx = state.store.read(principal.tenant_id).await?;
     let (rows, total) =
         store::profiles::page(&tx, state.store.backend(), &store_filter, after, limit + 1).await?;
@@ -587,6 +589,15 @@ pub async fn merge(
         ..Default::default()
     };
     store::ingest::apply(&tx, set, now).await?;
+    store::lifecycle::fold_order_totals(&tx, gone, keep).await?;
+    let notices = super::understand::after_write(
+        &tx,
+        state.store.backend(),
+        &[(keep, super::understand::Delta::everything())].into(),
+        &[(gone, keep)],
+        now,
+    )
+    .await?;
     audit::record(
         state,
         &tx,
@@ -598,6 +609,7 @@ pub async fn merge(
     )
     .await?;
     tx.commit().await?;
+    state.bus.publish(notices);
     Ok(profile_from_row(keep_row, masks(principal)))
 }
 
@@ -678,6 +690,22 @@ pub async fn split(
     store::ingest::apply(&tx, set, now).await?;
     store::ingest::move_identity(&tx, &key.kind, &key.value, new_id).await?;
     store::ingest::move_events(&tx, &moved_ids, new_id).await?;
+    for (id, events) in [(new_id, &moved_events), (source_row.id, &remaining)] {
+        let (orders, revenue) = order_totals(events);
+        store::lifecycle::set_order_totals(&tx, id, orders, revenue).await?;
+    }
+    let notices = super::understand::after_write(
+        &tx,
+        state.store.backend(),
+        &[
+            (new_id, super::understand::Delta::everything()),
+            (source_row.id, super::understand::Delta::everything()),
+        ]
+        .into(),
+        &[],
+        now,
+    )
+    .await?;
     audit::record(
         state,
         &tx,
@@ -689,7 +717,24 @@ pub async fn split(
     )
     .await?;
     tx.commit().await?;
+    state.bus.publish(notices);
     Ok(profile_from_row(new_row, masks(principal)))
+}
+
+/// (orders, revenue) of these events, by the rule of `domain::analytics::order_value`.
+fn order_totals(events: &[store::events::EventRow]) -> (i64, f64) {
+    let empty = Map::new();
+    events
+        .iter()
+        .filter_map(|event| {
+            domain::analytics::order_value(
+                event.name.as_deref().unwrap_or_default(),
+                event.properties.as_object().unwrap_or(&empty),
+            )
+        })
+        .fold((0, 0.0), |(orders, revenue), value| {
+            (orders + 1, revenue + value)
+        })
 }
 
 /// A profile row recomputed from its events: traits from identify events by timestamp, counts,

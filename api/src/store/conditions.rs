@@ -120,7 +120,7 @@ pub fn compile(
     build(backend, tenant_id, condition, now, None, None, Shape::Ids)
 }
 
-fn db_backend(backend: Backend) -> sea_orm::DbBackend {
+pub(crate) fn db_backend(backend: Backend) -> sea_orm::DbBackend {
     match backend {
         Backend::Sqlite => sea_orm::DbBackend::Sqlite,
         Backend::Postgres => sea_orm::DbBackend::Postgres,
@@ -131,6 +131,8 @@ fn db_backend(backend: Backend) -> sea_orm::DbBackend {
 enum Shape {
     Ids,
     Count,
+    /// The ids, unordered, for embedding as `IN (...)` in a larger statement.
+    Subquery,
 }
 
 /// Stands for a placeholder while fragments are assembled; replaced by `?` or `$n` at the end.
@@ -139,29 +141,29 @@ const MARK: char = '\u{1}';
 
 /// A fragment of SQL with the values of its placeholders, in text order.
 #[derive(Default)]
-struct Sql {
+pub(crate) struct Sql {
     text: String,
     values: Vec<Value>,
 }
 
 impl Sql {
-    fn push(&mut self, text: &str) -> &mut Self {
+    pub(crate) fn push(&mut self, text: &str) -> &mut Self {
         self.text.push_str(text);
         self
     }
 
-    fn bind(&mut self, value: impl Into<Value>) -> &mut Self {
+    pub(crate) fn bind(&mut self, value: impl Into<Value>) -> &mut Self {
         self.text.push(MARK);
         self.values.push(value.into());
         self
     }
 
-    fn append(&mut self, other: Sql) {
+    pub(crate) fn append(&mut self, other: Sql) {
         self.text.push_str(&other.text);
         self.values.extend(other.values);
     }
 
-    fn render(self, backend: Backend) -> (String, Vec<Value>) {
+    pub(crate) fn render(self, backend: Backend) -> (String, Vec<Value>) {
         let mut text = String::with_capacity(self.text.len() + 3 * self.values.len());
         let mut n = 0usize;
         for c in self.text.chars() {
@@ -182,6 +184,18 @@ impl Sql {
     }
 }
 
+/// The ids of the tenant's live profiles that satisfy `condition` at `now` (restricted to `only`
+/// when given), unordered, as a fragment to embed in a larger statement: `x IN (<fragment>)`.
+pub(crate) fn ids_subquery(
+    backend: Backend,
+    tenant: Uuid,
+    condition: &Condition,
+    now: DateTime<Utc>,
+    only: Option<&[Uuid]>,
+) -> Sql {
+    fragment(backend, tenant, condition, now, only, None, Shape::Subquery)
+}
+
 fn build(
     backend: Backend,
     tenant: Uuid,
@@ -191,6 +205,18 @@ fn build(
     limit: Option<u64>,
     shape: Shape,
 ) -> (String, Vec<Value>) {
+    fragment(backend, tenant, condition, now, only, limit, shape).render(backend)
+}
+
+fn fragment(
+    backend: Backend,
+    tenant: Uuid,
+    condition: &Condition,
+    now: DateTime<Utc>,
+    only: Option<&[Uuid]>,
+    limit: Option<u64>,
+    shape: Shape,
+) -> Sql {
     let mut compiler = Compiler {
         backend,
         tenant,
@@ -206,6 +232,7 @@ fn build(
     sql.push(match shape {
         Shape::Ids => "SELECT p.id FROM profiles p",
         Shape::Count => "SELECT COUNT(*) FROM profiles p",
+        Shape::Subquery => "SELECT p.id FROM profiles p",
     });
     sql.append(std::mem::take(&mut compiler.joins));
     sql.push(" WHERE p.tenant_id = ")
@@ -224,7 +251,7 @@ fn build(
                 .bind(i64::try_from(limit).unwrap_or(i64::MAX));
         }
     }
-    sql.render(backend)
+    sql
 }
 
 fn in_list(sql: &mut Sql, column: &str, ids: &[Uuid]) {
@@ -1568,6 +1595,18 @@ mod tests {
             let tx = store.begin(TenantId(tenant)).await.unwrap();
             let mut expected_ids: Vec<Uuid> = profiles.iter().map(|p| p.id).collect();
             expected_ids.sort();
+            // Real time evaluates facts loaded from the database: the loader must give the
+            // evaluator what the SQL sees (a tombstone is not loaded at all).
+            let mut with_tomb = expected_ids.clone();
+            with_tomb.push(tomb.id);
+            let everything = crate::store::facts::EventNeeds {
+                any: true,
+                ..Default::default()
+            };
+            let loaded = crate::store::facts::load(&tx, &with_tomb, &everything)
+                .await
+                .unwrap();
+            assert_eq!(loaded.len(), profiles.len());
             for _ in 0..conditions {
                 let c = condition(&mut rng, 1);
                 let mut expected: Vec<Uuid> = profiles
@@ -1576,6 +1615,18 @@ mod tests {
                     .map(|p| p.id)
                     .collect();
                 expected.sort();
+                let mut from_loaded: Vec<Uuid> = loaded
+                    .iter()
+                    .filter(|(_, facts)| c.evaluate(facts, now()))
+                    .map(|(id, _)| *id)
+                    .collect();
+                from_loaded.sort();
+                assert_eq!(
+                    from_loaded,
+                    expected,
+                    "{backend:?}: loaded facts disagree on {}",
+                    c.to_json()
+                );
                 let got = match matching_profiles(&tx, backend, &c, now(), None, None).await {
                     Ok(got) => got,
                     Err(error) => {

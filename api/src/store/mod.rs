@@ -13,10 +13,13 @@ pub mod api_keys;
 pub mod audit;
 pub mod conditions;
 pub mod events;
+pub mod facts;
 pub mod ingest;
+pub mod lifecycle;
 pub mod outbox;
 pub mod profiles;
 pub mod roles;
+pub mod segments;
 pub mod sessions;
 pub mod tenants;
 pub mod tokens;
@@ -45,6 +48,11 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Stored data that breaks an invariant the application keeps (it was valid when written).
+    pub fn corrupt(what: impl Into<String>) -> StoreError {
+        StoreError::Db(DbErr::Custom(what.into()))
+    }
+
     /// Maps a unique-constraint violation to `Conflict` with the caller's explanation.
     pub fn unique_as_conflict(error: DbErr, what: impl Into<String>) -> StoreError {
         match error.sql_err() {

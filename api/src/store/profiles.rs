@@ -9,7 +9,10 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::entity::{consents, groups, identities, merge_ledger, profile_groups, profiles};
+use super::entity::{
+    consents, groups, identities, merge_ledger, profile_groups, profile_state, profiles,
+    segment_members,
+};
 use super::{Backend, StoreResult, TenantTx};
 
 pub use consents::Model as ConsentRow;
@@ -135,8 +138,12 @@ pub struct ProfileFilter {
     pub trait_equals: Vec<(Vec<String>, serde_json::Value)>,
     pub seen_after: Option<DateTime<Utc>>,
     pub seen_before: Option<DateTime<Utc>>,
-    /// Restricts to these ids (segment members); None means no restriction.
+    /// Restricts to these ids; None means no restriction.
     pub only_ids: Option<Vec<Uuid>>,
+    /// Members of this segment.
+    pub segment_id: Option<Uuid>,
+    /// Profiles in this lifecycle stage.
+    pub stage: Option<String>,
 }
 
 fn trait_condition(backend: Backend, path: &[String], value: &serde_json::Value) -> Expr {
@@ -196,6 +203,21 @@ fn filtered(
     }
     if let Some(ids) = &filter.only_ids {
         query = query.filter(profiles::Column::Id.is_in(ids.iter().copied()));
+    }
+    if let Some(segment_id) = filter.segment_id {
+        query = query.filter(
+            profiles::Column::Id.in_subquery(
+                sea_orm::sea_query::Query::select()
+                    .column(segment_members::Column::ProfileId)
+                    .from(segment_members::Entity)
+                    .and_where(segment_members::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+                    .and_where(segment_members::Column::SegmentId.eq(segment_id))
+                    .to_owned(),
+            ),
+        );
+    }
+    if let Some(stage) = &filter.stage {
+        query = query.filter(profile_state::Column::Stage.eq(stage.clone()));
     }
     query
 }

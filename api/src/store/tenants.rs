@@ -63,3 +63,26 @@ pub async fn set_settings(tx: &TenantTx, settings: serde_json::Value) -> StoreRe
         .await?;
     Ok(())
 }
+
+/// Up to `limit` tenant ids after `after`, in id order: background jobs walk every tenant in
+/// bounded pages.
+pub async fn ids_page(
+    store: &Store,
+    after: Option<TenantId>,
+    limit: u64,
+) -> StoreResult<Vec<TenantId>> {
+    use sea_orm::{QueryOrder, QuerySelect};
+    let mut query = tenants::Entity::find()
+        .select_only()
+        .column(tenants::Column::Id);
+    if let Some(after) = after {
+        query = query.filter(tenants::Column::Id.gt(after.as_uuid()));
+    }
+    let ids: Vec<uuid::Uuid> = query
+        .order_by_asc(tenants::Column::Id)
+        .limit(limit)
+        .into_tuple()
+        .all(store.registry())
+        .await?;
+    Ok(ids.into_iter().map(TenantId).collect())
+}

@@ -1,0 +1,161 @@
+//! The scheduler: what must change while no data arrives. Every tick, for every tenant (walked in
+//! pages), it finishes segments left building, recomputes the customer attributes (RFM, churn
+//! risk), brings stages and time-dependent segments in line with the clock (a profile leaves
+//! "active in the last 7 days" within one tick of the boundary), takes the day's segment sizes,
+//! and publishes what changed.
+//!
+//! Guarantees: work is done in bounded batches, one transaction each; every change locks the
+//! profiles it touches and decides again under the lock, so ticks running on several replicas at
+//! once, or beside ingestion, never record a change that is not true. A failing tenant is logged
+//! and skipped; the next tick retries it.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use domain::condition::Attribute;
+use domain::TenantId;
+
+use super::Shutdown;
+use crate::service::{analytics, segments, understand, AppState};
+use crate::store;
+
+/// Tenants read per page of the registry.
+const TENANT_PAGE: u64 = 100;
+
+/// What one tick did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TickReport {
+    pub tenants: usize,
+    pub segments_built: usize,
+    pub membership_changes: usize,
+    pub stage_changes: usize,
+    pub failed_tenants: usize,
+}
+
+/// Runs ticks until shutdown; does nothing when the tick is zero.
+pub async fn run(state: AppState, mut shutdown: Shutdown) {
+    let every = state.config.scheduler_tick;
+    if every == Duration::ZERO {
+        return;
+    }
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        match tick(&state).await {
+            Ok(report) => tracing::debug!(?report, "scheduler tick"),
+            Err(error) => tracing::error!(error = ?error, "scheduler tick failed"),
+        }
+    }
+}
+
+/// One tick over every tenant, at the state's current time.
+pub async fn tick(state: &AppState) -> anyhow::Result<TickReport> {
+    let now = state.now();
+    let mut report = TickReport::default();
+    let mut after = None;
+    loop {
+        let tenants = store::tenants::ids_page(&state.store, after, TENANT_PAGE).await?;
+        let Some(last) = tenants.last().copied() else {
+            return Ok(report);
+        };
+        for tenant in tenants {
+            report.tenants += 1;
+            if let Err(error) = tick_tenant(state, tenant, now, &mut report).await {
+                report.failed_tenants += 1;
+                tracing::error!(%tenant, error = ?error, "scheduler: tenant failed");
+            }
+        }
+        after = Some(last);
+    }
+}
+
+/// One tick of one tenant.
+pub async fn tick_tenant(
+    state: &AppState,
+    tenant: TenantId,
+    now: DateTime<Utc>,
+    report: &mut TickReport,
+) -> anyhow::Result<()> {
+    let batch = state.config.scheduler_batch.max(1);
+    let (building, time_dependent) = {
+        let tx = state.store.read(tenant).await?;
+        let building: Vec<uuid::Uuid> = store::segments::building(&tx)
+            .await?
+            .into_iter()
+            .map(|row| row.id)
+            .collect();
+        let time_dependent: Vec<uuid::Uuid> = understand::ready_segments(&tx)
+            .await?
+            .into_iter()
+            .filter(|segment| segment.deps.time_dependent)
+            .map(|segment| segment.id)
+            .collect();
+        tx.commit().await?;
+        (building, time_dependent)
+    };
+    for id in building {
+        if segments::build(state, tenant, id).await? {
+            report.segments_built += 1;
+        }
+    }
+    // Computed attributes (RFM, churn risk) move with time; segments on them follow.
+    let changed = analytics::recompute_customer_attributes(state, tenant, now).await?;
+    if !changed.is_empty() {
+        let notices = understand::resync_profiles(
+            &state.store,
+            tenant,
+            &changed,
+            now,
+            batch,
+            "customer attributes recomputed",
+            |segment| {
+                segment
+                    .deps
+                    .attributes
+                    .iter()
+                    .any(|attribute| COMPUTED.contains(attribute))
+            },
+        )
+        .await?;
+        report.membership_changes += notices.len();
+        state.bus.publish(notices);
+    }
+    // Stages next (a model may use computed attributes): segments on the stage follow inside
+    // `restage`.
+    let notices = understand::restage(&state.store, tenant, now, batch, "time passed").await?;
+    report.stage_changes += notices
+        .iter()
+        .filter(|notice| matches!(notice, crate::service::bus::Notice::StageTransition { .. }))
+        .count();
+    report.membership_changes += notices.len()
+        - notices
+            .iter()
+            .filter(|notice| matches!(notice, crate::service::bus::Notice::StageTransition { .. }))
+            .count();
+    state.bus.publish(notices);
+    for id in time_dependent {
+        let notices =
+            understand::resync_segment(&state.store, tenant, id, now, batch, "time passed").await?;
+        report.membership_changes += notices.len();
+        state.bus.publish(notices);
+    }
+    // Today's sizes; taken every tick, the day keeps its last.
+    analytics::take_segment_snapshots(state, tenant, now.date_naive()).await?;
+    Ok(())
+}
+
+/// The attributes the scheduler recomputes.
+const COMPUTED: [Attribute; 5] = [
+    Attribute::RfmRecency,
+    Attribute::RfmFrequency,
+    Attribute::RfmMonetary,
+    Attribute::RfmScore,
+    Attribute::ChurnRisk,
+];

@@ -1,0 +1,137 @@
+//! What the in-memory evaluator knows of a profile ([`ProfileFacts`]), loaded for a few profiles
+//! at once. The mapping follows the module docs of `store::conditions`, so that a condition gives
+//! the same answer in memory as in SQL.
+
+use std::collections::{BTreeSet, HashMap};
+
+use chrono::{DateTime, Utc};
+use domain::condition::{Attribute, EventFact, ProfileFacts};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter};
+use serde_json::{json, Value as Json};
+use uuid::Uuid;
+
+use super::conditions::instant_fact_text;
+use super::entity::{consents, events, profile_state, profiles};
+use super::{StoreResult, TenantTx};
+
+/// Which events to load with the facts.
+#[derive(Debug, Clone, Default)]
+pub struct EventNeeds {
+    /// Every event, whatever its name.
+    pub any: bool,
+    /// Events with these names.
+    pub names: BTreeSet<String>,
+    /// Only events at or after this instant; `None` for all time.
+    pub since: Option<DateTime<Utc>>,
+}
+
+impl EventNeeds {
+    fn none(&self) -> bool {
+        !self.any && self.names.is_empty()
+    }
+}
+
+/// The facts of these live profiles (merged-away profiles are left out).
+pub async fn load(
+    tx: &TenantTx,
+    ids: &[Uuid],
+    needs: &EventNeeds,
+) -> StoreResult<HashMap<Uuid, ProfileFacts>> {
+    let tenant = tx.tenant_id().as_uuid();
+    let mut facts: HashMap<Uuid, ProfileFacts> = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        let rows = profiles::Entity::find()
+            .filter(profiles::Column::TenantId.eq(tenant))
+            .filter(profiles::Column::Id.is_in(chunk.iter().copied()))
+            .filter(profiles::Column::MergedInto.is_null())
+            .all(tx.conn())
+            .await?;
+        for row in rows {
+            let mut profile = ProfileFacts {
+                traits: row.traits.as_object().cloned().unwrap_or_default(),
+                ..ProfileFacts::default()
+            };
+            profile.attributes.insert(
+                Attribute::FirstSeenAt,
+                Json::String(instant_fact_text(row.first_seen_at)),
+            );
+            profile.attributes.insert(
+                Attribute::LastSeenAt,
+                Json::String(instant_fact_text(row.last_seen_at)),
+            );
+            profile
+                .attributes
+                .insert(Attribute::EventCount, json!(row.event_count));
+            facts.insert(row.id, profile);
+        }
+        let states = profile_state::Entity::find()
+            .filter(profile_state::Column::TenantId.eq(tenant))
+            .filter(profile_state::Column::Id.is_in(chunk.iter().copied()))
+            .all(tx.conn())
+            .await?;
+        for state in states {
+            let Some(profile) = facts.get_mut(&state.id) else {
+                continue;
+            };
+            profile.stage = state.stage;
+            let attributes = &mut profile.attributes;
+            attributes.insert(Attribute::TotalRevenue, json!(state.total_revenue));
+            attributes.insert(Attribute::OrderCount, json!(state.order_count));
+            attributes.insert(Attribute::ChurnRisk, json!(state.churn_risk));
+            let rfm = [
+                (Attribute::RfmRecency, state.rfm_recency),
+                (Attribute::RfmFrequency, state.rfm_frequency),
+                (Attribute::RfmMonetary, state.rfm_monetary),
+            ];
+            for (attribute, value) in rfm {
+                if let Some(value) = value {
+                    attributes.insert(attribute, json!(value));
+                }
+            }
+            if let (Some(r), Some(f), Some(m)) =
+                (state.rfm_recency, state.rfm_frequency, state.rfm_monetary)
+            {
+                attributes.insert(
+                    Attribute::RfmScore,
+                    json!(i64::from(r) * 100 + i64::from(f) * 10 + i64::from(m)),
+                );
+            }
+        }
+        let consent_rows = consents::Entity::find()
+            .filter(consents::Column::TenantId.eq(tenant))
+            .filter(consents::Column::ProfileId.is_in(chunk.iter().copied()))
+            .all(tx.conn())
+            .await?;
+        for consent in consent_rows {
+            if let Some(profile) = facts.get_mut(&consent.profile_id) {
+                profile.consents.insert(consent.purpose, consent.granted);
+            }
+        }
+        if needs.none() {
+            continue;
+        }
+        let mut query = events::Entity::find()
+            .filter(events::Column::TenantId.eq(tenant))
+            .filter(events::Column::ProfileId.is_in(chunk.iter().copied()));
+        if !needs.any {
+            query = query.filter(
+                Condition::all().add(events::Column::Name.is_in(needs.names.iter().cloned())),
+            );
+        }
+        if let Some(since) = needs.since {
+            query = query.filter(events::Column::Timestamp.gte(since));
+        }
+        for event in query.all(tx.conn()).await? {
+            if let Some(profile) = facts.get_mut(&event.profile_id) {
+                profile.events.push(EventFact {
+                    // A nameless event (identify, an unnamed page) counts only for `$any`, and
+                    // no condition can name the empty string.
+                    name: event.name.unwrap_or_default(),
+                    timestamp: event.timestamp,
+                    properties: event.properties.as_object().cloned().unwrap_or_default(),
+                });
+            }
+        }
+    }
+    Ok(facts)
+}
