@@ -3,8 +3,9 @@
 //! stage funnel, and that another tenant's data never counts.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use chrono::{DateTime, Duration, NaiveDate, Utc};
+use chrono::{DateTime, Duration, NaiveDate, SubsecRound, Utc};
 use domain::TenantId;
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement, TransactionTrait};
 use serde_json::{json, Value};
@@ -68,6 +69,11 @@ impl Shop<'_> {
         api::service::analytics::refresh(self.state(), self.tenant, now)
             .await
             .unwrap()
+    }
+
+    /// `refresh` at the application clock's now, as the scheduler calls it.
+    async fn refresh_now(&self) -> Vec<Uuid> {
+        self.refresh(self.state().now()).await
     }
 
     async fn attributes(&self, ids: &[Uuid]) -> Vec<api::store::analytics::AttributesRow> {
@@ -353,24 +359,30 @@ async fn rfm_scores_and_order_totals_match_the_values_worked_out_by_hand() {
 async fn churn_risk_follows_the_injected_clock_against_three_mean_gaps() {
     for backend in backends() {
         let smtp = SmtpSink::start().await;
-        let server = TestServer::start(backend, &smtp).await;
+        // Whole seconds, so that both databases measure the gaps exactly.
+        let start = Utc::now().trunc_subsecs(0);
+        let clock = Arc::new(ManualClock::new(start));
+        let server = TestServer::start_with_clock(
+            TestDb::create(backend).await,
+            Some(&smtp),
+            |_| {},
+            clock.clone(),
+        )
+        .await;
         let a = shop(&server, &smtp, "churn").await;
+        let hours_ago = |hours: i64| (start - Duration::hours(hours)).to_rfc3339();
         a.send(vec![
-            track("steady", "Visit", json!({}), "2026-05-01T10:00:00Z"),
-            track("steady", "Visit", json!({}), "2026-05-01T11:00:00Z"),
-            track("steady", "Visit", json!({}), "2026-05-01T12:00:00Z"),
-            track("once", "Visit", json!({}), "2026-05-01T10:00:00Z"),
+            track("steady", "Visit", json!({}), &hours_ago(5)),
+            track("steady", "Visit", json!({}), &hours_ago(4)),
+            track("steady", "Visit", json!({}), &hours_ago(3)),
+            track("once", "Visit", json!({}), &hours_ago(5)),
         ])
         .await;
         let steady = a.profile_id("steady").await;
         let once = a.profile_id("once").await;
 
         // Mean gap one hour: exactly three hours of silence is not yet a risk.
-        assert_eq!(
-            a.refresh(at("2026-05-01T15:00:00Z")).await,
-            Vec::<Uuid>::new(),
-            "[{backend:?}]"
-        );
+        assert_eq!(a.refresh_now().await, Vec::<Uuid>::new(), "[{backend:?}]");
         let rows = a.attributes(&[steady, once]).await;
         let steady_row = rows.iter().find(|row| row.profile_id == steady).unwrap();
         let once_row = rows.iter().find(|row| row.profile_id == once).unwrap();
@@ -379,16 +391,10 @@ async fn churn_risk_follows_the_injected_clock_against_three_mean_gaps() {
         assert_eq!(once_row.mean_gap_seconds, None, "[{backend:?}]");
 
         // One second more and it is; the profile seen once never is.
-        assert_eq!(
-            a.refresh(at("2026-05-01T15:00:01Z")).await,
-            vec![steady],
-            "[{backend:?}]"
-        );
-        assert_eq!(
-            a.refresh(at("2027-05-01T00:00:00Z")).await,
-            Vec::<Uuid>::new(),
-            "[{backend:?}]"
-        );
+        clock.advance(Duration::seconds(1));
+        assert_eq!(a.refresh_now().await, vec![steady], "[{backend:?}]");
+        clock.advance(Duration::days(365));
+        assert_eq!(a.refresh_now().await, Vec::<Uuid>::new(), "[{backend:?}]");
         let rows = a.attributes(&[steady, once]).await;
         assert_eq!(
             rows.iter()
@@ -398,21 +404,18 @@ async fn churn_risk_follows_the_injected_clock_against_three_mean_gaps() {
             "[{backend:?}]"
         );
 
-        // A new event brings the profile back: gap (5 h) / 3 events, seen just now.
+        // An event now brings the profile back: the gap grows to (1 year 5 h 1 s) / 3.
         a.send(vec![track(
             "steady",
             "Visit",
             json!({}),
-            "2026-05-01T15:00:00Z",
+            &clock.now().to_rfc3339(),
         )])
         .await;
-        assert_eq!(
-            a.refresh(at("2026-05-01T16:00:00Z")).await,
-            vec![steady],
-            "[{backend:?}]"
-        );
+        assert_eq!(a.refresh_now().await, vec![steady], "[{backend:?}]");
         let rows = a.attributes(&[steady]).await;
-        assert_eq!(rows[0].mean_gap_seconds, Some(6000.0), "[{backend:?}]");
+        let gap = f64::from(365 * 86_400 + 5 * 3_600 + 1) / 3.0;
+        assert_eq!(rows[0].mean_gap_seconds, Some(gap), "[{backend:?}]");
         assert!(!rows[0].churn_risk);
         server.stop().await;
     }
@@ -492,7 +495,15 @@ const HISTORY: &str =
 async fn daily_snapshots_are_idempotent_per_day_and_make_the_size_history() {
     for backend in backends() {
         let smtp = SmtpSink::start().await;
-        let server = TestServer::start(backend, &smtp).await;
+        // The clock stands still, so that "today" cannot change during the test.
+        let clock = Arc::new(ManualClock::new(Utc::now()));
+        let server = TestServer::start_with_clock(
+            TestDb::create(backend).await,
+            Some(&smtp),
+            |_| {},
+            clock.clone(),
+        )
+        .await;
         let a = shop(&server, &smtp, "snap").await;
         a.send(
             ["u1", "u2", "u3"]
@@ -509,9 +520,7 @@ async fn daily_snapshots_are_idempotent_per_day_and_make_the_size_history() {
         let segment = fixture.segment(a.tenant, "buyers", &ids[0..1]).await;
         let other = fixture.segment(a.tenant, "others", &ids).await;
 
-        // Days relative to the server's today, far enough from the window's edges that a
-        // midnight passing during the test changes nothing.
-        let today = Utc::now().date_naive();
+        let today = clock.now().date_naive();
         let day = |back: i64| today - Duration::days(back);
         let shop = &a;
         let snapshot = move |when: NaiveDate| async move {
