@@ -256,10 +256,14 @@ pub async fn after_write(
     let ids: Vec<Uuid> = plans.iter().map(|(id, _, _)| *id).collect();
     let needs = event_needs(needed.into_iter(), now);
     let mut facts = store::facts::load(tx, &ids, &needs).await?;
-    let members: HashSet<(Uuid, Uuid)> = store::segments::memberships_of(tx, &ids)
-        .await?
-        .into_iter()
-        .collect();
+    let members: HashSet<(Uuid, Uuid)> = if segments.is_empty() {
+        HashSet::new()
+    } else {
+        store::segments::memberships_of(tx, &ids)
+            .await?
+            .into_iter()
+            .collect()
+    };
 
     let mut stage_changes = Vec::new();
     for (profile_id, stage, affected) in plans {

@@ -11,7 +11,7 @@ use serde_json::{json, Value as Json};
 use uuid::Uuid;
 
 use super::conditions::instant_fact_text;
-use super::entity::{consents, events, profile_state, profiles};
+use super::entity::{consents, events, profile_state};
 use super::{StoreResult, TenantTx};
 
 /// Which events to load with the facts.
@@ -40,41 +40,28 @@ pub async fn load(
     let tenant = tx.tenant_id().as_uuid();
     let mut facts: HashMap<Uuid, ProfileFacts> = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(500) {
-        let rows = profiles::Entity::find()
-            .filter(profiles::Column::TenantId.eq(tenant))
-            .filter(profiles::Column::Id.is_in(chunk.iter().copied()))
-            .filter(profiles::Column::MergedInto.is_null())
-            .all(tx.conn())
-            .await?;
-        for row in rows {
-            let mut profile = ProfileFacts {
-                traits: row.traits.as_object().cloned().unwrap_or_default(),
-                ..ProfileFacts::default()
-            };
-            profile.attributes.insert(
-                Attribute::FirstSeenAt,
-                Json::String(instant_fact_text(row.first_seen_at)),
-            );
-            profile.attributes.insert(
-                Attribute::LastSeenAt,
-                Json::String(instant_fact_text(row.last_seen_at)),
-            );
-            profile
-                .attributes
-                .insert(Attribute::EventCount, json!(row.event_count));
-            facts.insert(row.id, profile);
-        }
-        let states = profile_state::Entity::find()
+        let rows = profile_state::Entity::find()
             .filter(profile_state::Column::TenantId.eq(tenant))
             .filter(profile_state::Column::Id.is_in(chunk.iter().copied()))
+            .filter(profile_state::Column::MergedInto.is_null())
             .all(tx.conn())
             .await?;
-        for state in states {
-            let Some(profile) = facts.get_mut(&state.id) else {
-                continue;
+        for state in rows {
+            let mut profile = ProfileFacts {
+                traits: state.traits.as_object().cloned().unwrap_or_default(),
+                stage: state.stage,
+                ..ProfileFacts::default()
             };
-            profile.stage = state.stage;
             let attributes = &mut profile.attributes;
+            attributes.insert(
+                Attribute::FirstSeenAt,
+                Json::String(instant_fact_text(state.first_seen_at)),
+            );
+            attributes.insert(
+                Attribute::LastSeenAt,
+                Json::String(instant_fact_text(state.last_seen_at)),
+            );
+            attributes.insert(Attribute::EventCount, json!(state.event_count));
             attributes.insert(Attribute::TotalRevenue, json!(state.total_revenue));
             attributes.insert(Attribute::OrderCount, json!(state.order_count));
             attributes.insert(Attribute::ChurnRisk, json!(state.churn_risk));
@@ -96,6 +83,7 @@ pub async fn load(
                     json!(i64::from(r) * 100 + i64::from(f) * 10 + i64::from(m)),
                 );
             }
+            facts.insert(state.id, profile);
         }
         let consent_rows = consents::Entity::find()
             .filter(consents::Column::TenantId.eq(tenant))

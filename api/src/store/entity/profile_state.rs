@@ -1,5 +1,6 @@
-//! The understanding columns of the `profiles` table (stage and computed attributes), as their
-//! own entity: ingestion's profile upserts never name them, so they cannot overwrite them.
+//! The `profiles` table as understanding sees it: what conditions read (traits, seen times, event
+//! count) and the columns it writes (stage and computed attributes). Ingestion's profile upserts
+//! never name the written ones, so they cannot overwrite them; this entity is never inserted.
 
 use sea_orm::entity::prelude::*;
 
@@ -11,6 +12,10 @@ pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: Uuid,
     pub merged_into: Option<Uuid>,
+    pub traits: Json,
+    pub first_seen_at: DateTimeUtc,
+    pub last_seen_at: DateTimeUtc,
+    pub event_count: i64,
     pub stage: Option<String>,
     pub stage_since: Option<DateTimeUtc>,
     pub total_revenue: f64,
