@@ -668,3 +668,80 @@ async fn segments_and_memberships_belong_to_one_tenant() {
         env.server.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_merge_takes_the_merged_profile_out_and_every_change_is_published_after_commit() {
+    for backend in backends() {
+        let env = setup(backend, "segmerge").await;
+        let now = env.now();
+        let segment = env
+            .create_segment("Visitors", json!({"event": "Page Viewed"}))
+            .await;
+        let id = segment["id"].as_str().unwrap().to_owned();
+        let mut notices = env.server.app.as_ref().unwrap().state().bus.subscribe();
+        // u1 first, so that it is the older profile and survives the merge below.
+        env.send(json!([
+            {"type": "identify", "userId": "u1", "traits": {"plan": "pro"},
+             "timestamp": now.to_rfc3339(), "messageId": "id-1"},
+        ]))
+        .await;
+        env.send(json!([
+            {"type": "track", "anonymousId": "anon-1", "event": "Page Viewed",
+             "timestamp": now.to_rfc3339(), "messageId": "pv-1"},
+        ]))
+        .await;
+        // Two profiles; only the visitor is a member. Its entry was published with its stage.
+        let mut entered = Vec::new();
+        while let Ok(notice) = notices.try_recv() {
+            if let api::service::bus::Notice::SegmentMembership {
+                segment_id,
+                profile_id,
+                entered: true,
+                ..
+            } = notice
+            {
+                entered.push((segment_id.to_string(), profile_id));
+            }
+        }
+        assert_eq!(entered.len(), 1, "[{backend:?}] {entered:?}");
+        assert_eq!(entered[0].0, id);
+        let visitor = entered[0].1.to_string();
+
+        // The visitor identifies as u1: the younger profile merges into the older one.
+        env.send(json!([
+            {"type": "identify", "userId": "u1", "anonymousId": "anon-1",
+             "timestamp": now.to_rfc3339(), "messageId": "id-2"},
+        ]))
+        .await;
+        let u1 = env.profile("u1").await;
+        assert_eq!(segment_ids(&u1), vec![id.clone()], "[{backend:?}]");
+        let members = env.segment(&id).await;
+        assert_eq!(members["members"]["totalCount"], 1);
+        assert_eq!(members["members"]["edges"][0]["node"]["id"], u1["id"]);
+        let mut changes = Vec::new();
+        while let Ok(notice) = notices.try_recv() {
+            if let api::service::bus::Notice::SegmentMembership {
+                profile_id,
+                entered,
+                reason,
+                ..
+            } = notice
+            {
+                changes.push((profile_id.to_string(), entered, reason));
+            }
+        }
+        let survivor = u1["id"].as_str().unwrap().to_owned();
+        assert_ne!(survivor, visitor);
+        assert!(
+            changes.contains(&(visitor.clone(), false, format!("merged into {survivor}"))),
+            "[{backend:?}] {changes:?}"
+        );
+        assert!(
+            changes
+                .iter()
+                .any(|(p, entered, _)| *p == survivor && *entered),
+            "[{backend:?}] {changes:?}"
+        );
+        env.server.stop().await;
+    }
+}
