@@ -1,5 +1,7 @@
-//! The in-process event bus: every segment membership change and lifecycle transition is
-//! published here once its transaction has committed. Subscriptions and campaign triggers listen.
+//! The in-process event bus: every profile change, stored event, segment membership change,
+//! lifecycle transition and email delivery change is published here once its transaction has
+//! committed. Subscriptions listen (campaign triggers run inside the write transaction instead,
+//! so that an email is queued atomically with its cause).
 //!
 //! Guarantees: a notice is published only after the change it describes is committed (callers
 //! publish after `commit`); notices of one transaction are published in the order they were
@@ -15,9 +17,51 @@ use uuid::Uuid;
 /// Notices kept for slow listeners before they lag.
 pub const CAPACITY: usize = 4096;
 
-/// Something that happened to a profile's understanding.
+/// How a profile changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProfileChangeKind {
+    Created,
+    Updated,
+    /// Merged into another profile (the notice names the merged-away profile).
+    Merged {
+        into: Uuid,
+    },
+    Erased,
+}
+
+impl ProfileChangeKind {
+    /// The contract's name: CREATED, UPDATED, MERGED or ERASED.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProfileChangeKind::Created => "CREATED",
+            ProfileChangeKind::Updated => "UPDATED",
+            ProfileChangeKind::Merged { .. } => "MERGED",
+            ProfileChangeKind::Erased => "ERASED",
+        }
+    }
+}
+
+/// Something that happened to customer data, committed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Notice {
+    ProfileChanged {
+        tenant_id: TenantId,
+        profile_id: Uuid,
+        kind: ProfileChangeKind,
+    },
+    /// An event was stored (details are read by id).
+    EventIngested {
+        tenant_id: TenantId,
+        event_id: Uuid,
+        profile_id: Uuid,
+        name: Option<String>,
+    },
+    /// A queued email changed status (details are read by id).
+    EmailDelivery {
+        tenant_id: TenantId,
+        delivery_id: Uuid,
+        campaign_id: Option<Uuid>,
+    },
     SegmentMembership {
         tenant_id: TenantId,
         segment_id: Uuid,
@@ -39,7 +83,10 @@ pub enum Notice {
 impl Notice {
     pub fn tenant_id(&self) -> TenantId {
         match self {
-            Notice::SegmentMembership { tenant_id, .. }
+            Notice::ProfileChanged { tenant_id, .. }
+            | Notice::EventIngested { tenant_id, .. }
+            | Notice::EmailDelivery { tenant_id, .. }
+            | Notice::SegmentMembership { tenant_id, .. }
             | Notice::StageTransition { tenant_id, .. } => *tenant_id,
         }
     }

@@ -598,14 +598,18 @@ async fn apply(
         store::lifecycle::fold_order_totals(tx, *merged, *survivor).await?;
     }
     store::lifecycle::add_order_totals(tx, &understanding.orders).await?;
-    report.notices = super::understand::after_write(
-        tx,
-        state.store.backend(),
-        &understanding.deltas,
-        &understanding.merges,
-        now,
-    )
-    .await?;
+    let mut notices = understanding.data_notices(tx.tenant_id());
+    notices.extend(
+        super::understand::after_write(
+            tx,
+            state.store.backend(),
+            &understanding.deltas,
+            &understanding.merges,
+            now,
+        )
+        .await?,
+    );
+    report.notices = notices;
     Ok(report)
 }
 
@@ -615,9 +619,45 @@ struct Understanding {
     deltas: BTreeMap<Uuid, super::understand::Delta>,
     merges: Vec<(Uuid, Uuid)>,
     orders: Vec<(Uuid, i64, f64)>,
+    /// (event id, profile id, name) of every stored event, in message order.
+    events: Vec<(Uuid, Uuid, Option<String>)>,
 }
 
 impl Understanding {
+    /// Notices of the profiles and events the batch wrote: merged-away profiles first, then
+    /// created and updated ones, then events in message order.
+    fn data_notices(&self, tenant_id: domain::TenantId) -> Vec<super::bus::Notice> {
+        use super::bus::{Notice, ProfileChangeKind};
+        let mut notices = Vec::new();
+        for (merged, survivor) in &self.merges {
+            notices.push(Notice::ProfileChanged {
+                tenant_id,
+                profile_id: *merged,
+                kind: ProfileChangeKind::Merged { into: *survivor },
+            });
+        }
+        for (profile_id, delta) in &self.deltas {
+            notices.push(Notice::ProfileChanged {
+                tenant_id,
+                profile_id: *profile_id,
+                kind: if delta.created {
+                    ProfileChangeKind::Created
+                } else {
+                    ProfileChangeKind::Updated
+                },
+            });
+        }
+        for (event_id, profile_id, name) in &self.events {
+            notices.push(Notice::EventIngested {
+                tenant_id,
+                event_id: *event_id,
+                profile_id: *profile_id,
+                name: name.clone(),
+            });
+        }
+        notices
+    }
+
     fn of(
         set: &WriteSet,
         parsed: &[Result<Message, Rejection>],
@@ -664,7 +704,9 @@ impl Understanding {
         }
         for row in &set.profiles {
             if row.merged_into.is_none() && !existing.contains(&row.id) {
-                deltas.entry(row.id).or_default().everything = true;
+                let delta = deltas.entry(row.id).or_default();
+                delta.everything = true;
+                delta.created = true;
             }
         }
         for (_, survivor) in &set.merges {
@@ -672,6 +714,11 @@ impl Understanding {
         }
         Understanding {
             deltas,
+            events: set
+                .events
+                .iter()
+                .map(|event| (event.id, event.profile_id, event.name.clone()))
+                .collect(),
             merges: set.merges.clone(),
             orders: orders
                 .into_iter()

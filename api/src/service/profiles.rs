@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use super::auth::require_permission;
+use super::bus::{Notice, ProfileChangeKind};
 use super::pagination::{build_page, decode_cursor, page_size, Page};
 use super::{audit, settings, AppState, RequestMeta, ServiceError, ServiceResult};
 use crate::auth::Principal;
@@ -590,14 +591,28 @@ pub async fn merge(
     };
     store::ingest::apply(&tx, set, now).await?;
     store::lifecycle::fold_order_totals(&tx, gone, keep).await?;
-    let notices = super::understand::after_write(
-        &tx,
-        state.store.backend(),
-        &[(keep, super::understand::Delta::everything())].into(),
-        &[(gone, keep)],
-        now,
-    )
-    .await?;
+    let mut notices = vec![
+        Notice::ProfileChanged {
+            tenant_id: principal.tenant_id,
+            profile_id: gone,
+            kind: ProfileChangeKind::Merged { into: keep },
+        },
+        Notice::ProfileChanged {
+            tenant_id: principal.tenant_id,
+            profile_id: keep,
+            kind: ProfileChangeKind::Updated,
+        },
+    ];
+    notices.extend(
+        super::understand::after_write(
+            &tx,
+            state.store.backend(),
+            &[(keep, super::understand::Delta::everything())].into(),
+            &[(gone, keep)],
+            now,
+        )
+        .await?,
+    );
     audit::record(
         state,
         &tx,
@@ -694,18 +709,32 @@ pub async fn split(
         let (orders, revenue) = order_totals(events);
         store::lifecycle::set_order_totals(&tx, id, orders, revenue).await?;
     }
-    let notices = super::understand::after_write(
-        &tx,
-        state.store.backend(),
-        &[
-            (new_id, super::understand::Delta::everything()),
-            (source_row.id, super::understand::Delta::everything()),
-        ]
-        .into(),
-        &[],
-        now,
-    )
-    .await?;
+    let mut notices = vec![
+        Notice::ProfileChanged {
+            tenant_id: principal.tenant_id,
+            profile_id: new_id,
+            kind: ProfileChangeKind::Created,
+        },
+        Notice::ProfileChanged {
+            tenant_id: principal.tenant_id,
+            profile_id: source_row.id,
+            kind: ProfileChangeKind::Updated,
+        },
+    ];
+    notices.extend(
+        super::understand::after_write(
+            &tx,
+            state.store.backend(),
+            &[
+                (new_id, super::understand::Delta::everything()),
+                (source_row.id, super::understand::Delta::everything()),
+            ]
+            .into(),
+            &[],
+            now,
+        )
+        .await?,
+    );
     audit::record(
         state,
         &tx,
@@ -823,6 +852,26 @@ pub async fn set_consent(
         ..Default::default()
     };
     store::ingest::apply(&tx, set, now).await?;
+    // Segments and stages on this consent follow in the same transaction.
+    let mut notices = vec![Notice::ProfileChanged {
+        tenant_id: principal.tenant_id,
+        profile_id: row.id,
+        kind: ProfileChangeKind::Updated,
+    }];
+    let delta = super::understand::Delta {
+        consents: [purpose.to_owned()].into(),
+        ..Default::default()
+    };
+    notices.extend(
+        super::understand::after_write(
+            &tx,
+            state.store.backend(),
+            &[(row.id, delta)].into(),
+            &[],
+            now,
+        )
+        .await?,
+    );
     audit::record(
         state,
         &tx,
@@ -834,6 +883,7 @@ pub async fn set_consent(
     )
     .await?;
     tx.commit().await?;
+    state.bus.publish(notices);
     Ok(profile_from_row(row, masks(principal)))
 }
 

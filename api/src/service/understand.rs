@@ -33,6 +33,8 @@ pub struct Delta {
     pub events: bool,
     /// Consent purposes that changed.
     pub consents: BTreeSet<String>,
+    /// The profile was created by this write.
+    pub created: bool,
 }
 
 impl Delta {
