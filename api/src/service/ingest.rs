@@ -609,6 +609,8 @@ async fn apply(
         )
         .await?,
     );
+    let reactions = super::reactions::react(tx, state.store.backend(), &notices, now).await?;
+    notices.extend(reactions);
     report.notices = notices;
     Ok(report)
 }

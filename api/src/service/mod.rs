@@ -10,14 +10,17 @@ pub mod analytics;
 pub mod audit;
 pub mod auth;
 pub mod bus;
+pub mod campaigns;
 pub mod emails;
 pub mod ingest;
 pub mod lifecycle;
 pub mod pagination;
 pub mod profiles;
+pub mod reactions;
 pub mod segments;
 pub mod settings;
 pub mod understand;
+pub mod webhooks;
 
 use std::sync::Arc;
 

@@ -623,8 +623,10 @@ pub async fn merge(
         Some(json!({"merged": gone})),
     )
     .await?;
+    let reactions = super::reactions::react(&tx, state.store.backend(), &notices, now).await?;
     tx.commit().await?;
     state.bus.publish(notices);
+    state.bus.publish(reactions);
     Ok(profile_from_row(keep_row, masks(principal)))
 }
 
@@ -745,8 +747,10 @@ pub async fn split(
         Some(json!({"newProfile": new_id, "kind": key.kind, "eventsMoved": moved_ids.len()})),
     )
     .await?;
+    let reactions = super::reactions::react(&tx, state.store.backend(), &notices, now).await?;
     tx.commit().await?;
     state.bus.publish(notices);
+    state.bus.publish(reactions);
     Ok(profile_from_row(new_row, masks(principal)))
 }
 
@@ -882,8 +886,10 @@ pub async fn set_consent(
         Some(json!({"purpose": purpose, "granted": granted})),
     )
     .await?;
+    let reactions = super::reactions::react(&tx, state.store.backend(), &notices, now).await?;
     tx.commit().await?;
     state.bus.publish(notices);
+    state.bus.publish(reactions);
     Ok(profile_from_row(row, masks(principal)))
 }
 

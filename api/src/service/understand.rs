@@ -480,20 +480,23 @@ pub async fn restage(
         )
         .await?;
         store::segments::apply_changes(&tx, &segment_changes, now).await?;
-        tx.commit().await?;
-        notices.extend(changes.into_iter().map(|change| Notice::StageTransition {
-            tenant_id: tenant,
-            profile_id: change.profile_id,
-            from: change.from,
-            to: change.to,
-            at: now,
-            reason: change.reason,
-        }));
-        notices.extend(
+        let mut batch_notices: Vec<Notice> = changes
+            .into_iter()
+            .map(|change| Notice::StageTransition {
+                tenant_id: tenant,
+                profile_id: change.profile_id,
+                from: change.from,
+                to: change.to,
+                at: now,
+                reason: change.reason,
+            })
+            .collect();
+        batch_notices.extend(
             segment_changes
                 .into_iter()
                 .map(|change| membership_notice(tenant, change, now)),
         );
+        commit_with_reactions(tx, backend, batch_notices, now, &mut notices).await?;
     }
     Ok(notices)
 }
@@ -538,12 +541,11 @@ pub async fn resync_segment(
         let ids: Vec<Uuid> = ids.into_iter().collect();
         let changes = resync_segments(&tx, backend, &[segment], &ids, now, reason).await?;
         store::segments::apply_changes(&tx, &changes, now).await?;
-        tx.commit().await?;
-        notices.extend(
-            changes
-                .into_iter()
-                .map(|change| membership_notice(tenant, change, now)),
-        );
+        let batch_notices = changes
+            .into_iter()
+            .map(|change| membership_notice(tenant, change, now))
+            .collect();
+        commit_with_reactions(tx, backend, batch_notices, now, &mut notices).await?;
     }
     Ok(notices)
 }
@@ -579,12 +581,27 @@ pub async fn resync_profiles(
         store::profiles::load(&tx, backend, &locked, true).await?;
         let changes = resync_segments(&tx, backend, &chosen, chunk, now, reason).await?;
         store::segments::apply_changes(&tx, &changes, now).await?;
-        tx.commit().await?;
-        notices.extend(
-            changes
-                .into_iter()
-                .map(|change| membership_notice(tenant, change, now)),
-        );
+        let batch_notices = changes
+            .into_iter()
+            .map(|change| membership_notice(tenant, change, now))
+            .collect();
+        commit_with_reactions(tx, backend, batch_notices, now, &mut notices).await?;
     }
     Ok(notices)
+}
+
+/// Queues the reactions to a batch's notices (campaign emails, webhooks) in its transaction,
+/// commits, and only then adds the notices and the reactions' own to `out` for publishing.
+async fn commit_with_reactions(
+    tx: TenantTx,
+    backend: Backend,
+    batch: Vec<Notice>,
+    now: DateTime<Utc>,
+    out: &mut Vec<Notice>,
+) -> StoreResult<()> {
+    let reactions = super::reactions::react(&tx, backend, &batch, now).await?;
+    tx.commit().await?;
+    out.extend(batch);
+    out.extend(reactions);
+    Ok(())
 }

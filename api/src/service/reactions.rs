@@ -1,0 +1,26 @@
+//! Reactions to committed-to-be changes, inside the transaction that makes them: campaign emails
+//! and webhook deliveries are queued atomically with their cause, so a rolled-back change queues
+//! nothing and a committed one can never miss its email or webhook.
+//!
+//! Every write path calls [`react`] with the notices it is about to publish, just before its
+//! commit, and publishes the returned notices with its own after the commit.
+
+use chrono::{DateTime, Utc};
+
+use super::bus::Notice;
+use crate::store::{Backend, StoreResult, TenantTx};
+
+/// Queues what `notices` trigger; returns further notices (queued deliveries) to publish.
+pub async fn react(
+    tx: &TenantTx,
+    backend: Backend,
+    notices: &[Notice],
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<Notice>> {
+    if notices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut more = super::campaigns::trigger(tx, backend, notices, now).await?;
+    more.extend(super::webhooks::enqueue(tx, backend, notices, now).await?);
+    Ok(more)
+}
