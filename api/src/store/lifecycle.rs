@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use domain::condition::Condition;
-use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set, Statement,
 };
@@ -88,12 +88,28 @@ pub async fn apply_changes(
     now: DateTime<Utc>,
 ) -> StoreResult<()> {
     let tenant = tx.tenant_id().as_uuid();
-    for change in changes {
+    // One statement per chunk: stage = CASE id WHEN … THEN … END.
+    for chunk in changes.chunks(200) {
+        let mut stage: Option<CaseStatement> = None;
+        for change in chunk {
+            let when = profile_state::Column::Id.eq(change.profile_id);
+            let then = Expr::value(change.to.clone());
+            stage = Some(match stage {
+                None => Expr::case(when, then),
+                Some(case) => case.case(when, then),
+            });
+        }
+        let Some(stage) = stage else { continue };
         profile_state::Entity::update_many()
-            .col_expr(profile_state::Column::Stage, Expr::value(change.to.clone()))
+            .col_expr(
+                profile_state::Column::Stage,
+                stage
+                    .finally(Expr::col(profile_state::Column::Stage))
+                    .into(),
+            )
             .col_expr(profile_state::Column::StageSince, Expr::value(Some(now)))
             .filter(profile_state::Column::TenantId.eq(tenant))
-            .filter(profile_state::Column::Id.eq(change.profile_id))
+            .filter(profile_state::Column::Id.is_in(chunk.iter().map(|change| change.profile_id)))
             .exec(tx.conn())
             .await?;
     }
@@ -204,18 +220,36 @@ pub async fn stale_stages(
 /// Adds (orders, revenue) to the order totals of each profile (ingestion of orders).
 pub async fn add_order_totals(tx: &TenantTx, deltas: &[(Uuid, i64, f64)]) -> StoreResult<()> {
     let tenant = tx.tenant_id().as_uuid();
-    for (id, orders, revenue) in deltas {
+    // One statement per chunk: x = x + CASE id WHEN … THEN … END.
+    for chunk in deltas.chunks(200) {
+        let mut orders: Option<CaseStatement> = None;
+        let mut revenue: Option<CaseStatement> = None;
+        for (id, count, amount) in chunk {
+            let when = || profile_state::Column::Id.eq(*id);
+            orders = Some(match orders {
+                None => Expr::case(when(), Expr::value(*count)),
+                Some(case) => case.case(when(), Expr::value(*count)),
+            });
+            revenue = Some(match revenue {
+                None => Expr::case(when(), Expr::value(*amount)),
+                Some(case) => case.case(when(), Expr::value(*amount)),
+            });
+        }
+        let (Some(orders), Some(revenue)) = (orders, revenue) else {
+            continue;
+        };
         profile_state::Entity::update_many()
             .col_expr(
                 profile_state::Column::OrderCount,
-                Expr::col(profile_state::Column::OrderCount).add(*orders),
+                Expr::col(profile_state::Column::OrderCount).add(orders.finally(Expr::value(0i64))),
             )
             .col_expr(
                 profile_state::Column::TotalRevenue,
-                Expr::col(profile_state::Column::TotalRevenue).add(*revenue),
+                Expr::col(profile_state::Column::TotalRevenue)
+                    .add(revenue.finally(Expr::value(0.0f64))),
             )
             .filter(profile_state::Column::TenantId.eq(tenant))
-            .filter(profile_state::Column::Id.eq(*id))
+            .filter(profile_state::Column::Id.is_in(chunk.iter().map(|(id, _, _)| *id)))
             .exec(tx.conn())
             .await?;
     }
