@@ -46,6 +46,7 @@ pub async fn state(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppS
         config: Arc::new(config),
         clock,
         bus: crate::service::bus::Bus::new(),
+        group_commit: Default::default(),
     })
 }
 

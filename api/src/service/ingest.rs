@@ -17,6 +17,7 @@ use domain::identity::{IdentityGraph, IdentityKey, ProfileNode, ANONYMOUS_ID, US
 use domain::ingest::{parse_message, Channel, Envelope, Message, MessageType, Rejection};
 use domain::traits::{self, Stamp};
 use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{settings, AppState, ServiceError, ServiceResult};
@@ -67,8 +68,6 @@ pub struct MessageReport {
 #[derive(Debug, Clone, Default)]
 pub struct IngestReport {
     pub messages: Vec<MessageReport>,
-    /// Segment and stage changes the batch caused, published once it is committed.
-    pub notices: Vec<super::bus::Notice>,
 }
 
 impl IngestReport {
@@ -125,6 +124,192 @@ pub async fn ingest_with(
             parse_message(raw, &envelope, &options)
         })
         .collect();
+    state
+        .group_commit
+        .submit(
+            state,
+            tenant_id,
+            Pending {
+                source: source.clone(),
+                batch,
+                parsed,
+                rules: settings.identity_rules.clone(),
+                reply: None,
+            },
+        )
+        .await
+}
+
+/// Per-tenant group commit: one writer task per tenant and process takes every request that is
+/// waiting and writes them in one transaction, then answers each with its own report. Requests of
+/// one tenant thus never contend for the same rows inside a process, and a commit (and its disk
+/// flush) is shared by everything that arrived meanwhile. A request is still acknowledged only
+/// after the commit that holds it. Several processes still write concurrently; the locks of the
+/// write path keep that correct.
+#[derive(Default)]
+pub struct GroupCommit {
+    writers: Mutex<HashMap<domain::TenantId, mpsc::Sender<Pending>>>,
+}
+
+/// Messages one group takes at most (it always takes at least one request).
+const MAX_GROUP_MESSAGES: usize = 2_000;
+/// Requests that may wait for a tenant's writer before callers wait to enqueue.
+const WRITER_QUEUE: usize = 256;
+/// A writer with nothing to do for this long ends (the next request starts a new one).
+const WRITER_IDLE: Duration = Duration::from_secs(30);
+
+/// One request waiting for its group.
+pub struct Pending {
+    source: Source,
+    batch: Batch,
+    parsed: Vec<Result<Message, Rejection>>,
+    rules: domain::identity::IdentityRules,
+    reply: Option<oneshot::Sender<ServiceResult<IngestReport>>>,
+}
+
+impl GroupCommit {
+    async fn submit(
+        &self,
+        state: &AppState,
+        tenant_id: domain::TenantId,
+        mut pending: Pending,
+    ) -> ServiceResult<IngestReport> {
+        let (reply, answer) = oneshot::channel();
+        pending.reply = Some(reply);
+        loop {
+            let sender = self.writer(state, tenant_id);
+            match sender.send(pending).await {
+                Ok(()) => break,
+                // That writer was ending: start another one.
+                Err(mpsc::error::SendError(returned)) => {
+                    pending = returned;
+                    self.forget(tenant_id, &sender);
+                }
+            }
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(ServiceError::Unexpected(anyhow::anyhow!(
+                "the ingest writer stopped before answering"
+            )))
+        })
+    }
+
+    fn writer(&self, state: &AppState, tenant_id: domain::TenantId) -> mpsc::Sender<Pending> {
+        let mut writers = self
+            .writers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(sender) = writers.get(&tenant_id) {
+            if !sender.is_closed() {
+                return sender.clone();
+            }
+        }
+        let (sender, receiver) = mpsc::channel(WRITER_QUEUE);
+        writers.insert(tenant_id, sender.clone());
+        tokio::spawn(run_writer(state.clone(), tenant_id, receiver));
+        sender
+    }
+
+    fn forget(&self, tenant_id: domain::TenantId, ended: &mpsc::Sender<Pending>) {
+        let mut writers = self
+            .writers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if writers
+            .get(&tenant_id)
+            .is_some_and(|sender| sender.same_channel(ended))
+        {
+            writers.remove(&tenant_id);
+        }
+    }
+}
+
+/// A tenant's writer: takes what is waiting, writes it as one group, answers, and ends when idle.
+async fn run_writer(
+    state: AppState,
+    tenant_id: domain::TenantId,
+    mut receiver: mpsc::Receiver<Pending>,
+) {
+    loop {
+        let first = match tokio::time::timeout(WRITER_IDLE, receiver.recv()).await {
+            Ok(Some(first)) => first,
+            Ok(None) => return,
+            Err(_) => {
+                // Idle: refuse new requests (their callers start a new writer), then finish what
+                // arrived meanwhile.
+                receiver.close();
+                let mut rest = Vec::new();
+                while let Some(pending) = receiver.recv().await {
+                    rest.push(pending);
+                }
+                if !rest.is_empty() {
+                    write_group(&state, tenant_id, rest).await;
+                }
+                return;
+            }
+        };
+        let mut group = vec![first];
+        let mut messages = group[0].batch.messages.len();
+        while messages < MAX_GROUP_MESSAGES {
+            match receiver.try_recv() {
+                Ok(pending) => {
+                    messages += pending.batch.messages.len();
+                    group.push(pending);
+                }
+                Err(_) => break,
+            }
+        }
+        write_group(&state, tenant_id, group).await;
+    }
+}
+
+/// Writes a group and answers every request in it. If the group as a whole fails, each request
+/// is tried alone, so that one request's failure is only its own.
+async fn write_group(state: &AppState, tenant_id: domain::TenantId, mut group: Vec<Pending>) {
+    let result = commit_group(state, tenant_id, &group).await;
+    match result {
+        Ok(reports) => {
+            for (pending, report) in group.iter_mut().zip(reports) {
+                if let Some(reply) = pending.reply.take() {
+                    let _ = reply.send(Ok(report));
+                }
+            }
+        }
+        Err(error) if group.len() == 1 => {
+            if let Some(reply) = group[0].reply.take() {
+                let _ = reply.send(Err(error));
+            }
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, requests = group.len(), "ingest group failed; writing its requests one by one");
+            for pending in &mut group {
+                let alone = commit_group(state, tenant_id, std::slice::from_ref(pending))
+                    .await
+                    .map(|mut reports| reports.remove(0));
+                if let Some(reply) = pending.reply.take() {
+                    let _ = reply.send(alone);
+                }
+            }
+        }
+    }
+}
+
+/// One transaction for a group of requests, retried on transient conflicts. Publishes the
+/// group's notices after the commit.
+async fn commit_group(
+    state: &AppState,
+    tenant_id: domain::TenantId,
+    group: &[Pending],
+) -> ServiceResult<Vec<IngestReport>> {
+    let jobs: Vec<Job<'_>> = group
+        .iter()
+        .map(|pending| Job {
+            source: &pending.source,
+            batch: &pending.batch,
+            parsed: &pending.parsed,
+        })
+        .collect();
+    let rules = &group[0].rules;
     let mut attempt = 0;
     loop {
         let tx = match state.store.begin(tenant_id).await {
@@ -136,21 +321,12 @@ pub async fn ingest_with(
             }
             Err(error) => return Err(error.into()),
         };
-        match apply(
-            state,
-            &tx,
-            source,
-            &settings.identity_rules,
-            &parsed,
-            &batch,
-        )
-        .await
-        {
-            Ok(mut report) => match tx.commit().await {
+        match apply(state, &tx, rules, &jobs).await {
+            Ok((reports, notices)) => match tx.commit().await {
                 Ok(()) => {
-                    state.bus.publish(std::mem::take(&mut report.notices));
+                    state.bus.publish(notices);
                     compact_stats_now_and_then(state, tenant_id).await;
-                    return Ok(report);
+                    return Ok(reports);
                 }
                 Err(error) if error.is_retryable() && attempt < 8 => {}
                 Err(error) => return Err(error.into()),
@@ -166,12 +342,19 @@ pub async fn ingest_with(
         attempt += 1;
         tracing::debug!(
             attempt,
-            "ingest batch conflicted with a concurrent one; retrying"
+            "ingest group conflicted with a concurrent one; retrying"
         );
-        // Back off a little, with jitter, so that colliding batches do not collide again.
+        // Back off a little, with jitter, so that colliding groups do not collide again.
         let jitter = rand::random::<u64>() % 20;
         tokio::time::sleep(std::time::Duration::from_millis(5 * attempt + jitter)).await;
     }
+}
+
+/// One request's share of a group.
+struct Job<'a> {
+    source: &'a Source,
+    batch: &'a Batch,
+    parsed: &'a [Result<Message, Rejection>],
 }
 
 /// How often this process folds a tenant's appended count deltas into its per-source counts.
@@ -238,7 +421,8 @@ struct Work<'a> {
     events: Vec<EventRow>,
     merges: Vec<(Uuid, Uuid)>,
     ledger: Vec<LedgerRow>,
-    stats: HashMap<String, i64>,
+    /// (source stats id, outcome) → count.
+    stats: HashMap<(Uuid, String), i64>,
 }
 
 impl Work<'_> {
@@ -250,7 +434,10 @@ impl Work<'_> {
     }
 
     fn count(&mut self, outcome: impl Into<String>) {
-        *self.stats.entry(outcome.into()).or_default() += 1;
+        *self
+            .stats
+            .entry((self.source.stats_id(), outcome.into()))
+            .or_default() += 1;
     }
 
     fn ledger(
@@ -352,19 +539,18 @@ fn union_channels(a: &Value, b: &Value) -> Value {
     json!(set)
 }
 
-async fn apply(
+async fn apply<'a>(
     state: &AppState,
     tx: &TenantTx,
-    source: &Source,
-    rules: &domain::identity::IdentityRules,
-    parsed: &[Result<Message, Rejection>],
-    batch: &Batch,
-) -> Result<IngestReport, StoreError> {
+    rules: &'a domain::identity::IdentityRules,
+    jobs: &[Job<'a>],
+) -> Result<(Vec<IngestReport>, Vec<super::bus::Notice>), StoreError> {
     let now = state.now();
+    let all_parsed = || jobs.iter().flat_map(|job| job.parsed.iter());
     let mut work = Work {
         tenant_id: tx.tenant_id().as_uuid(),
         now,
-        source,
+        source: jobs[0].source,
         rules,
         graph: IdentityGraph::default(),
         profiles: HashMap::new(),
@@ -383,7 +569,7 @@ async fn apply(
 
     // Everything the batch's identities touch, loaded at once.
     let mut keys: BTreeSet<(String, String)> = BTreeSet::new();
-    for message in parsed.iter().flatten() {
+    for message in all_parsed().flatten() {
         for identity in &message.identities {
             keys.insert((identity.key.kind.clone(), identity.key.value.clone()));
         }
@@ -415,8 +601,7 @@ async fn apply(
     // Duplicates: stored before, or earlier in this batch. Checked under the locks of every
     // identifier and profile the batch touches, so that a concurrent retry of the same batch is
     // seen once it commits.
-    let message_ids: Vec<String> = parsed
-        .iter()
+    let message_ids: Vec<String> = all_parsed()
         .flatten()
         .map(|message| message.message_id.clone())
         .collect();
@@ -436,8 +621,7 @@ async fn apply(
         work.consents
             .insert((consent.profile_id, consent.purpose.clone()), consent);
     }
-    let group_ids: Vec<String> = parsed
-        .iter()
+    let group_ids: Vec<String> = all_parsed()
         .flatten()
         .filter_map(|message| message.group_id.clone())
         .collect::<BTreeSet<_>>()
@@ -469,66 +653,77 @@ async fn apply(
         .map(|row| row.lookup.clone())
         .collect();
 
-    let mut report = IngestReport::default();
+    let mut reports: Vec<IngestReport> = Vec::with_capacity(jobs.len());
+    // Across the whole group: a message id sent twice is stored once.
     let mut seen_in_batch: HashSet<String> = HashSet::new();
-    for (index, result) in parsed.iter().enumerate() {
-        let message = match result {
-            Ok(message) => message,
-            Err(rejection) => {
-                work.count(format!("rejected:{}", rejection.code));
-                let message_id = batch.messages[index]
-                    .get("messageId")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
+    for job in jobs {
+        work.source = job.source;
+        let batch = job.batch;
+        let mut report = IngestReport::default();
+        for (index, result) in job.parsed.iter().enumerate() {
+            let message = match result {
+                Ok(message) => message,
+                Err(rejection) => {
+                    work.count(format!("rejected:{}", rejection.code));
+                    let message_id = batch.messages[index]
+                        .get("messageId")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned);
+                    report.messages.push(MessageReport {
+                        index,
+                        message_id,
+                        outcome: Outcome::Rejected(rejection.clone()),
+                    });
+                    continue;
+                }
+            };
+            if stored.contains(&message.message_id)
+                || !seen_in_batch.insert(message.message_id.clone())
+            {
+                work.count("duplicate");
                 report.messages.push(MessageReport {
                     index,
-                    message_id,
-                    outcome: Outcome::Rejected(rejection.clone()),
+                    message_id: Some(message.message_id.clone()),
+                    outcome: Outcome::Duplicate,
                 });
                 continue;
             }
-        };
-        if stored.contains(&message.message_id) || !seen_in_batch.insert(message.message_id.clone())
-        {
-            work.count("duplicate");
-            report.messages.push(MessageReport {
-                index,
-                message_id: Some(message.message_id.clone()),
-                outcome: Outcome::Duplicate,
-            });
-            continue;
-        }
-        match apply_message(&mut work, message, &known_user_ids, batch.received_at) {
-            Ok((profile_id, event_id)) => {
-                work.count("accepted");
-                // Warnings are reported for the messages that were stored.
-                for warning in &message.warnings {
-                    work.count(format!("warning:{warning}"));
+            match apply_message(&mut work, message, &known_user_ids, batch.received_at) {
+                Ok((profile_id, event_id)) => {
+                    work.count("accepted");
+                    // Warnings are reported for the messages that were stored.
+                    for warning in &message.warnings {
+                        work.count(format!("warning:{warning}"));
+                    }
+                    report.messages.push(MessageReport {
+                        index,
+                        message_id: Some(message.message_id.clone()),
+                        outcome: Outcome::Accepted {
+                            profile_id,
+                            event_id,
+                        },
+                    });
                 }
-                report.messages.push(MessageReport {
-                    index,
-                    message_id: Some(message.message_id.clone()),
-                    outcome: Outcome::Accepted {
-                        profile_id,
-                        event_id,
-                    },
-                });
-            }
-            Err(rejection) => {
-                work.count(format!("rejected:{}", rejection.code));
-                report.messages.push(MessageReport {
-                    index,
-                    message_id: Some(message.message_id.clone()),
-                    outcome: Outcome::Rejected(rejection),
-                });
+                Err(rejection) => {
+                    work.count(format!("rejected:{}", rejection.code));
+                    report.messages.push(MessageReport {
+                        index,
+                        message_id: Some(message.message_id.clone()),
+                        outcome: Outcome::Rejected(rejection),
+                    });
+                }
             }
         }
+
+        reports.push(report);
     }
 
     // Resolve every row to its final profile, then write.
-    for report in &mut report.messages {
-        if let Outcome::Accepted { profile_id, .. } = &mut report.outcome {
-            *profile_id = work.final_id(*profile_id);
+    for report in &mut reports {
+        for message in &mut report.messages {
+            if let Outcome::Accepted { profile_id, .. } = &mut message.outcome {
+                *profile_id = work.final_id(*profile_id);
+            }
         }
     }
     let mut set = WriteSet::default();
@@ -582,15 +777,14 @@ async fn apply(
     for row in &mut set.ledger {
         row.profile_id = work.final_id(row.profile_id);
     }
-    let stats_id = source.stats_id();
     let mut stats: Vec<(Uuid, String, i64)> = work
         .stats
         .into_iter()
-        .map(|(outcome, count)| (stats_id, outcome, count))
+        .map(|((source, outcome), count)| (source, outcome, count))
         .collect();
     stats.sort();
     set.stats = stats;
-    let understanding = Understanding::of(&set, parsed, &report, &owner_ids);
+    let understanding = Understanding::of(&set, jobs, &reports, &owner_ids);
     store::ingest::apply(tx, set, now).await?;
     // Every write of the batch is done and the transaction is still open: the stage and the
     // segments of the profiles it changed are decided here, in the same transaction.
@@ -611,8 +805,7 @@ async fn apply(
     );
     let reactions = super::reactions::react(tx, state.store.backend(), &notices, now).await?;
     notices.extend(reactions);
-    report.notices = notices;
-    Ok(report)
+    Ok((reports, notices))
 }
 
 /// What a batch changed, for real-time understanding: per surviving profile, what changed; the
@@ -662,8 +855,8 @@ impl Understanding {
 
     fn of(
         set: &WriteSet,
-        parsed: &[Result<Message, Rejection>],
-        report: &IngestReport,
+        jobs: &[Job<'_>],
+        reports: &[IngestReport],
         existing: &BTreeSet<Uuid>,
     ) -> Understanding {
         use super::understand::Delta;
@@ -683,11 +876,19 @@ impl Understanding {
                 }
             }
         }
-        for message_report in &report.messages {
-            let Outcome::Accepted { profile_id, .. } = message_report.outcome else {
-                continue;
-            };
-            if let Some(Ok(message)) = parsed.get(message_report.index) {
+        let accepted = jobs.iter().zip(reports).flat_map(|(job, report)| {
+            report
+                .messages
+                .iter()
+                .filter_map(move |message_report| match message_report.outcome {
+                    Outcome::Accepted { profile_id, .. } => {
+                        Some((profile_id, job.parsed.get(message_report.index)))
+                    }
+                    _ => None,
+                })
+        });
+        for (profile_id, parsed) in accepted {
+            if let Some(Ok(message)) = parsed {
                 if message.kind == domain::ingest::MessageType::Identify {
                     deltas
                         .entry(profile_id)

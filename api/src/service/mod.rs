@@ -95,6 +95,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// Committed membership changes and stage transitions, for subscriptions and campaigns.
     pub bus: bus::Bus,
+    /// The per-tenant writers of the ingestion write path.
+    pub group_commit: Arc<ingest::GroupCommit>,
 }
 
 impl AppState {
