@@ -4,8 +4,11 @@
 //! Guarantees: every value, JSON key, JSON path, instant and count reaches the database as a bound
 //! parameter; the SQL text is assembled from fixed fragments only. Every table is filtered by the
 //! transaction's tenant. Every leaf is TRUE or FALSE, never NULL, so `NOT` follows rule 1 of the
-//! condition language. Event conditions become one `GROUP BY` aggregate each, left-joined to the
-//! profiles, so a profile without matching events counts zero.
+//! condition language. An event condition becomes an `IN` (semi-join) or `NOT EXISTS`
+//! (anti-join) test when it asks for at least one or for no matching event; otherwise one
+//! `GROUP BY` aggregate, inner-joined with its `HAVING` count when it is a top-level `AND` term
+//! that zero does not satisfy, else left-joined to the profiles, so that a profile without
+//! matching events counts zero.
 //!
 //! How facts map to the rules (what the in-memory facts builder must do for the two to agree):
 //! - `first_seen_at` and `last_seen_at` are strings, written as [`instant_fact_text`] writes them
@@ -35,7 +38,8 @@
 //! exact (`days_since_last_seen`), and a deterministic default collation (text `=` is byte-wise).
 //! An order comparison of a JSON or `stage` string with an instant evaluates a small scalar
 //! subquery per row (the text is bound once, then validated by rule 7 and converted, never
-//! raising); event counts are one aggregate per event condition, not a subquery per profile.
+//! raising); event counts are one aggregate per event condition, not a subquery per profile
+//! (the `IN` and `NOT EXISTS` tests are planned as semi-joins, anti-joins or one hashed set).
 
 use chrono::{DateTime, NaiveDate, SecondsFormat, SubsecRound, Utc};
 use domain::condition::{
@@ -226,7 +230,7 @@ fn fragment(
         aliases: 0,
     };
     let mut predicate = Sql::default();
-    compiler.condition(&mut predicate, condition);
+    compiler.condition(&mut predicate, condition, true);
 
     let mut sql = Sql::default();
     sql.push(match shape {
@@ -317,6 +321,18 @@ fn sql_op(op: Op) -> Option<&'static str> {
     }
 }
 
+/// Whether a count of `count` satisfies `op n`.
+fn count_holds(op: CountOp, n: u32, count: u32) -> bool {
+    match op {
+        CountOp::Eq => count == n,
+        CountOp::Neq => count != n,
+        CountOp::Gt => count > n,
+        CountOp::Gte => count >= n,
+        CountOp::Lt => count < n,
+        CountOp::Lte => count <= n,
+    }
+}
+
 fn count_op(op: CountOp) -> &'static str {
     match op {
         CountOp::Eq => " = ",
@@ -360,9 +376,13 @@ impl Compiler<'_> {
         self.backend == Backend::Postgres
     }
 
-    fn condition(&mut self, out: &mut Sql, condition: &Condition) {
+    /// `condition` as a predicate that is TRUE or FALSE. `conjunct` says that the predicate is
+    /// the whole WHERE clause or one of its top-level `AND` terms (reached from the root through
+    /// `all` only), where a row that fails it is dropped whatever else holds.
+    fn condition(&mut self, out: &mut Sql, condition: &Condition, conjunct: bool) {
         match condition {
             Condition::All(items) | Condition::Any(items) => {
+                let conjunct = conjunct && matches!(condition, Condition::All(_));
                 let (joiner, empty) = match condition {
                     Condition::All(_) => (" AND ", "TRUE"),
                     _ => (" OR ", "FALSE"),
@@ -376,13 +396,13 @@ impl Compiler<'_> {
                     if i > 0 {
                         out.push(joiner);
                     }
-                    self.condition(out, item);
+                    self.condition(out, item, conjunct);
                 }
                 out.push(")");
             }
             Condition::Not(inner) => {
                 out.push("(NOT ");
-                self.condition(out, inner);
+                self.condition(out, inner, false);
                 out.push(")");
             }
             Condition::Trait { path, op, value } => {
@@ -425,7 +445,7 @@ impl Compiler<'_> {
                 filters,
                 count,
                 within,
-            } => self.event(out, name, filters, count.op, count.n, *within),
+            } => self.event(out, name, filters, count.op, count.n, *within, conjunct),
             Condition::Stage(key) => {
                 out.push("COALESCE(p.stage = ")
                     .bind(key.clone())
@@ -441,6 +461,17 @@ impl Compiler<'_> {
         }
     }
 
+    /// An event condition, in the cheapest of three shapes that all count the same events:
+    /// - "at least one" (`gte 1`, `gt 0`) is `p.id IN (<the matching events' profiles>)`, which
+    ///   the databases run as a semi-join, or as one hashed set when it is an arm of an `OR`;
+    ///   "none" (`lt 1`, `lte 0`, `eq 0`) is a correlated `NOT EXISTS`, an anti-join on the
+    ///   events index (never `NOT IN`, which PostgreSQL cannot turn into an anti-join);
+    /// - a count that zero does not satisfy, as a top-level `AND` term (`conjunct`), is an inner
+    ///   join to the profiles having that count (`GROUP BY … HAVING`), so the database may start
+    ///   from the few matching events instead of reading every profile;
+    /// - anything else is a `LEFT JOIN` to the per-profile counts, where a profile without
+    ///   events counts zero.
+    #[allow(clippy::too_many_arguments)]
     fn event(
         &mut self,
         out: &mut Sql,
@@ -449,18 +480,84 @@ impl Compiler<'_> {
         op: CountOp,
         n: u32,
         within: Option<domain::condition::Window>,
+        conjunct: bool,
     ) {
+        let exists = match (op, n) {
+            (CountOp::Gte, 1) | (CountOp::Gt, 0) => Some(true),
+            (CountOp::Lt, 1) | (CountOp::Lte, 0) | (CountOp::Eq, 0) => Some(false),
+            _ => None,
+        };
+        match exists {
+            Some(true) => {
+                // Never NULL: neither `p.id` nor `e.profile_id` is.
+                out.push("(p.id IN (SELECT e.profile_id FROM events e WHERE e.tenant_id = ")
+                    .bind(self.tenant);
+                self.event_filter(out, name, filters, within, true);
+                out.push("))");
+                return;
+            }
+            Some(false) => {
+                out.push("(NOT EXISTS (SELECT 1 FROM events e WHERE e.tenant_id = ")
+                    .bind(self.tenant)
+                    .push(" AND e.profile_id = p.id");
+                self.event_filter(out, name, filters, within, false);
+                out.push("))");
+                return;
+            }
+            None => {}
+        }
         self.aliases += 1;
         let alias = format!("ev{}", self.aliases);
+        let inner = conjunct && !count_holds(op, n, 0);
         let mut join = Sql::default();
-        join.push(" LEFT JOIN (SELECT e.profile_id AS profile_id, COUNT(*) AS n FROM events e WHERE e.tenant_id = ")
-            .bind(self.tenant);
+        join.push(if inner {
+            " JOIN (SELECT e.profile_id AS profile_id FROM events e WHERE e.tenant_id = "
+        } else {
+            " LEFT JOIN (SELECT e.profile_id AS profile_id, COUNT(*) AS n FROM events e WHERE e.tenant_id = "
+        })
+        .bind(self.tenant);
+        self.event_filter(&mut join, name, filters, within, true);
+        join.push(" GROUP BY e.profile_id");
+        if inner {
+            join.push(" HAVING COUNT(*)")
+                .push(count_op(op))
+                .bind(i64::from(n));
+        }
+        join.push(") ")
+            .push(&alias)
+            .push(" ON ")
+            .push(&alias)
+            .push(".profile_id = p.id");
+        self.joins.append(join);
+        if inner {
+            // The join keeps only the profiles with that count.
+            out.push("TRUE");
+        } else {
+            out.push("(COALESCE(")
+                .push(&alias)
+                .push(".n, 0)")
+                .push(count_op(op))
+                .bind(i64::from(n))
+                .push(")");
+        }
+    }
+
+    /// The `AND …` terms selecting the events `e` an event condition counts (after the tenant);
+    /// `restrict` adds the `only` ids (a correlated test needs none).
+    fn event_filter(
+        &mut self,
+        join: &mut Sql,
+        name: &EventName,
+        filters: &[PropertyPredicate],
+        within: Option<domain::condition::Window>,
+        restrict: bool,
+    ) {
         if let EventName::Named(name) = name {
             join.push(" AND e.name = ").bind(name.clone());
         }
-        if let Some(ids) = self.only {
+        if let Some(ids) = self.only.filter(|_| restrict) {
             join.push(" AND ");
-            in_list(&mut join, "e.profile_id", ids);
+            in_list(join, "e.profile_id", ids);
         }
         if let Some(window) = within {
             let since = floor_instant(
@@ -485,11 +582,11 @@ impl Compiler<'_> {
                         .bind(next.format("%Y-%m-%dT%H:%M:%S").to_string());
                 }
                 join.push(" AND ");
-                sqlite_micros(&mut join, "e.\"timestamp\"");
+                sqlite_micros(join, "e.\"timestamp\"");
                 join.push(" >= ")
                     .bind(since.timestamp_micros())
                     .push(" AND ");
-                sqlite_micros(&mut join, "e.\"timestamp\"");
+                sqlite_micros(join, "e.\"timestamp\"");
                 join.push(" <= ").bind(now.timestamp_micros());
             }
         }
@@ -506,21 +603,9 @@ impl Compiler<'_> {
                     column: "e.properties",
                     path: &filter.path,
                 };
-                self.compare(&mut join, src, filter.op, &filter.value);
+                self.compare(join, src, filter.op, &filter.value);
             }
         }
-        join.push(" GROUP BY e.profile_id) ")
-            .push(&alias)
-            .push(" ON ")
-            .push(&alias)
-            .push(".profile_id = p.id");
-        self.joins.append(join);
-        out.push("(COALESCE(")
-            .push(&alias)
-            .push(".n, 0)")
-            .push(count_op(op))
-            .bind(i64::from(n))
-            .push(")");
     }
 
     /// `op` with `operand` applied to the value of `src` (rules 3 to 10): TRUE or FALSE.
