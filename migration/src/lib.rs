@@ -11,6 +11,7 @@ mod m20261128_000001_foundation;
 mod m20261128_000002_customer_data;
 mod m20261128_000003_understand;
 mod m20261128_000010_ingest_tuning;
+mod m20261128_000012_campaigns;
 pub mod tenancy;
 
 pub struct Migrator;
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000002_customer_data::Migration),
             Box::new(m20261128_000003_understand::Migration),
             Box::new(m20261128_000010_ingest_tuning::Migration),
+            Box::new(m20261128_000012_campaigns::Migration),
         ]
     }
 }

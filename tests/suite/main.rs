@@ -5,6 +5,7 @@
 mod accounts;
 mod analytics;
 mod bad_input;
+mod campaigns;
 mod collect;
 mod http_surface;
 mod import;

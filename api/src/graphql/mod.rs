@@ -6,6 +6,7 @@
 
 mod accounts;
 mod analytics;
+mod campaigns;
 mod customers;
 mod segments;
 pub mod transport;
@@ -25,6 +26,7 @@ pub struct Query(
     customers::CustomersQuery,
     analytics::AnalyticsQuery,
     segments::SegmentsQuery,
+    campaigns::CampaignsQuery,
 );
 
 #[derive(MergedObject, Default)]
@@ -32,6 +34,7 @@ pub struct Mutation(
     accounts::AccountsMutation,
     customers::CustomersMutation,
     segments::SegmentsMutation,
+    campaigns::CampaignsMutation,
 );
 
 pub type CdpSchema = Schema<Query, Mutation, EmptySubscription>;

@@ -8,6 +8,7 @@ mod graphiql;
 mod graphql;
 mod health;
 pub mod ratelimit;
+mod unsubscribe;
 
 use poem::http::Method;
 use poem::middleware::Cors;
@@ -48,6 +49,10 @@ pub fn routes(state: AppState, schema: CdpSchema) -> poem::Route {
         .nest("/graphql", graphql_routes)
         .at("/healthz", get(health::healthz))
         .at("/readyz", get(health::readyz))
+        .at(
+            "/unsubscribe",
+            get(unsubscribe::show).post(unsubscribe::confirm),
+        )
 }
 
 /// The CORS policy for browser frontends, from `CDP_CORS_ORIGINS`.

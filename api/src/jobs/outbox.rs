@@ -2,13 +2,20 @@
 //! the result. A claim is a lease: if this process dies between claim and send, the lease expires
 //! and another worker (or this one after a restart) sends the email, with the same Message-ID.
 //! Retries back off exponentially with jitter; after the last attempt the email is FAILED.
+//! Campaign emails are rendered here, for their profile as it is at send time, and are suppressed
+//! instead of sent when the consent was withdrawn since they were queued; a change of a campaign
+//! email's status is published on the bus after its commit.
 
 use std::time::Duration;
 
 use rand::Rng;
 
+use domain::TenantId;
+
 use super::Shutdown;
 use crate::mail::{Mailer, OutgoingEmail};
+use crate::service::bus::Notice;
+use crate::service::campaigns::{self, Prepared};
 use crate::service::AppState;
 use crate::store::{self, outbox::OutboxRow};
 
@@ -50,49 +57,119 @@ pub async fn process_due(state: &AppState, mailer: &Mailer) -> anyhow::Result<us
 }
 
 async fn deliver(state: &AppState, mailer: &Mailer, row: &OutboxRow) -> anyhow::Result<()> {
-    let email = OutgoingEmail {
-        message_id: row.message_id.clone(),
-        to: row.to_address.clone(),
-        subject: row.subject.clone(),
-        text_body: row.text_body.clone(),
-        html_body: row.html_body.clone(),
-        headers: row
-            .headers
-            .as_object()
-            .map(|headers| {
-                headers
-                    .iter()
-                    .filter_map(|(name, value)| {
-                        value.as_str().map(|value| (name.clone(), value.to_owned()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
+    // Campaign emails are queued without an attempt limit of their own (they are queued inside
+    // write transactions that do not know the configuration): the worker's applies.
+    let configured;
+    let row = if row.max_attempts <= 0 {
+        configured = OutboxRow {
+            max_attempts: state.config.outbox_max_attempts,
+            ..row.clone()
+        };
+        &configured
+    } else {
+        row
     };
-    let result = mailer.send(&state.config.mail_from, &email).await;
-    let now = state.now();
-    let tx = state.store.begin_system("outbox: record delivery").await?;
-    match result {
+    let email = if row.campaign_id.is_some() {
+        match campaigns::prepare(state, row).await {
+            Ok(Prepared::Send(email)) => *email,
+            Ok(Prepared::Hold) => {
+                let tx = state
+                    .store
+                    .begin_system("outbox: hold a paused campaign's email")
+                    .await?;
+                store::outbox::release(&tx, row, state.now() + campaigns::PAUSED_RETRY).await?;
+                tx.commit().await?;
+                return Ok(());
+            }
+            Ok(Prepared::Suppress(reason)) => {
+                let tx = state
+                    .store
+                    .begin_system("outbox: suppress an email")
+                    .await?;
+                store::outbox::mark_suppressed(&tx, row, reason, state.now()).await?;
+                tx.commit().await?;
+                tracing::info!(email_id = %row.id, tenant_id = %row.tenant_id, reason, "email suppressed");
+                publish(state, row);
+                return Ok(());
+            }
+            Ok(Prepared::Fail(reason)) => {
+                record_failure(state, row, &reason, true).await?;
+                return Ok(());
+            }
+            Err(error) => {
+                record_failure(state, row, &format!("cannot prepare: {error}"), false).await?;
+                return Ok(());
+            }
+        }
+    } else {
+        OutgoingEmail {
+            message_id: row.message_id.clone(),
+            to: row.to_address.clone(),
+            subject: row.subject.clone(),
+            text_body: row.text_body.clone(),
+            html_body: row.html_body.clone(),
+            headers: row
+                .headers
+                .as_object()
+                .map(|headers| {
+                    headers
+                        .iter()
+                        .filter_map(|(name, value)| {
+                            value.as_str().map(|value| (name.clone(), value.to_owned()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    };
+    match mailer.send(&state.config.mail_from, &email).await {
         Ok(()) => {
-            store::outbox::mark_sent(&tx, row, now).await?;
+            let tx = state.store.begin_system("outbox: record delivery").await?;
+            store::outbox::mark_sent(&tx, row, state.now()).await?;
+            tx.commit().await?;
             tracing::info!(email_id = %row.id, tenant_id = %row.tenant_id, kind = %row.kind, "email sent");
+            publish(state, row);
         }
-        Err(error) => {
-            let retry_after = backoff(state.config.outbox_backoff_base, row.attempts);
-            let status = store::outbox::mark_attempt_failed(
-                &tx,
-                row,
-                &error.message,
-                error.permanent,
-                chrono::Duration::from_std(retry_after)?,
-                now,
-            )
-            .await?;
-            tracing::warn!(email_id = %row.id, tenant_id = %row.tenant_id, attempts = row.attempts, status, error = %error.message, "email not sent");
-        }
+        Err(error) => record_failure(state, row, &error.message, error.permanent).await?,
     }
-    tx.commit().await?;
     Ok(())
+}
+
+/// Records a failed attempt: retried later with backoff, or FAILED for good.
+async fn record_failure(
+    state: &AppState,
+    row: &OutboxRow,
+    error: &str,
+    permanent: bool,
+) -> anyhow::Result<()> {
+    let retry_after = backoff(state.config.outbox_backoff_base, row.attempts);
+    let tx = state.store.begin_system("outbox: record delivery").await?;
+    let status = store::outbox::mark_attempt_failed(
+        &tx,
+        row,
+        error,
+        permanent,
+        chrono::Duration::from_std(retry_after)?,
+        state.now(),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::warn!(email_id = %row.id, tenant_id = %row.tenant_id, attempts = row.attempts, status, error = %error, "email not sent");
+    if status == store::outbox::FAILED {
+        publish(state, row);
+    }
+    Ok(())
+}
+
+/// Tells subscribers, after the commit, that a campaign email changed status.
+fn publish(state: &AppState, row: &OutboxRow) {
+    if row.campaign_id.is_some() {
+        state.bus.publish([Notice::EmailDelivery {
+            tenant_id: TenantId(row.tenant_id),
+            delivery_id: row.id,
+            campaign_id: row.campaign_id,
+        }]);
+    }
 }
 
 /// Exponential backoff with full jitter over the upper half: base × 2^(attempt-1), between 50 %

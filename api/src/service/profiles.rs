@@ -821,6 +821,47 @@ fn rebuilt(
     }
 }
 
+/// Writes a consent decision of a (live) profile in the caller's transaction, and lets the
+/// segments and stages on that consent follow in the same transaction. Returns the notices to
+/// publish after the commit. `setConsent` and the unsubscribe link both come through here.
+pub(crate) async fn record_consent(
+    tx: &store::TenantTx,
+    backend: store::Backend,
+    profile_id: Uuid,
+    purpose: &str,
+    granted: bool,
+    source: &str,
+    now: DateTime<Utc>,
+) -> store::StoreResult<Vec<Notice>> {
+    let tenant_id = tx.tenant_id();
+    let set = store::ingest::WriteSet {
+        consents: vec![store::profiles::ConsentRow {
+            tenant_id: tenant_id.as_uuid(),
+            profile_id,
+            purpose: purpose.to_owned(),
+            granted,
+            updated_at: now,
+            source: source.to_owned(),
+        }],
+        ..Default::default()
+    };
+    store::ingest::apply(tx, set, now).await?;
+    let mut notices = vec![Notice::ProfileChanged {
+        tenant_id,
+        profile_id,
+        kind: ProfileChangeKind::Updated,
+    }];
+    let delta = super::understand::Delta {
+        consents: [purpose.to_owned()].into(),
+        ..Default::default()
+    };
+    notices.extend(
+        super::understand::after_write(tx, backend, &[(profile_id, delta)].into(), &[], now)
+            .await?,
+    );
+    Ok(notices)
+}
+
 /// Records a consent decision for a purpose.
 pub async fn set_consent(
     state: &AppState,
@@ -844,38 +885,16 @@ pub async fn set_consent(
     let row = store::profiles::get_resolved(&tx, id)
         .await?
         .ok_or(ServiceError::NotFound("profile"))?;
-    let set = store::ingest::WriteSet {
-        consents: vec![store::profiles::ConsentRow {
-            tenant_id: principal.tenant_id.as_uuid(),
-            profile_id: row.id,
-            purpose: purpose.to_owned(),
-            granted,
-            updated_at: now,
-            source: principal.actor(),
-        }],
-        ..Default::default()
-    };
-    store::ingest::apply(&tx, set, now).await?;
-    // Segments and stages on this consent follow in the same transaction.
-    let mut notices = vec![Notice::ProfileChanged {
-        tenant_id: principal.tenant_id,
-        profile_id: row.id,
-        kind: ProfileChangeKind::Updated,
-    }];
-    let delta = super::understand::Delta {
-        consents: [purpose.to_owned()].into(),
-        ..Default::default()
-    };
-    notices.extend(
-        super::understand::after_write(
-            &tx,
-            state.store.backend(),
-            &[(row.id, delta)].into(),
-            &[],
-            now,
-        )
-        .await?,
-    );
+    let notices = record_consent(
+        &tx,
+        state.store.backend(),
+        row.id,
+        purpose,
+        granted,
+        &principal.actor(),
+        now,
+    )
+    .await?;
     audit::record(
         state,
         &tx,

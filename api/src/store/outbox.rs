@@ -19,6 +19,8 @@ pub const QUEUED: &str = "QUEUED";
 pub const SENDING: &str = "SENDING";
 pub const SENT: &str = "SENT";
 pub const FAILED: &str = "FAILED";
+/// A campaign email decided not to be sent (see `suppression_reason`); never claimed.
+pub const SUPPRESSED: &str = "SUPPRESSED";
 
 pub struct NewEmail<'a> {
     pub id: Uuid,
@@ -56,6 +58,7 @@ pub async fn enqueue(
         sent_at: Set(None),
         campaign_id: Set(None),
         profile_id: Set(None),
+        suppression_reason: Set(None),
         created_at: Set(now),
     }
     .insert(tx.conn())
@@ -162,6 +165,49 @@ pub async fn mark_attempt_failed(
         .exec(tx.conn())
         .await?;
     Ok(status)
+}
+
+/// Records that a claimed email will not be sent, and why (consent withdrawn since it was queued).
+pub async fn mark_suppressed(
+    tx: &SystemTx,
+    row: &OutboxRow,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    email_outbox::Entity::update_many()
+        .col_expr(email_outbox::Column::Status, Expr::value(SUPPRESSED))
+        .col_expr(email_outbox::Column::SuppressionReason, Expr::value(reason))
+        .col_expr(email_outbox::Column::NextAttemptAt, Expr::value(now))
+        .col_expr(
+            email_outbox::Column::ClaimedUntil,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .filter(email_outbox::Column::TenantId.eq(row.tenant_id))
+        .filter(email_outbox::Column::Id.eq(row.id))
+        .exec(tx.conn())
+        .await?;
+    Ok(())
+}
+
+/// Gives a claimed email back unsent, without counting the attempt, to be claimed again at
+/// `retry_at` (its campaign is paused).
+pub async fn release(tx: &SystemTx, row: &OutboxRow, retry_at: DateTime<Utc>) -> StoreResult<()> {
+    email_outbox::Entity::update_many()
+        .col_expr(email_outbox::Column::Status, Expr::value(QUEUED))
+        .col_expr(email_outbox::Column::NextAttemptAt, Expr::value(retry_at))
+        .col_expr(
+            email_outbox::Column::Attempts,
+            Expr::value((row.attempts - 1).max(0)),
+        )
+        .col_expr(
+            email_outbox::Column::ClaimedUntil,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .filter(email_outbox::Column::TenantId.eq(row.tenant_id))
+        .filter(email_outbox::Column::Id.eq(row.id))
+        .exec(tx.conn())
+        .await?;
+    Ok(())
 }
 
 /// Every email of the tenant, oldest first (operator views and tests).

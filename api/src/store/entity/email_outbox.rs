@@ -25,6 +25,8 @@ pub struct Model {
     pub sent_at: Option<DateTimeUtc>,
     pub campaign_id: Option<Uuid>,
     pub profile_id: Option<Uuid>,
+    /// Why a SUPPRESSED email was not sent: no consent, no email, frequency cap.
+    pub suppression_reason: Option<String>,
     pub created_at: DateTimeUtc,
 }
 

@@ -2,6 +2,7 @@
 
 pub mod api_keys;
 pub mod audit_log;
+pub mod campaigns;
 pub mod consents;
 pub mod email_outbox;
 pub mod events;
