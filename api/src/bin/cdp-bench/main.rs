@@ -9,6 +9,8 @@
 //! - `ingest`: events per second through `POST /v1/batch`, with a check that no accepted event
 //!   was lost, against a baseline of plain multi-row INSERTs of the same rows into the same
 //!   schema (see `ingest.rs`).
+//! - `segments`: segment builds and selects on a large generated tenant against hand-written SQL,
+//!   and ingestion throughput with 50 segments against none (see `segments.rs`).
 //!
 //! Run it in release mode:
 //!
@@ -23,6 +25,7 @@
 
 mod harness;
 mod ingest;
+mod segments;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -42,12 +45,15 @@ struct Cli {
 enum Scenario {
     /// Collection API throughput (POST /v1/batch) against plain multi-row INSERTs.
     Ingest(ingest::IngestArgs),
+    /// Segment builds against hand-written SQL on a large tenant, and ingestion with 50 segments.
+    Segments(segments::SegmentsArgs),
 }
 
 impl Scenario {
     async fn run(self) -> anyhow::Result<()> {
         match self {
             Scenario::Ingest(args) => ingest::run(args).await,
+            Scenario::Segments(args) => segments::run(args).await,
         }
     }
 }
