@@ -78,6 +78,17 @@ pub struct Config {
     /// How long `createSegment`/`updateSegment` wait for the build before answering with the
     /// segment still building (the build goes on).
     pub segment_build_wait: Duration,
+    /// Webhook workers in this process; 0 disables webhook sending (another process sends).
+    pub webhook_workers: usize,
+    pub webhook_poll_interval: Duration,
+    /// Attempts of one webhook delivery before it is FAILED.
+    pub webhook_max_attempts: i32,
+    /// First retry delay of a webhook delivery; doubles with each attempt, with jitter.
+    pub webhook_backoff_base: Duration,
+    /// How long one webhook request may take.
+    pub webhook_timeout: Duration,
+    /// Accept `http://` webhook URLs to localhost and 127.0.0.1 (development and tests only).
+    pub webhook_allow_http: bool,
 }
 
 impl Config {
@@ -174,6 +185,15 @@ impl Config {
                 "CDP_SEGMENT_BUILD_WAIT_SECS",
                 "10",
             )?),
+            webhook_workers: parse_var("CDP_WEBHOOK_WORKERS", "1")?,
+            webhook_poll_interval: Duration::from_millis(parse_var("CDP_WEBHOOK_POLL_MS", "1000")?),
+            webhook_max_attempts: parse_var("CDP_WEBHOOK_MAX_ATTEMPTS", "8")?,
+            webhook_backoff_base: Duration::from_millis(parse_var(
+                "CDP_WEBHOOK_BACKOFF_MS",
+                "30000",
+            )?),
+            webhook_timeout: Duration::from_secs(parse_var("CDP_WEBHOOK_TIMEOUT_SECS", "10")?),
+            webhook_allow_http: parse_var("CDP_WEBHOOK_ALLOW_HTTP", "false")?,
         })
     }
 
@@ -214,6 +234,12 @@ impl Config {
             scheduler_tick: Duration::ZERO,
             scheduler_batch: 500,
             segment_build_wait: Duration::from_secs(60),
+            webhook_workers: 1,
+            webhook_poll_interval: Duration::from_millis(50),
+            webhook_max_attempts: 3,
+            webhook_backoff_base: Duration::from_millis(50),
+            webhook_timeout: Duration::from_secs(10),
+            webhook_allow_http: false,
         }
     }
 

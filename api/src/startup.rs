@@ -84,6 +84,13 @@ pub async fn build_with_clock(
         )));
     }
 
+    for _ in 0..state.config.webhook_workers {
+        background.push(tokio::spawn(jobs::webhooks::run(
+            state.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
+
     background.push(tokio::spawn(jobs::scheduler::run(
         state.clone(),
         shutdown_rx.clone(),

@@ -12,6 +12,7 @@ mod m20261128_000002_customer_data;
 mod m20261128_000003_understand;
 mod m20261128_000010_ingest_tuning;
 mod m20261128_000012_campaigns;
+mod m20261128_000013_webhooks;
 pub mod tenancy;
 
 pub struct Migrator;
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000003_understand::Migration),
             Box::new(m20261128_000010_ingest_tuning::Migration),
             Box::new(m20261128_000012_campaigns::Migration),
+            Box::new(m20261128_000013_webhooks::Migration),
         ]
     }
 }

@@ -15,3 +15,4 @@ mod segments;
 mod support;
 mod tidy;
 mod unify;
+mod webhooks;

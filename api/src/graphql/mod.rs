@@ -11,6 +11,7 @@ mod customers;
 mod segments;
 pub mod transport;
 mod types;
+mod webhooks;
 
 use async_graphql::{
     EmptySubscription, Error, ErrorExtensions, MergedObject, Response, Schema, ServerError,
@@ -26,6 +27,7 @@ pub struct Query(
     customers::CustomersQuery,
     analytics::AnalyticsQuery,
     segments::SegmentsQuery,
+    webhooks::WebhooksQuery,
     campaigns::CampaignsQuery,
 );
 
@@ -34,6 +36,7 @@ pub struct Mutation(
     accounts::AccountsMutation,
     customers::CustomersMutation,
     segments::SegmentsMutation,
+    webhooks::WebhooksMutation,
     campaigns::CampaignsMutation,
 );
 

@@ -25,6 +25,7 @@ pub mod sessions;
 pub mod tenants;
 pub mod tokens;
 pub mod users;
+pub mod webhooks;
 
 use std::time::Duration;
 

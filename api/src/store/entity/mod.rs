@@ -24,3 +24,5 @@ pub mod segments;
 pub mod tenants;
 pub mod user_roles;
 pub mod users;
+pub mod webhook_deliveries;
+pub mod webhooks;
