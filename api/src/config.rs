@@ -54,6 +54,11 @@ pub struct Config {
     /// Hard cap on a collection API body, compressed or not (`CDP_INGEST_MAX_BODY_BYTES`, default
     /// 16 MiB). Each tenant's own limit (4 MB by default) applies below it.
     pub ingest_max_body_bytes: usize,
+    /// Whether a tenant's concurrent ingestion requests are written in one transaction by one
+    /// writer task (`CDP_INGEST_GROUP_COMMIT` = on | off | auto). `None` is auto: on for SQLite,
+    /// which has one writer at a time anyway, off for PostgreSQL, where concurrent transactions
+    /// use more cores (measured in docs/PERFORMANCE.md).
+    pub ingest_group_commit: Option<bool>,
     pub access_token_ttl: Duration,
     pub refresh_token_ttl: Duration,
     pub activation_token_ttl: Duration,
@@ -156,6 +161,14 @@ impl Config {
                 max_batch: parse_var("CDP_GRAPHQL_MAX_BATCH", "10")?,
             },
             ingest_max_body_bytes: parse_var("CDP_INGEST_MAX_BODY_BYTES", "16777216")?,
+            ingest_group_commit: match var("CDP_INGEST_GROUP_COMMIT").as_deref() {
+                None | Some("auto") => None,
+                Some("on") => Some(true),
+                Some("off") => Some(false),
+                Some(other) => anyhow::bail!(
+                    "CDP_INGEST_GROUP_COMMIT must be on, off or auto, not {other:?}"
+                ),
+            },
             access_token_ttl: Duration::from_secs(parse_var("CDP_ACCESS_TOKEN_TTL_SECS", "900")?),
             refresh_token_ttl: Duration::from_secs(parse_var(
                 "CDP_REFRESH_TOKEN_TTL_SECS",
@@ -219,6 +232,7 @@ impl Config {
                 max_batch: 10,
             },
             ingest_max_body_bytes: 16 * 1024 * 1024,
+            ingest_group_commit: None,
             access_token_ttl: Duration::from_secs(900),
             refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
             activation_token_ttl: Duration::from_secs(72 * 3600),

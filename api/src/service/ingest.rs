@@ -124,20 +124,24 @@ pub async fn ingest_with(
             parse_message(raw, &envelope, &options)
         })
         .collect();
-    state
-        .group_commit
-        .submit(
-            state,
-            tenant_id,
-            Pending {
-                source: source.clone(),
-                batch,
-                parsed,
-                rules: settings.identity_rules.clone(),
-                reply: None,
-            },
-        )
-        .await
+    let pending = Pending {
+        source: source.clone(),
+        batch,
+        parsed,
+        rules: settings.identity_rules.clone(),
+        reply: None,
+    };
+    let grouped = state
+        .config
+        .ingest_group_commit
+        .unwrap_or(state.store.backend() == store::Backend::Sqlite);
+    if grouped {
+        state.group_commit.submit(state, tenant_id, pending).await
+    } else {
+        commit_group(state, tenant_id, std::slice::from_ref(&pending))
+            .await
+            .map(|mut reports| reports.remove(0))
+    }
 }
 
 /// Per-tenant group commit: one writer task per tenant and process takes every request that is
