@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use domain::condition::{Attribute, EventFact, ProfileFacts};
-use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
 use serde_json::{json, Value as Json};
 use uuid::Uuid;
 
@@ -109,14 +109,27 @@ pub async fn load(
         if let Some(since) = needs.since {
             query = query.filter(events::Column::Timestamp.gte(since));
         }
-        for event in query.all(tx.conn()).await? {
-            if let Some(profile) = facts.get_mut(&event.profile_id) {
+        // Only what conditions read: not the context, ids or channels of the events.
+        let rows: Vec<(Uuid, Option<String>, DateTime<Utc>, Json)> = query
+            .select_only()
+            .column(events::Column::ProfileId)
+            .column(events::Column::Name)
+            .column(events::Column::Timestamp)
+            .column(events::Column::Properties)
+            .into_tuple()
+            .all(tx.conn())
+            .await?;
+        for (profile_id, name, timestamp, properties) in rows {
+            if let Some(profile) = facts.get_mut(&profile_id) {
                 profile.events.push(EventFact {
                     // A nameless event (identify, an unnamed page) counts only for `$any`, and
                     // no condition can name the empty string.
-                    name: event.name.unwrap_or_default(),
-                    timestamp: event.timestamp,
-                    properties: event.properties.as_object().cloned().unwrap_or_default(),
+                    name: name.unwrap_or_default(),
+                    timestamp,
+                    properties: match properties {
+                        Json::Object(map) => map,
+                        _ => Default::default(),
+                    },
                 });
             }
         }
