@@ -83,6 +83,10 @@ pub struct Config {
     /// How long `createSegment`/`updateSegment` wait for the build before answering with the
     /// segment still building (the build goes on).
     pub segment_build_wait: Duration,
+    /// Authenticated `/graphql/ws` sockets per tenant in this process; more are refused.
+    pub ws_max_sockets_per_tenant: usize,
+    /// Active subscriptions per tenant in this process, over all its sockets; more are refused.
+    pub ws_max_subscriptions_per_tenant: usize,
     /// Webhook workers in this process; 0 disables webhook sending (another process sends).
     pub webhook_workers: usize,
     pub webhook_poll_interval: Duration,
@@ -198,6 +202,11 @@ impl Config {
                 "CDP_SEGMENT_BUILD_WAIT_SECS",
                 "10",
             )?),
+            ws_max_sockets_per_tenant: parse_var("CDP_WS_MAX_SOCKETS_PER_TENANT", "1000")?,
+            ws_max_subscriptions_per_tenant: parse_var(
+                "CDP_WS_MAX_SUBSCRIPTIONS_PER_TENANT",
+                "5000",
+            )?,
             webhook_workers: parse_var("CDP_WEBHOOK_WORKERS", "1")?,
             webhook_poll_interval: Duration::from_millis(parse_var("CDP_WEBHOOK_POLL_MS", "1000")?),
             webhook_max_attempts: parse_var("CDP_WEBHOOK_MAX_ATTEMPTS", "8")?,
@@ -248,6 +257,8 @@ impl Config {
             scheduler_tick: Duration::ZERO,
             scheduler_batch: 500,
             segment_build_wait: Duration::from_secs(60),
+            ws_max_sockets_per_tenant: 1000,
+            ws_max_subscriptions_per_tenant: 5000,
             webhook_workers: 1,
             webhook_poll_interval: Duration::from_millis(50),
             webhook_max_attempts: 3,

@@ -43,6 +43,10 @@ pub async fn state(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppS
             config.login_max_failures,
             config.login_throttle_window,
         )),
+        realtime: crate::service::realtime::Realtime::new(crate::service::realtime::Limits {
+            sockets_per_tenant: config.ws_max_sockets_per_tenant,
+            subscriptions_per_tenant: config.ws_max_subscriptions_per_tenant,
+        }),
         config: Arc::new(config),
         clock,
         bus: crate::service::bus::Bus::new(),
@@ -92,6 +96,11 @@ pub async fn build_with_clock(
     }
 
     background.push(tokio::spawn(jobs::scheduler::run(
+        state.clone(),
+        shutdown_rx.clone(),
+    )));
+    // Other replicas' committed changes, for this process's subscribers (PostgreSQL only).
+    background.push(tokio::spawn(crate::service::fanout::run(
         state.clone(),
         shutdown_rx.clone(),
     )));

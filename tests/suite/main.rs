@@ -12,6 +12,7 @@ mod import;
 mod isolation;
 mod outbox;
 mod segments;
+mod subscriptions;
 mod support;
 mod tidy;
 mod unify;

@@ -9,12 +9,13 @@ mod analytics;
 mod campaigns;
 mod customers;
 mod segments;
+mod subscriptions;
 pub mod transport;
 mod types;
 mod webhooks;
 
 use async_graphql::{
-    EmptySubscription, Error, ErrorExtensions, MergedObject, Response, Schema, ServerError,
+    Error, ErrorExtensions, MergedObject, MergedSubscription, Response, Schema, ServerError,
 };
 
 use crate::auth::Principal;
@@ -40,7 +41,10 @@ pub struct Mutation(
     campaigns::CampaignsMutation,
 );
 
-pub type CdpSchema = Schema<Query, Mutation, EmptySubscription>;
+#[derive(MergedSubscription, Default)]
+pub struct Subscription(subscriptions::LiveSubscription);
+
+pub type CdpSchema = Schema<Query, Mutation, Subscription>;
 
 /// Per-request context: who is asking, and from where.
 #[derive(Debug, Clone, Default)]
@@ -53,7 +57,7 @@ pub struct RequestContext {
 }
 
 pub fn build_schema(state: AppState, limits: &GraphqlLimits) -> CdpSchema {
-    Schema::build(Query::default(), Mutation::default(), EmptySubscription)
+    Schema::build(Query::default(), Mutation::default(), Subscription::default())
         .data(state)
         .limit_depth(limits.max_depth)
         .limit_complexity(limits.max_complexity)
@@ -62,7 +66,7 @@ pub fn build_schema(state: AppState, limits: &GraphqlLimits) -> CdpSchema {
 
 /// The SDL of the schema, as `cdp schema` prints it. Needs no database.
 pub fn sdl() -> String {
-    Schema::build(Query::default(), Mutation::default(), EmptySubscription)
+    Schema::build(Query::default(), Mutation::default(), Subscription::default())
         .finish()
         .sdl()
 }

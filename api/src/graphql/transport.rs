@@ -1,13 +1,19 @@
 //! GraphQL over HTTP and WebSocket: turning a request body into executed operations, with the
 //! batching limit and the contract's error shape, and the WebSocket endpoint that authenticates
-//! in `connection_init`.
+//! in `connection_init`, counts sockets against their tenant's limit, and closes a socket with
+//! the `graphql-transport-ws` codes when its credentials are refused or expire.
 
-use async_graphql::http::{WebSocketProtocols, ALL_WEBSOCKET_PROTOCOLS};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_graphql::http::{WebSocketProtocols, WsMessage, ALL_WEBSOCKET_PROTOCOLS};
 use async_graphql::{BatchRequest, BatchResponse, Data};
-use async_graphql_poem::GraphQLWebSocket;
-use poem::web::websocket::WebSocket;
+use chrono::{DateTime, Utc};
+use futures::{SinkExt, StreamExt};
+use poem::web::websocket::{Message, WebSocket, WebSocketStream};
 use poem::{Endpoint, FromRequest, IntoResponse, Request, Response, Result};
 
+use super::subscriptions::SocketSession;
 use super::{ensure_error_codes, error_response, CdpSchema, RequestContext};
 use crate::service::{self, AppState, ServiceError};
 
@@ -63,12 +69,54 @@ pub async fn execute_json(
     }
 }
 
+/// What `connection_init` decided, shared with the socket loop: the refusal to send as the close
+/// reason, or when the accepted credentials expire.
+#[derive(Debug, Default)]
+struct Handshake {
+    refused: Option<String>,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+type SharedHandshake = Arc<Mutex<Handshake>>;
+
+fn lock(handshake: &SharedHandshake) -> std::sync::MutexGuard<'_, Handshake> {
+    handshake.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Close codes of the `graphql-transport-ws` protocol, used for the legacy protocol as well.
+mod close {
+    /// `connection_init` refused: no, bad or revoked credentials, or the tenant's socket limit.
+    pub const FORBIDDEN: u16 = 4403;
+    /// A subscription before the handshake, or credentials that expired on an open socket.
+    pub const UNAUTHORIZED: u16 = 4401;
+    /// No `connection_init` in time.
+    pub const INIT_TIMEOUT: u16 = 4408;
+}
+
+/// How long a socket may stay open without a successful `connection_init`.
+const INIT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Reads the credentials of `connection_init` (`{"authorization": "Bearer …"}`, any case of the
-/// key) and authenticates them. A socket without valid credentials is closed.
+/// key), authenticates them and counts the socket against its tenant's limit. A socket without
+/// valid credentials is closed (4403).
 async fn authenticate_socket(
     state: AppState,
     payload: serde_json::Value,
+    handshake: SharedHandshake,
 ) -> async_graphql::Result<Data> {
+    let outcome = accept_socket(&state, payload).await;
+    if let Err(error) = &outcome {
+        lock(&handshake).refused = Some(error.message.clone());
+    }
+    let (data, expires_at) = outcome?;
+    lock(&handshake).expires_at = expires_at;
+    Ok(data)
+}
+
+async fn accept_socket(
+    state: &AppState,
+    payload: serde_json::Value,
+) -> async_graphql::Result<(Data, Option<DateTime<Utc>>)> {
     let header = payload
         .as_object()
         .and_then(|object| {
@@ -86,7 +134,7 @@ async fn authenticate_socket(
         .strip_prefix("Bearer ")
         .or_else(|| header.strip_prefix("bearer "))
         .ok_or_else(|| async_graphql::Error::new("the authorization must be a Bearer token"))?;
-    let principal = service::auth::authenticate_bearer(&state, token)
+    let principal = service::auth::authenticate_bearer(state, token)
         .await
         .map_err(|error| match error {
             ServiceError::Unexpected(inner) => {
@@ -95,13 +143,19 @@ async fn authenticate_socket(
             }
             other => async_graphql::Error::new(other.to_string()),
         })?;
+    let expires_at = service::auth::bearer_expiry(state, token);
+    let permit = state
+        .realtime
+        .open_socket(principal.tenant_id)
+        .map_err(|refused| async_graphql::Error::new(refused.to_string()))?;
     let mut data = Data::default();
     data.insert(RequestContext {
         principal: Some(principal),
         auth_error: None,
         meta: Default::default(),
     });
-    Ok(data)
+    data.insert(SocketSession::new(expires_at, permit));
+    Ok((data, expires_at))
 }
 
 /// The `/graphql/ws` endpoint: `graphql-transport-ws` and the legacy `graphql-ws` protocol.
@@ -130,15 +184,106 @@ impl Endpoint for SubscriptionEndpoint {
         let state = self.state.clone();
         Ok(websocket
             .protocols(ALL_WEBSOCKET_PROTOCOLS)
-            .on_upgrade(move |stream| {
-                GraphQLWebSocket::new(
-                    stream,
-                    schema,
-                    async_graphql_poem::GraphQLProtocol(protocol),
-                )
-                .on_connection_init(move |payload| authenticate_socket(state, payload))
-                .serve()
-            })
+            .on_upgrade(move |socket| serve(socket, schema, state, protocol))
             .into_response())
     }
+}
+
+/// A close frame; the reason is cut to the 123 bytes a close frame can carry.
+fn close_frame(code: u16, reason: &str) -> Message {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::close_with(code, &reason[..end])
+}
+
+/// Runs the protocol on one socket (async-graphql's state machine) and adds what it lacks: the
+/// close codes of `graphql-transport-ws` for a refused or missing `connection_init` (4403, 4408)
+/// and a subscription before it (4401), and closing the socket (4401) when the access token it
+/// authenticated with expires.
+async fn serve(
+    socket: WebSocketStream,
+    schema: CdpSchema,
+    state: AppState,
+    protocol: WebSocketProtocols,
+) {
+    let (mut sink, stream) = socket.split();
+    let input = stream
+        .take_while(|message| futures::future::ready(message.is_ok()))
+        .filter_map(|message| {
+            futures::future::ready(
+                message
+                    .ok()
+                    .filter(|message| message.is_text() || message.is_binary())
+                    .map(Message::into_bytes),
+            )
+        });
+    let handshake = SharedHandshake::default();
+    let on_init = {
+        let handshake = handshake.clone();
+        move |payload| authenticate_socket(state, payload, handshake)
+    };
+    let messages =
+        async_graphql::http::WebSocket::new(schema, input, protocol).on_connection_init(on_init);
+    futures::pin_mut!(messages);
+    let mut acked = false;
+    let mut deadline = tokio::time::Instant::now() + INIT_TIMEOUT;
+    let mut deadline_code = close::INIT_TIMEOUT;
+    let mut deadline_reason = "no connection_init in time";
+    loop {
+        let next = tokio::select! {
+            next = messages.next() => next,
+            () = tokio::time::sleep_until(deadline) => {
+                let _ = sink.send(close_frame(deadline_code, deadline_reason)).await;
+                break;
+            }
+        };
+        let outgoing = match next {
+            Some(WsMessage::Text(text)) => {
+                if !acked && is_ack(&text) {
+                    acked = true;
+                    deadline_code = close::UNAUTHORIZED;
+                    deadline_reason = "the access token expired";
+                    deadline = match lock(&handshake).expires_at {
+                        Some(at) => {
+                            tokio::time::Instant::now()
+                                + (at - Utc::now()).to_std().unwrap_or_default()
+                        }
+                        // An api key does not expire; a year stands for never.
+                        None => tokio::time::Instant::now() + Duration::from_secs(365 * 86400),
+                    };
+                }
+                Message::Text(text)
+            }
+            Some(WsMessage::Close(code, reason)) => {
+                let refused = lock(&handshake).refused.clone();
+                let frame = match refused {
+                    Some(refused) => close_frame(close::FORBIDDEN, &refused),
+                    None if !acked && code == 1011 => {
+                        close_frame(close::UNAUTHORIZED, "Unauthorized")
+                    }
+                    None => close_frame(code, &reason),
+                };
+                let _ = sink.send(frame).await;
+                break;
+            }
+            None => {
+                // The legacy protocol ends the stream after its `connection_error` message.
+                let refused = lock(&handshake).refused.clone();
+                if let Some(refused) = refused {
+                    let _ = sink.send(close_frame(close::FORBIDDEN, &refused)).await;
+                }
+                break;
+            }
+        };
+        if sink.send(outgoing).await.is_err() {
+            break;
+        }
+    }
+}
+
+fn is_ack(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text)
+        .is_ok_and(|message| message["type"] == "connection_ack")
 }

@@ -51,6 +51,17 @@ pub async fn authenticate_bearer(state: &AppState, token: &str) -> ServiceResult
     })
 }
 
+/// When a bearer credential that [`authenticate_bearer`] accepted stops being valid: an access
+/// token's expiry; none for an api key (valid until revoked).
+pub fn bearer_expiry(state: &AppState, token: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let token = token.trim();
+    if token.starts_with(WRITE_KEY_PREFIX) || token.starts_with(SECRET_KEY_PREFIX) {
+        return None;
+    }
+    let claims = state.jwt.verify(token).ok()?;
+    chrono::DateTime::from_timestamp(claims.exp, 0)
+}
+
 /// Authenticates an api key, whether it came as a bearer token, HTTP Basic or a `writeKey` field.
 pub async fn authenticate_api_key(state: &AppState, key: &str) -> ServiceResult<Principal> {
     let (prefix, is_secret) = if key.starts_with(SECRET_KEY_PREFIX) {

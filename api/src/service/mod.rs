@@ -12,10 +12,12 @@ pub mod auth;
 pub mod bus;
 pub mod campaigns;
 pub mod emails;
+pub mod fanout;
 pub mod ingest;
 pub mod lifecycle;
 pub mod pagination;
 pub mod profiles;
+pub mod realtime;
 pub mod reactions;
 pub mod segments;
 pub mod settings;
@@ -95,6 +97,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// Committed membership changes and stage transitions, for subscriptions and campaigns.
     pub bus: bus::Bus,
+    /// Live notices for subscriptions, and the limits on sockets and subscriptions.
+    pub realtime: realtime::Realtime,
     /// The per-tenant writers of the ingestion write path.
     pub group_commit: Arc<ingest::GroupCommit>,
 }

@@ -3,7 +3,8 @@
 //! nothing and a committed one can never miss its email or webhook.
 //!
 //! Every write path calls [`react`] with the notices it is about to publish, just before its
-//! commit, and publishes the returned notices with its own after the commit.
+//! commit, and publishes the returned notices with its own after the commit. On PostgreSQL
+//! `react` also announces them to the other replicas (`fanout`), delivered on commit.
 
 use chrono::{DateTime, Utc};
 
@@ -22,5 +23,7 @@ pub async fn react(
     }
     let mut more = super::campaigns::trigger(tx, backend, notices, now).await?;
     more.extend(super::webhooks::enqueue(tx, backend, notices, now).await?);
+    // Other replicas learn of this transaction's notices when (and only if) it commits.
+    super::fanout::announce(tx, backend, &[notices, more.as_slice()].concat()).await?;
     Ok(more)
 }

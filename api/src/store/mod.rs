@@ -15,6 +15,7 @@ pub mod campaigns;
 pub mod conditions;
 pub mod events;
 pub mod facts;
+pub mod fanout;
 pub mod ingest;
 pub mod lifecycle;
 pub mod outbox;
@@ -97,6 +98,9 @@ pub enum Backend {
 pub struct Store {
     db: DatabaseConnection,
     backend: Backend,
+    /// A random id of this pool, which tells this process's notifications from other
+    /// processes' (see `fanout`).
+    origin: uuid::Uuid,
 }
 
 /// Options for opening the store.
@@ -148,11 +152,20 @@ impl Store {
                 ))))
             }
         };
-        Ok(Store { db, backend })
+        Ok(Store {
+            db,
+            backend,
+            origin: uuid::Uuid::new_v4(),
+        })
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// The random id of this pool (one per process in production), carried by notifications.
+    pub fn origin(&self) -> uuid::Uuid {
+        self.origin
     }
 
     /// Applies every pending migration. On a database where the schema is current this changes
@@ -185,7 +198,11 @@ impl Store {
             })
             .await?;
         self.bind_tenant(&tx, tenant_id).await?;
-        Ok(TenantTx { tx, tenant_id })
+        Ok(TenantTx {
+            tx,
+            tenant_id,
+            origin: self.origin,
+        })
     }
 
     /// Opens a read-only transaction bound to one tenant.
@@ -204,7 +221,11 @@ impl Store {
             })
             .await?;
         self.bind_tenant(&tx, tenant_id).await?;
-        Ok(TenantTx { tx, tenant_id })
+        Ok(TenantTx {
+            tx,
+            tenant_id,
+            origin: self.origin,
+        })
     }
 
     async fn bind_tenant(&self, tx: &DatabaseTransaction, tenant_id: TenantId) -> StoreResult<()> {
@@ -250,17 +271,29 @@ impl Store {
     pub(crate) fn registry(&self) -> &DatabaseConnection {
         &self.db
     }
+
+    /// The PostgreSQL pool, for the connection that `LISTEN`s for other replicas' notices
+    /// (`fanout`): it reads no table. Only on PostgreSQL (the caller checks the backend).
+    pub(crate) fn notification_pool(&self) -> Option<&sea_orm::sqlx::PgPool> {
+        (self.backend == Backend::Postgres).then(|| self.db.get_postgres_connection_pool())
+    }
 }
 
 /// A transaction bound to one tenant. The only way to reach tenant data.
 pub struct TenantTx {
     tx: DatabaseTransaction,
     tenant_id: TenantId,
+    origin: uuid::Uuid,
 }
 
 impl TenantTx {
     pub fn tenant_id(&self) -> TenantId {
         self.tenant_id
+    }
+
+    /// The origin of the store that opened this transaction (see [`Store::origin`]).
+    pub fn origin(&self) -> uuid::Uuid {
+        self.origin
     }
 
     pub(crate) fn conn(&self) -> &DatabaseTransaction {

@@ -12,6 +12,9 @@
 //! - `segments`: segment builds and selects on a large generated tenant against hand-written SQL,
 //!   and ingestion throughput with 50 segments against none (see `segments.rs`).
 //!
+//! - `realtime`: latency from an ingest request's commit to each of 1,000 WebSocket subscribers
+//!   (see `realtime.rs`).
+//!
 //! Run it in release mode:
 //!
 //! ```text
@@ -25,6 +28,7 @@
 
 mod harness;
 mod ingest;
+mod realtime;
 mod segments;
 mod workload;
 
@@ -45,6 +49,8 @@ struct Cli {
 enum Scenario {
     /// Collection API throughput (POST /v1/batch) against plain multi-row INSERTs.
     Ingest(ingest::IngestArgs),
+    /// Commit-to-subscriber latency with 1,000 WebSocket subscribers (p50, p99).
+    Realtime(realtime::RealtimeArgs),
     /// Segment builds against hand-written SQL on a large tenant, and ingestion with 50 segments.
     Segments(segments::SegmentsArgs),
 }
@@ -53,6 +59,7 @@ impl Scenario {
     async fn run(self) -> anyhow::Result<()> {
         match self {
             Scenario::Ingest(args) => ingest::run(args).await,
+            Scenario::Realtime(args) => realtime::run(args).await,
             Scenario::Segments(args) => segments::run(args).await,
         }
     }
