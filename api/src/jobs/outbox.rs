@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use rand::Rng;
 
 use domain::TenantId;
@@ -21,6 +22,8 @@ use crate::store::{self, outbox::OutboxRow};
 
 /// How many emails one claim takes at most.
 const BATCH: u64 = 20;
+/// How many of its claimed emails one worker sends at the same time.
+const SEND_CONCURRENCY: usize = 8;
 
 /// Runs until shutdown, polling for due emails.
 pub async fn run(state: AppState, mailer: Mailer, mut shutdown: Shutdown) {
@@ -50,10 +53,17 @@ pub async fn process_due(state: &AppState, mailer: &Mailer) -> anyhow::Result<us
     let claimed =
         store::outbox::claim_due(&tx, state.store.backend(), now, lease_until, BATCH).await?;
     tx.commit().await?;
-    for row in &claimed {
-        deliver(state, mailer, row).await?;
-    }
-    Ok(claimed.len())
+    // SMTP is latency-bound (a round trip per command, and lettre's separate write of the final
+    // dot often waits for a delayed ACK): the claimed emails go out a few at a time, each on its
+    // own pooled connection, and each records its own result.
+    let count = claimed.len();
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(claimed)
+        .map(|row: OutboxRow| async move { deliver(state, mailer, &row).await })
+        .buffer_unordered(SEND_CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect::<anyhow::Result<()>>()?;
+    Ok(count)
 }
 
 async fn deliver(state: &AppState, mailer: &Mailer, row: &OutboxRow) -> anyhow::Result<()> {

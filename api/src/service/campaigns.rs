@@ -923,6 +923,21 @@ pub enum Prepared {
     Fail(String),
 }
 
+/// The subject (on one line), text body and HTML body of a campaign for one context.
+fn render_all(
+    campaign: &CampaignRow,
+    context: &minijinja::Value,
+) -> Result<(String, String, Option<String>), String> {
+    let subject = one_line(&render(&campaign.subject, false, context)?);
+    let text_body = render(&campaign.text_body, false, context)?;
+    let html_body = campaign
+        .html_body
+        .as_deref()
+        .map(|html| render(html, true, context))
+        .transpose()?;
+    Ok((subject, text_body, html_body))
+}
+
 /// Renders a claimed campaign email for its profile as it is now, with its unsubscribe link.
 pub async fn prepare(state: &AppState, row: &OutboxRow) -> ServiceResult<Prepared> {
     let (Some(campaign_id), Some(profile_id)) = (row.campaign_id, row.profile_id) else {
@@ -955,16 +970,7 @@ pub async fn prepare(state: &AppState, row: &OutboxRow) -> ServiceResult<Prepare
     );
     let url = unsubscribe_url(&state.config, &token);
     let context = template_context(profile.id, &profile.traits, &url);
-    let rendered = (|| -> Result<_, String> {
-        let subject = one_line(&render(&campaign.subject, false, &context)?);
-        let text_body = render(&campaign.text_body, false, &context)?;
-        let html_body = campaign
-            .html_body
-            .as_deref()
-            .map(|html| render(html, true, &context))
-            .transpose()?;
-        Ok((subject, text_body, html_body))
-    })();
+    let rendered = render_all(&campaign, &context);
     let (subject, text_body, html_body) = match rendered {
         Ok(rendered) => rendered,
         Err(error) => return Ok(Prepared::Fail(format!("template: {error}"))),

@@ -11,6 +11,8 @@
 //!   schema (see `ingest.rs`).
 //! - `segments`: segment builds and selects on a large generated tenant against hand-written SQL,
 //!   and ingestion throughput with 50 segments against none (see `segments.rs`).
+//! - `email`: campaign email throughput through the outbox to an SMTP listener in the bench
+//!   process, with a check that none is lost or sent twice (see `email.rs`).
 //!
 //! - `realtime`: latency from an ingest request's commit to each of 1,000 WebSocket subscribers
 //!   (see `realtime.rs`).
@@ -26,6 +28,7 @@
 //! Adding a scenario: a module with an `Args` struct (flattening `harness::BackendArgs`) and a
 //! `run`, one variant in [`Scenario`], one arm in [`Scenario::run`].
 
+mod email;
 mod harness;
 mod ingest;
 mod realtime;
@@ -47,6 +50,8 @@ struct Cli {
 /// What to measure.
 #[derive(Debug, Subcommand)]
 enum Scenario {
+    /// Campaign email throughput through the outbox with several workers, lost and duplicates.
+    Email(email::EmailArgs),
     /// Collection API throughput (POST /v1/batch) against plain multi-row INSERTs.
     Ingest(ingest::IngestArgs),
     /// Commit-to-subscriber latency with 1,000 WebSocket subscribers (p50, p99).
@@ -58,6 +63,7 @@ enum Scenario {
 impl Scenario {
     async fn run(self) -> anyhow::Result<()> {
         match self {
+            Scenario::Email(args) => email::run(args).await,
             Scenario::Ingest(args) => ingest::run(args).await,
             Scenario::Realtime(args) => realtime::run(args).await,
             Scenario::Segments(args) => segments::run(args).await,
