@@ -716,3 +716,84 @@ async fn the_frequency_cap_suppresses_campaign_emails_over_it() {
         env.stop_and_check_count(2).await;
     }
 }
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next protocol message other than a ping or pong, within the deadline.
+async fn next(socket: &mut Socket) -> Value {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let message = tokio::time::timeout(WAIT, socket.next())
+            .await
+            .expect("a message in time")
+            .unwrap()
+            .unwrap();
+        if let Message::Text(text) = message {
+            let value: Value = serde_json::from_str(&text).unwrap();
+            if value["type"] != "ping" && value["type"] != "pong" {
+                return value;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_subscriber_sees_a_campaign_email_queued_and_then_sent() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    for backend in backends() {
+        let env = setup(backend, "live").await;
+        let campaign = env
+            .active_campaign("Ping", json!({"event": "Ping"}), "Pong", "Pong")
+            .await;
+        let mut request = env
+            .server
+            .url("/graphql/ws")
+            .replace("http://", "ws://")
+            .into_client_request()
+            .unwrap();
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            "graphql-transport-ws".parse().unwrap(),
+        );
+        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let init = json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {}", env.owner.access_token)}});
+        socket.send(Message::text(init.to_string())).await.unwrap();
+        assert_eq!(next(&mut socket).await["type"], "connection_ack");
+        let subscribe = json!({"type": "subscribe", "id": "1", "payload": {
+            "query": "subscription($c: ID) { emailDeliveryUpdated(campaignId: $c) { id campaignId to status } }",
+            "variables": {"c": campaign}}});
+        socket
+            .send(Message::text(subscribe.to_string()))
+            .await
+            .unwrap();
+        let tenant_id = domain::TenantId(env.owner.tenant_id.parse().unwrap());
+        let realtime = env.server.app.as_ref().unwrap().state().realtime.clone();
+        tokio::time::timeout(WAIT, realtime.wait_for_subscriptions(tenant_id, 1))
+            .await
+            .expect("the subscription starts in time");
+
+        env.send(json!([
+            identify("li", json!({"email": "li@example.com"}), Some(true)),
+            track("li", "Ping"),
+        ]))
+        .await;
+        let mut statuses = Vec::new();
+        for _ in 0..2 {
+            let message = next(&mut socket).await;
+            assert_eq!(message["type"], "next", "{message:#}");
+            let delivery = &message["payload"]["data"]["emailDeliveryUpdated"];
+            assert_eq!(delivery["campaignId"], campaign.as_str());
+            assert_eq!(delivery["to"], "li@example.com");
+            statuses.push(delivery["status"].as_str().unwrap().to_owned());
+        }
+        statuses.sort();
+        assert_eq!(statuses, ["QUEUED", "SENT"], "[{backend:?}]");
+        drop(socket);
+        env.server.stop().await;
+    }
+}

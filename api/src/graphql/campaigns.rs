@@ -1,15 +1,18 @@
 //! The campaigns section: campaigns with their delivery counts, campaign emails (addresses masked
-//! without PII_READ), the tenant's frequency cap.
+//! without PII_READ), the tenant's frequency cap, and the `emailDeliveryUpdated` subscription.
 
 use async_graphql::{
-    ComplexObject, Context, Enum, InputObject, Object, Result, SimpleObject, ID,
+    ComplexObject, Context, Enum, InputObject, Object, Result, SimpleObject, Subscription, ID,
 };
 use chrono::{DateTime, Utc};
+use domain::Permission;
+use futures::{Stream, StreamExt};
 use uuid::Uuid;
 
 use super::accounts::{Env, ServiceResultExt};
 use super::service_error;
 use super::types::PageInfo;
+use crate::service::bus::Notice;
 use crate::service::campaigns;
 use crate::service::pagination::Page;
 use crate::service::ServiceError;
@@ -392,5 +395,58 @@ impl CampaignsMutation {
             daily_cap_per_profile: i32::try_from(settings.daily_cap_per_profile)
                 .unwrap_or(i32::MAX),
         })
+    }
+}
+
+#[derive(Default)]
+pub struct CampaignsSubscription;
+
+#[Subscription]
+impl CampaignsSubscription {
+    /// Campaign emails queued, suppressed, sent or failed; only `campaignId`'s when given.
+    async fn email_delivery_updated(
+        &self,
+        ctx: &Context<'_>,
+        campaign_id: Option<ID>,
+    ) -> Result<impl Stream<Item = Result<EmailDelivery>>> {
+        let filter = campaign_id
+            .map(|id| {
+                Uuid::parse_str(id.trim()).map_err(|_| {
+                    service_error(ServiceError::bad_input(
+                        "campaignId",
+                        "campaignId is not an ID",
+                    ))
+                })
+            })
+            .transpose()?;
+        let state = Env::of(ctx)?.state.clone();
+        let (principal, notices) =
+            super::subscriptions::tenant_notices(ctx, Permission::ProfilesRead)?;
+        Ok(notices.filter_map(move |item| {
+            let state = state.clone();
+            let principal = principal.clone();
+            async move {
+                let live = match item {
+                    Ok(live) => live,
+                    Err(error) => return Some(Err(error)),
+                };
+                let Notice::EmailDelivery {
+                    delivery_id,
+                    campaign_id: Some(campaign_id),
+                    ..
+                } = &live.notice
+                else {
+                    return None;
+                };
+                if filter.is_some_and(|wanted| wanted != *campaign_id) {
+                    return None;
+                }
+                campaigns::delivery(&state, Some(&principal), *delivery_id)
+                    .await
+                    .gql()
+                    .transpose()
+                    .map(|delivery| delivery.map(EmailDelivery::from))
+            }
+        }))
     }
 }

@@ -42,7 +42,10 @@ pub struct Mutation(
 );
 
 #[derive(MergedSubscription, Default)]
-pub struct Subscription(subscriptions::LiveSubscription);
+pub struct Subscription(
+    subscriptions::LiveSubscription,
+    campaigns::CampaignsSubscription,
+);
 
 pub type CdpSchema = Schema<Query, Mutation, Subscription>;
 
