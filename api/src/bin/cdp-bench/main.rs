@@ -13,7 +13,6 @@
 //!   and ingestion throughput with 50 segments against none (see `segments.rs`).
 //! - `email`: campaign email throughput through the outbox to an SMTP listener in the bench
 //!   process, with a check that none is lost or sent twice (see `email.rs`).
-//!
 //! - `realtime`: latency from an ingest request's commit to each of 1,000 WebSocket subscribers
 //!   (see `realtime.rs`).
 //!
