@@ -169,9 +169,9 @@ impl Config {
                 None | Some("auto") => None,
                 Some("on") => Some(true),
                 Some("off") => Some(false),
-                Some(other) => anyhow::bail!(
-                    "CDP_INGEST_GROUP_COMMIT must be on, off or auto, not {other:?}"
-                ),
+                Some(other) => {
+                    anyhow::bail!("CDP_INGEST_GROUP_COMMIT must be on, off or auto, not {other:?}")
+                }
             },
             access_token_ttl: Duration::from_secs(parse_var("CDP_ACCESS_TOKEN_TTL_SECS", "900")?),
             refresh_token_ttl: Duration::from_secs(parse_var(

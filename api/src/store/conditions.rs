@@ -487,20 +487,17 @@ impl Compiler<'_> {
             (CountOp::Lt, 1) | (CountOp::Lte, 0) | (CountOp::Eq, 0) => Some(false),
             _ => None,
         };
-        match exists {
-            Some(exists) => {
-                out.push(if exists {
-                    "(EXISTS (SELECT 1 FROM events e WHERE e.tenant_id = "
-                } else {
-                    "(NOT EXISTS (SELECT 1 FROM events e WHERE e.tenant_id = "
-                })
-                .bind(self.tenant)
-                .push(" AND e.profile_id = p.id");
-                self.event_filter(out, name, filters, within, false);
-                out.push("))");
-                return;
-            }
-            None => {}
+        if let Some(exists) = exists {
+            out.push(if exists {
+                "(EXISTS (SELECT 1 FROM events e WHERE e.tenant_id = "
+            } else {
+                "(NOT EXISTS (SELECT 1 FROM events e WHERE e.tenant_id = "
+            })
+            .bind(self.tenant)
+            .push(" AND e.profile_id = p.id");
+            self.event_filter(out, name, filters, within, false);
+            out.push("))");
+            return;
         }
         self.aliases += 1;
         let alias = format!("ev{}", self.aliases);
