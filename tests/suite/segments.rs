@@ -107,6 +107,7 @@ impl Env {
                 self.token(),
                 "query($v: String!) { profileByIdentity(kind: \"user_id\", value: $v) {
                     id stage segments { id name }
+                    attributes { orderCount totalRevenue }
                     lifecycleTransitions { from to at reason }
                     segmentHistory { segmentId entered at reason }
                 } }",
@@ -469,6 +470,9 @@ async fn the_default_lifecycle_model_moves_profiles_and_records_transitions() {
         .await;
         let u1 = env.profile("u1").await;
         assert_eq!(u1["stage"], "growth");
+        // Ingestion kept the order totals: revenue 50 + 60, then `total` 70.
+        assert_eq!(u1["attributes"]["orderCount"], 3);
+        assert_eq!(u1["attributes"]["totalRevenue"], 180.0);
         let transitions: Vec<(Value, Value)> = u1["lifecycleTransitions"]
             .as_array()
             .unwrap()

@@ -111,6 +111,14 @@ impl Profile {
         super::segments::profile_segments(ctx, self.inner.id).await
     }
 
+    /// Computed customer attributes: order totals, RFM scores, churn risk.
+    async fn attributes(
+        &self,
+        ctx: &Context<'_>,
+    ) -> Result<Option<super::segments::CustomerAttributes>> {
+        super::segments::profile_attributes(ctx, self.inner.id).await
+    }
+
     /// The profile's stage changes, newest first.
     async fn lifecycle_transitions(
         &self,

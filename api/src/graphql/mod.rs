@@ -60,18 +60,26 @@ pub struct RequestContext {
 }
 
 pub fn build_schema(state: AppState, limits: &GraphqlLimits) -> CdpSchema {
-    Schema::build(Query::default(), Mutation::default(), Subscription::default())
-        .data(state)
-        .limit_depth(limits.max_depth)
-        .limit_complexity(limits.max_complexity)
-        .finish()
+    Schema::build(
+        Query::default(),
+        Mutation::default(),
+        Subscription::default(),
+    )
+    .data(state)
+    .limit_depth(limits.max_depth)
+    .limit_complexity(limits.max_complexity)
+    .finish()
 }
 
 /// The SDL of the schema, as `cdp schema` prints it. Needs no database.
 pub fn sdl() -> String {
-    Schema::build(Query::default(), Mutation::default(), Subscription::default())
-        .finish()
-        .sdl()
+    Schema::build(
+        Query::default(),
+        Mutation::default(),
+        Subscription::default(),
+    )
+    .finish()
+    .sdl()
 }
 
 /// Converts a service error into a GraphQL error with the contract's code.
