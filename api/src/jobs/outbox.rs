@@ -99,7 +99,7 @@ async fn deliver(state: &AppState, mailer: &Mailer, row: &OutboxRow) -> anyhow::
                 store::outbox::mark_suppressed(&tx, row, reason, state.now()).await?;
                 tx.commit().await?;
                 tracing::info!(email_id = %row.id, tenant_id = %row.tenant_id, reason, "email suppressed");
-                publish(state, row);
+                publish(state, row).await;
                 return Ok(());
             }
             Ok(Prepared::Fail(reason)) => {
@@ -138,7 +138,7 @@ async fn deliver(state: &AppState, mailer: &Mailer, row: &OutboxRow) -> anyhow::
             store::outbox::mark_sent(&tx, row, state.now()).await?;
             tx.commit().await?;
             tracing::info!(email_id = %row.id, tenant_id = %row.tenant_id, kind = %row.kind, "email sent");
-            publish(state, row);
+            publish(state, row).await;
         }
         Err(error) => record_failure(state, row, &error.message, error.permanent).await?,
     }
@@ -166,20 +166,35 @@ async fn record_failure(
     tx.commit().await?;
     tracing::warn!(email_id = %row.id, tenant_id = %row.tenant_id, attempts = row.attempts, status, error = %error, "email not sent");
     if status == store::outbox::FAILED {
-        publish(state, row);
+        publish(state, row).await;
     }
     Ok(())
 }
 
-/// Tells subscribers, after the commit, that a campaign email changed status.
-fn publish(state: &AppState, row: &OutboxRow) {
-    if row.campaign_id.is_some() {
-        state.bus.publish([Notice::EmailDelivery {
-            tenant_id: TenantId(row.tenant_id),
-            delivery_id: row.id,
-            campaign_id: row.campaign_id,
-        }]);
+/// Tells subscribers, after the commit, that a campaign email changed status: this process's on
+/// the bus, other processes' through the fan-out (PostgreSQL), in a small tenant transaction of
+/// its own. A failure to announce is logged; the delivery row stays the durable record.
+async fn publish(state: &AppState, row: &OutboxRow) {
+    if row.campaign_id.is_none() {
+        return;
     }
+    let notice = Notice::EmailDelivery {
+        tenant_id: TenantId(row.tenant_id),
+        delivery_id: row.id,
+        campaign_id: row.campaign_id,
+    };
+    let backend = state.store.backend();
+    if backend == store::Backend::Postgres {
+        let announced = async {
+            let tx = state.store.begin(TenantId(row.tenant_id)).await?;
+            crate::service::fanout::announce(&tx, backend, std::slice::from_ref(&notice)).await?;
+            tx.commit().await
+        };
+        if let Err(error) = announced.await {
+            tracing::warn!(email_id = %row.id, error = %error, "email status not announced to other processes");
+        }
+    }
+    state.bus.publish([notice]);
 }
 
 /// Exponential backoff with full jitter over the upper half: base × 2^(attempt-1), between 50 %
