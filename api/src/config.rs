@@ -59,6 +59,9 @@ pub struct Config {
     /// which has one writer at a time anyway, off for PostgreSQL, where concurrent transactions
     /// use more cores (measured in docs/PERFORMANCE.md).
     pub ingest_group_commit: Option<bool>,
+    /// Writer tasks per tenant and process when group commit is on (`CDP_INGEST_WRITERS`); each
+    /// groups what reaches it, and they write concurrently.
+    pub ingest_writers_per_tenant: usize,
     pub access_token_ttl: Duration,
     pub refresh_token_ttl: Duration,
     pub activation_token_ttl: Duration,
@@ -173,6 +176,7 @@ impl Config {
                     anyhow::bail!("CDP_INGEST_GROUP_COMMIT must be on, off or auto, not {other:?}")
                 }
             },
+            ingest_writers_per_tenant: parse_var("CDP_INGEST_WRITERS", "1")?,
             access_token_ttl: Duration::from_secs(parse_var("CDP_ACCESS_TOKEN_TTL_SECS", "900")?),
             refresh_token_ttl: Duration::from_secs(parse_var(
                 "CDP_REFRESH_TOKEN_TTL_SECS",
@@ -242,6 +246,7 @@ impl Config {
             },
             ingest_max_body_bytes: 16 * 1024 * 1024,
             ingest_group_commit: None,
+            ingest_writers_per_tenant: 1,
             access_token_ttl: Duration::from_secs(900),
             refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
             activation_token_ttl: Duration::from_secs(72 * 3600),

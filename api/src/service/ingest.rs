@@ -152,7 +152,10 @@ pub async fn ingest_with(
 /// write path keep that correct.
 #[derive(Default)]
 pub struct GroupCommit {
-    writers: Mutex<HashMap<domain::TenantId, mpsc::Sender<Pending>>>,
+    /// (tenant, writer slot) → the writer's queue.
+    writers: Mutex<HashMap<(domain::TenantId, usize), mpsc::Sender<Pending>>>,
+    /// Spreads requests over a tenant's writers, round robin.
+    next: std::sync::atomic::AtomicUsize,
 }
 
 /// Messages one group takes at most (it always takes at least one request).
@@ -180,14 +183,16 @@ impl GroupCommit {
     ) -> ServiceResult<IngestReport> {
         let (reply, answer) = oneshot::channel();
         pending.reply = Some(reply);
+        let slots = state.config.ingest_writers_per_tenant.max(1);
+        let slot = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % slots;
         loop {
-            let sender = self.writer(state, tenant_id);
+            let sender = self.writer(state, (tenant_id, slot));
             match sender.send(pending).await {
                 Ok(()) => break,
                 // That writer was ending: start another one.
                 Err(mpsc::error::SendError(returned)) => {
                     pending = returned;
-                    self.forget(tenant_id, &sender);
+                    self.forget((tenant_id, slot), &sender);
                 }
             }
         }
@@ -198,32 +203,32 @@ impl GroupCommit {
         })
     }
 
-    fn writer(&self, state: &AppState, tenant_id: domain::TenantId) -> mpsc::Sender<Pending> {
+    fn writer(&self, state: &AppState, key: (domain::TenantId, usize)) -> mpsc::Sender<Pending> {
         let mut writers = self
             .writers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(sender) = writers.get(&tenant_id) {
+        if let Some(sender) = writers.get(&key) {
             if !sender.is_closed() {
                 return sender.clone();
             }
         }
         let (sender, receiver) = mpsc::channel(WRITER_QUEUE);
-        writers.insert(tenant_id, sender.clone());
-        tokio::spawn(run_writer(state.clone(), tenant_id, receiver));
+        writers.insert(key, sender.clone());
+        tokio::spawn(run_writer(state.clone(), key.0, receiver));
         sender
     }
 
-    fn forget(&self, tenant_id: domain::TenantId, ended: &mpsc::Sender<Pending>) {
+    fn forget(&self, key: (domain::TenantId, usize), ended: &mpsc::Sender<Pending>) {
         let mut writers = self
             .writers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if writers
-            .get(&tenant_id)
+            .get(&key)
             .is_some_and(|sender| sender.same_channel(ended))
         {
-            writers.remove(&tenant_id);
+            writers.remove(&key);
         }
     }
 }

@@ -300,6 +300,18 @@ impl Server {
     /// Starts the server as production does, with no outbox workers and a pool of 10.
     pub async fn start(db: &BenchDb) -> anyhow::Result<Server> {
         let mut config = Config::for_tests(&db.data_dir, &db.service_url);
+        // The write path's tuning, as the server reads it, so that runs can compare settings.
+        config.ingest_group_commit = match std::env::var("CDP_INGEST_GROUP_COMMIT").as_deref() {
+            Ok("on") => Some(true),
+            Ok("off") => Some(false),
+            _ => None,
+        };
+        if let Some(writers) = std::env::var("CDP_INGEST_WRITERS")
+            .ok()
+            .and_then(|value| value.parse().ok())
+        {
+            config.ingest_writers_per_tenant = writers;
+        }
         config.outbox_workers = 0;
         config.database_max_connections = 10;
         config.log_filter = "warn".to_owned();
