@@ -3,6 +3,7 @@
 
 use async_graphql::{Context, Object, Result, SimpleObject, ID};
 use chrono::{DateTime, NaiveDate, Utc};
+use uuid::Uuid;
 
 use super::accounts::{Env, ServiceResultExt};
 use crate::service::analytics;
@@ -156,4 +157,53 @@ impl AnalyticsQuery {
             })
             .collect())
     }
+}
+
+/// RFM quintile scores, 1 to 5 each (5: most recent, most frequent, highest spending).
+#[derive(SimpleObject, Clone, Debug)]
+pub struct Rfm {
+    pub recency: i32,
+    pub frequency: i32,
+    pub monetary: i32,
+    /// recency × 100 + frequency × 10 + monetary (the `rfm_score` of conditions).
+    pub score: i32,
+}
+
+/// Computed customer attributes (docs/understand.md, "Customer analytics").
+#[derive(SimpleObject, Clone, Debug)]
+pub struct CustomerAttributes {
+    pub total_revenue: f64,
+    pub order_count: i32,
+    /// Mean time between the profile's events, in seconds (with at least two events).
+    pub mean_gap_seconds: Option<f64>,
+    /// None until the profile has an order and the scheduler has scored it.
+    pub rfm: Option<Rfm>,
+    pub churn_risk: bool,
+    pub days_since_last_seen: i32,
+}
+
+pub(super) async fn profile_attributes(
+    ctx: &Context<'_>,
+    profile_id: Uuid,
+) -> Result<Option<CustomerAttributes>> {
+    let env = Env::of(ctx)?;
+    Ok(
+        analytics::attributes(env.state, env.principal()?, profile_id)
+            .await
+            .gql()?
+            .map(|attributes| CustomerAttributes {
+                total_revenue: attributes.total_revenue,
+                order_count: i32::try_from(attributes.order_count).unwrap_or(i32::MAX),
+                mean_gap_seconds: attributes.mean_gap_seconds,
+                rfm: attributes.rfm.map(|rfm| Rfm {
+                    recency: rfm.recency,
+                    frequency: rfm.frequency,
+                    monetary: rfm.monetary,
+                    score: rfm.score(),
+                }),
+                churn_risk: attributes.churn_risk,
+                days_since_last_seen: i32::try_from(attributes.days_since_last_seen)
+                    .unwrap_or(i32::MAX),
+            }),
+    )
 }

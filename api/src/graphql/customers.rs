@@ -115,8 +115,8 @@ impl Profile {
     async fn attributes(
         &self,
         ctx: &Context<'_>,
-    ) -> Result<Option<super::segments::CustomerAttributes>> {
-        super::segments::profile_attributes(ctx, self.inner.id).await
+    ) -> Result<Option<super::analytics::CustomerAttributes>> {
+        super::analytics::profile_attributes(ctx, self.inner.id).await
     }
 
     /// The profile's stage changes, newest first.

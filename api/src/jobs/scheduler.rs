@@ -16,6 +16,7 @@ use domain::condition::Attribute;
 use domain::TenantId;
 
 use super::Shutdown;
+use crate::service::bus::Notice;
 use crate::service::{analytics, segments, understand, AppState};
 use crate::store;
 
@@ -30,6 +31,20 @@ pub struct TickReport {
     pub membership_changes: usize,
     pub stage_changes: usize,
     pub failed_tenants: usize,
+}
+
+impl TickReport {
+    /// Counts the membership changes and stage transitions among published notices (the
+    /// emails and other notices they triggered are not counted).
+    fn count(&mut self, notices: &[Notice]) {
+        for notice in notices {
+            match notice {
+                Notice::SegmentMembership { .. } => self.membership_changes += 1,
+                Notice::StageTransition { .. } => self.stage_changes += 1,
+                _ => {}
+            }
+        }
+    }
 }
 
 /// Runs ticks until shutdown; does nothing when the tick is zero.
@@ -124,26 +139,18 @@ pub async fn tick_tenant(
             },
         )
         .await?;
-        report.membership_changes += notices.len();
+        report.count(&notices);
         state.bus.publish(notices);
     }
     // Stages next (a model may use computed attributes): segments on the stage follow inside
     // `restage`.
     let notices = understand::restage(&state.store, tenant, now, batch, "time passed").await?;
-    report.stage_changes += notices
-        .iter()
-        .filter(|notice| matches!(notice, crate::service::bus::Notice::StageTransition { .. }))
-        .count();
-    report.membership_changes += notices.len()
-        - notices
-            .iter()
-            .filter(|notice| matches!(notice, crate::service::bus::Notice::StageTransition { .. }))
-            .count();
+    report.count(&notices);
     state.bus.publish(notices);
     for id in time_dependent {
         let notices =
             understand::resync_segment(&state.store, tenant, id, now, batch, "time passed").await?;
-        report.membership_changes += notices.len();
+        report.count(&notices);
         state.bus.publish(notices);
     }
     // Today's sizes; taken every tick, the day keeps its last.

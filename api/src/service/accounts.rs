@@ -860,6 +860,10 @@ pub async fn revoke_api_key(
             store::StoreError::NotFound => ServiceError::NotFound("api key"),
             other => other.into(),
         })?;
+    // The collection API reuses a write key's principal for a few seconds: forget every cached
+    // key and cache none for the settle time, so that the revocation takes effect in this
+    // process as soon as it commits.
+    crate::auth::cache::WRITE_KEYS.invalidate(crate::auth::cache::REVOCATION_SETTLE);
     let row = store::api_keys::revoke(&tx, id, now).await?;
     audit::record(
         state,

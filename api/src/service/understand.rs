@@ -406,8 +406,7 @@ pub async fn restage(
     // Each round settles at least the profiles it found, so this ends; the bound is a guard
     // against a pathological race where others keep moving the same profiles.
     for _ in 0..10_000 {
-        let tx = store_handle.begin(tenant).await?;
-        store::segments::barrier(&tx, backend, false).await?;
+        let tx = begin_shared(store_handle, tenant).await?;
         let model = lifecycle_model(&tx).await?;
         let mut found: Vec<(Uuid, Option<String>)> = Vec::new();
         let mut target: Option<Option<String>> = None;
@@ -439,9 +438,7 @@ pub async fn restage(
             return Ok(notices);
         };
         // Lock, then decide again: a batch may have moved these profiles meanwhile.
-        let ids: std::collections::BTreeSet<Uuid> = found.iter().map(|(id, _)| *id).collect();
-        store::profiles::load(&tx, backend, &ids, true).await?;
-        let ids: Vec<Uuid> = ids.into_iter().collect();
+        let ids = lock_profiles(&tx, backend, found.iter().map(|(id, _)| *id)).await?;
         let confirmed: HashSet<Uuid> =
             store::conditions::matching_profiles(&tx, backend, &condition, now, Some(&ids), None)
                 .await?
@@ -470,7 +467,7 @@ pub async fn restage(
             .iter()
             .filter(|segment| segment.deps.depends_on_stage())
             .collect();
-        let segment_changes = resync_segments(
+        let segment_notices = settle_memberships(
             &tx,
             backend,
             &on_stage,
@@ -479,7 +476,6 @@ pub async fn restage(
             "lifecycle stage changed",
         )
         .await?;
-        store::segments::apply_changes(&tx, &segment_changes, now).await?;
         let mut batch_notices: Vec<Notice> = changes
             .into_iter()
             .map(|change| Notice::StageTransition {
@@ -491,11 +487,7 @@ pub async fn restage(
                 reason: change.reason,
             })
             .collect();
-        batch_notices.extend(
-            segment_changes
-                .into_iter()
-                .map(|change| membership_notice(tenant, change, now)),
-        );
+        batch_notices.extend(segment_notices);
         commit_with_reactions(tx, backend, batch_notices, now, &mut notices).await?;
     }
     Ok(notices)
@@ -516,8 +508,7 @@ pub async fn resync_segment(
     // Each round settles at least the profiles it found, so this ends; the bound is a guard
     // against a pathological race where others keep moving the same profiles.
     for _ in 0..10_000 {
-        let tx = store_handle.begin(tenant).await?;
-        store::segments::barrier(&tx, backend, false).await?;
+        let tx = begin_shared(store_handle, tenant).await?;
         let segments = ready_segments(&tx).await?;
         let Some(segment) = segments.iter().find(|segment| segment.id == segment_id) else {
             tx.commit().await?;
@@ -536,15 +527,8 @@ pub async fn resync_segment(
             tx.commit().await?;
             return Ok(notices);
         }
-        let ids: std::collections::BTreeSet<Uuid> = enter.into_iter().chain(exit).collect();
-        store::profiles::load(&tx, backend, &ids, true).await?;
-        let ids: Vec<Uuid> = ids.into_iter().collect();
-        let changes = resync_segments(&tx, backend, &[segment], &ids, now, reason).await?;
-        store::segments::apply_changes(&tx, &changes, now).await?;
-        let batch_notices = changes
-            .into_iter()
-            .map(|change| membership_notice(tenant, change, now))
-            .collect();
+        let ids = lock_profiles(&tx, backend, enter.into_iter().chain(exit)).await?;
+        let batch_notices = settle_memberships(&tx, backend, &[segment], &ids, now, reason).await?;
         commit_with_reactions(tx, backend, batch_notices, now, &mut notices).await?;
     }
     Ok(notices)
@@ -566,8 +550,7 @@ pub async fn resync_profiles(
     let mut notices = Vec::new();
     let size = usize::try_from(batch.max(1)).unwrap_or(usize::MAX);
     for chunk in ids.chunks(size) {
-        let tx = store_handle.begin(tenant).await?;
-        store::segments::barrier(&tx, backend, false).await?;
+        let tx = begin_shared(store_handle, tenant).await?;
         let segments = ready_segments(&tx).await?;
         let chosen: Vec<&Definition> = segments
             .iter()
@@ -577,17 +560,53 @@ pub async fn resync_profiles(
             tx.commit().await?;
             return Ok(notices);
         }
-        let locked: std::collections::BTreeSet<Uuid> = chunk.iter().copied().collect();
-        store::profiles::load(&tx, backend, &locked, true).await?;
-        let changes = resync_segments(&tx, backend, &chosen, chunk, now, reason).await?;
-        store::segments::apply_changes(&tx, &changes, now).await?;
-        let batch_notices = changes
-            .into_iter()
-            .map(|change| membership_notice(tenant, change, now))
-            .collect();
+        let ids = lock_profiles(&tx, backend, chunk.iter().copied()).await?;
+        let batch_notices = settle_memberships(&tx, backend, &chosen, &ids, now, reason).await?;
         commit_with_reactions(tx, backend, batch_notices, now, &mut notices).await?;
     }
     Ok(notices)
+}
+
+/// A transaction of the tenant holding its segment barrier shared, as every writer of memberships
+/// outside a build does (ADR 0005).
+async fn begin_shared(
+    store_handle: &store::Store,
+    tenant: domain::TenantId,
+) -> StoreResult<TenantTx> {
+    let tx = store_handle.begin(tenant).await?;
+    store::segments::barrier(&tx, store_handle.backend(), false).await?;
+    Ok(tx)
+}
+
+/// Locks these profiles' rows (in id order, as the write path does) and returns their ids in
+/// that order: what is decided next is decided on data no batch can change before the commit.
+async fn lock_profiles(
+    tx: &TenantTx,
+    backend: Backend,
+    ids: impl IntoIterator<Item = Uuid>,
+) -> StoreResult<Vec<Uuid>> {
+    let ids: BTreeSet<Uuid> = ids.into_iter().collect();
+    store::profiles::load(tx, backend, &ids, true).await?;
+    Ok(ids.into_iter().collect())
+}
+
+/// Decides the membership of `ids` in `segments` again (see [`resync_segments`]), writes the
+/// changes with their history, and returns their notices.
+async fn settle_memberships(
+    tx: &TenantTx,
+    backend: Backend,
+    segments: &[&Definition],
+    ids: &[Uuid],
+    now: DateTime<Utc>,
+    reason: &str,
+) -> StoreResult<Vec<Notice>> {
+    let changes = resync_segments(tx, backend, segments, ids, now, reason).await?;
+    store::segments::apply_changes(tx, &changes, now).await?;
+    let tenant_id = tx.tenant_id();
+    Ok(changes
+        .into_iter()
+        .map(|change| membership_notice(tenant_id, change, now))
+        .collect())
 }
 
 /// Queues the reactions to a batch's notices (campaign emails, webhooks) in its transaction,

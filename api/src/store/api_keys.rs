@@ -69,12 +69,7 @@ pub async fn find_by_hash(tx: &TenantTx, key_hash: &str) -> StoreResult<Option<A
 }
 
 /// Revokes a key; revoking twice keeps the first revocation time.
-///
-/// The collection API reuses a write key's principal for a few seconds; this forgets every
-/// cached key and caches none for the settle time, so that the revocation takes effect in this
-/// process as soon as it commits.
 pub async fn revoke(tx: &TenantTx, id: ApiKeyId, now: DateTime<Utc>) -> StoreResult<ApiKeyRow> {
-    crate::auth::cache::WRITE_KEYS.invalidate(crate::auth::cache::REVOCATION_SETTLE);
     api_keys::Entity::update_many()
         .col_expr(api_keys::Column::RevokedAt, Expr::value(now))
         .filter(api_keys::Column::TenantId.eq(tx.tenant_id().as_uuid()))
