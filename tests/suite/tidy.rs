@@ -80,6 +80,20 @@ fn the_store_names_neither_graphql_nor_http() {
         offenders("api/src/store", "poem", &[]),
         Vec::<String>::new()
     );
+    // The store is the bottom layer: it calls none of the layers above it.
+    for upper in [
+        "crate::service",
+        "crate::auth",
+        "crate::graphql",
+        "crate::http",
+        "crate::jobs",
+    ] {
+        assert_eq!(
+            offenders("api/src/store", upper, &[]),
+            Vec::<String>::new(),
+            "the store names {upper}"
+        );
+    }
 }
 
 #[test]
