@@ -45,6 +45,9 @@ pub struct Config {
     pub public_url: String,
     pub jwt_secret: Vec<u8>,
     pub encryption_key: [u8; 32],
+    /// Earlier master keys (`CDP_ENCRYPTION_KEY_PREVIOUS`, comma-separated base64), accepted for
+    /// unwrapping tenant keys while a master-key rotation is under way.
+    pub encryption_keys_previous: Vec<[u8; 32]>,
     pub smtp_url: Option<String>,
     pub mail_from: String,
     pub cors_origins: CorsOrigins,
@@ -132,6 +135,16 @@ impl Config {
                 key
             }
         };
+        let encryption_keys_previous = match var("CDP_ENCRYPTION_KEY_PREVIOUS") {
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(decode_key)
+                .collect::<anyhow::Result<Vec<_>>>()
+                .context("CDP_ENCRYPTION_KEY_PREVIOUS")?,
+        };
         let cors_origins = match var("CDP_CORS_ORIGINS") {
             None => CorsOrigins::None,
             Some(value) if value.trim() == "*" => CorsOrigins::Any,
@@ -155,6 +168,7 @@ impl Config {
             public_url,
             jwt_secret,
             encryption_key,
+            encryption_keys_previous,
             smtp_url,
             mail_from: var("CDP_MAIL_FROM")
                 .unwrap_or_else(|| "CDP <no-reply@localhost>".to_owned()),
@@ -233,6 +247,7 @@ impl Config {
             public_url: "http://cdp.test".to_owned(),
             jwt_secret: b"test-secret-test-secret-test-secret-0123456789".to_vec(),
             encryption_key: [7u8; 32],
+            encryption_keys_previous: Vec::new(),
             smtp_url: None,
             mail_from: "CDP <no-reply@cdp.test>".to_owned(),
             cors_origins: CorsOrigins::None,

@@ -47,6 +47,10 @@ pub async fn state(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppS
             sockets_per_tenant: config.ws_max_sockets_per_tenant,
             subscriptions_per_tenant: config.ws_max_subscriptions_per_tenant,
         }),
+        vault: Arc::new(crate::service::vault::Vault::new(
+            config.encryption_key,
+            &config.encryption_keys_previous,
+        )),
         config: Arc::new(config),
         clock,
         bus: crate::service::bus::Bus::new(),

@@ -11,6 +11,7 @@ pub mod identity;
 pub mod ids;
 pub mod ingest;
 pub mod lifecycle;
+pub mod pii;
 pub mod traits;
 
 pub use account::mask_email;

@@ -13,6 +13,7 @@ mod m20261128_000003_understand;
 mod m20261128_000010_ingest_tuning;
 mod m20261128_000012_campaigns;
 mod m20261128_000013_webhooks;
+mod m20261128_000014_protect;
 pub mod tenancy;
 
 pub struct Migrator;
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000010_ingest_tuning::Migration),
             Box::new(m20261128_000012_campaigns::Migration),
             Box::new(m20261128_000013_webhooks::Migration),
+            Box::new(m20261128_000014_protect::Migration),
         ]
     }
 }

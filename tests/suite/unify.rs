@@ -775,7 +775,7 @@ async fn profiles_page_with_a_stable_order_filter_by_traits_and_mask_pii_for_ana
         let (server, owner, key) = setup(backend, &smtp, "list").await;
         let token = owner.access_token.as_str();
         let batch: Vec<Value> = (0..7)
-            .map(|i| json!({"type": "identify", "userId": format!("l-{i}"), "traits": {"email": format!("l{i}@list.example"), "plan": if i % 2 == 0 { "pro" } else { "free" }, "address": {"city": if i < 3 { "Oslo" } else { "Bergen" }}, "age": 20 + i}, "timestamp": format!("2026-11-0{}T00:00:00Z", i + 1), "messageId": format!("l-{i}")}))
+            .map(|i| json!({"type": "identify", "userId": format!("l-{i}"), "traits": {"email": format!("l{i}@list.example"), "plan": if i % 2 == 0 { "pro" } else { "free" }, "office": {"city": if i < 3 { "Oslo" } else { "Bergen" }}, "age": 20 + i}, "timestamp": format!("2026-11-0{}T00:00:00Z", i + 1), "messageId": format!("l-{i}")}))
             .collect();
         collect(&server, "/v1/batch", &key, &json!({"batch": batch})).await;
         let page = "query($after: String, $f: ProfileFilter) { profiles(first: 3, after: $after, filter: $f) { totalCount pageInfo { hasNextPage endCursor } edges { node { traits } } } }";
@@ -816,9 +816,27 @@ async fn profiles_page_with_a_stable_order_filter_by_traits_and_mask_pii_for_ana
         };
         assert_eq!(count(json!({"traitEquals": {"plan": "pro"}})).await, 4);
         assert_eq!(
-            count(json!({"traitEquals": {"plan": "pro", "address.city": "Oslo"}})).await,
+            count(json!({"traitEquals": {"plan": "pro", "office.city": "Oslo"}})).await,
             2
         );
+        // Personal traits are stored sealed: equality goes through the blind index, and a path
+        // into a personal value (sealed whole) is refused.
+        assert_eq!(
+            count(json!({"traitEquals": {"email": "l3@list.example"}})).await,
+            1
+        );
+        assert_eq!(
+            count(json!({"traitEquals": {"email": "nobody@list.example"}})).await,
+            0
+        );
+        let into_pii = server
+            .gql(
+                Some(token),
+                page,
+                json!({"f": {"traitEquals": {"email.domain": "list.example"}}}),
+            )
+            .await;
+        assert_eq!(error_code(&into_pii), "BAD_USER_INPUT");
         assert_eq!(count(json!({"traitEquals": {"age": 21}})).await, 1);
         assert_eq!(
             count(json!({"traitEquals": {"age": "21"}})).await,

@@ -154,6 +154,14 @@ impl Profile {
         )
     }
 
+    /// Every change of the profile's consents, oldest first: what, who or what, when.
+    async fn consent_history(
+        &self,
+        ctx: &Context<'_>,
+    ) -> Result<Vec<super::privacy::ConsentChange>> {
+        super::privacy::consent_history(ctx, self.inner.id).await
+    }
+
     /// IDs of profiles that were merged into this one.
     async fn merged_ids(&self, ctx: &Context<'_>) -> Result<Vec<ID>> {
         let env = Env::of(ctx)?;

@@ -8,6 +8,7 @@ mod accounts;
 mod analytics;
 mod campaigns;
 mod customers;
+mod privacy;
 mod segments;
 mod subscriptions;
 pub mod transport;
@@ -30,6 +31,7 @@ pub struct Query(
     segments::SegmentsQuery,
     webhooks::WebhooksQuery,
     campaigns::CampaignsQuery,
+    privacy::PrivacyQuery,
 );
 
 #[derive(MergedObject, Default)]
@@ -39,6 +41,7 @@ pub struct Mutation(
     segments::SegmentsMutation,
     webhooks::WebhooksMutation,
     campaigns::CampaignsMutation,
+    privacy::PrivacyMutation,
 );
 
 #[derive(MergedSubscription, Default)]

@@ -48,11 +48,14 @@ fn bad_token() -> Response {
 
 /// The confirmation page.
 #[handler]
-pub fn show(Data(state): Data<&AppState>, Query(query): Query<TokenQuery>) -> Response {
+pub async fn show(Data(state): Data<&AppState>, Query(query): Query<TokenQuery>) -> Response {
     let Some(token) = query.token else {
         return bad_token();
     };
-    if campaigns::parse_unsubscribe_token(&state.config, &token).is_err() {
+    if campaigns::parse_unsubscribe_token(state, &token)
+        .await
+        .is_err()
+    {
         return bad_token();
     }
     // The token is URL-safe base64: it needs no escaping in the attribute.
@@ -75,7 +78,10 @@ pub async fn confirm(
     let Some(token) = query.token else {
         return bad_token();
     };
-    if campaigns::parse_unsubscribe_token(&state.config, &token).is_err() {
+    if campaigns::parse_unsubscribe_token(state, &token)
+        .await
+        .is_err()
+    {
         return bad_token();
     }
     let one_click = body

@@ -161,8 +161,14 @@ async fn post(
 ) -> Result<i32, (Option<i32>, String)> {
     let body = serde_json::to_string(&row.payload)
         .map_err(|error| (None, format!("cannot encode the payload: {error}")))?;
+    let keys = state
+        .vault
+        .tenant_of(&state.store, domain::TenantId(row.tenant_id))
+        .await
+        .map_err(|error| (None, format!("cannot read the tenant key: {error}")))?
+        .ok_or_else(|| (None, "the tenant has no key".to_owned()))?;
     let secret = webhooks::derive_secret(
-        &state.config.encryption_key,
+        &webhooks::signing_key(&keys),
         domain::TenantId(row.tenant_id),
         webhook.id,
         &webhook.secret_salt,

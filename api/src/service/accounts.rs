@@ -176,6 +176,8 @@ pub async fn sign_up(
     let tenant_id = TenantId(Uuid::now_v7());
     let tx = state.store.begin(tenant_id).await?;
     let tenant = store::tenants::create(&tx, &slug, &name, now).await?;
+    // Every tenant gets its key at birth: reads never have to create one.
+    state.vault.create_tenant_key(&tx, now).await?;
     for role in BuiltInRole::ALL {
         let permissions: Vec<&str> = role
             .permissions()

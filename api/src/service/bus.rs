@@ -81,6 +81,17 @@ pub enum Notice {
 }
 
 impl Notice {
+    /// The profile the notice is about, if any.
+    pub fn profile_id(&self) -> Option<Uuid> {
+        match self {
+            Notice::ProfileChanged { profile_id, .. }
+            | Notice::EventIngested { profile_id, .. }
+            | Notice::SegmentMembership { profile_id, .. }
+            | Notice::StageTransition { profile_id, .. } => Some(*profile_id),
+            Notice::EmailDelivery { .. } => None,
+        }
+    }
+
     pub fn tenant_id(&self) -> TenantId {
         match self {
             Notice::ProfileChanged { tenant_id, .. }

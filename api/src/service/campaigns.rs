@@ -26,6 +26,7 @@ use uuid::Uuid;
 use super::auth::require_permission;
 use super::bus::Notice;
 use super::pagination::{build_page, decode_cursor, page_size, Page};
+use super::vault::TenantKeys;
 use super::{audit, profiles, AppState, RequestMeta, ServiceError, ServiceResult};
 use crate::auth::Principal;
 use crate::config::Config;
@@ -189,11 +190,13 @@ pub struct Delivery {
     pub created_at: DateTime<Utc>,
 }
 
-fn delivery_from_row(row: OutboxRow, masked: bool) -> Delivery {
-    let to = if masked && !row.to_address.is_empty() {
-        domain::mask_email(&row.to_address)
+fn delivery_from_row(row: OutboxRow, reveal: &profiles::Reveal) -> Delivery {
+    // The address is the profile's email identity, sealed under its data key; empty (or
+    // unreadable after an erasure) stays empty.
+    let to = if row.to_address.is_empty() {
+        String::new()
     } else {
-        row.to_address
+        reveal.identity(domain::identity::EMAIL, &row.to_address)
     };
     Delivery {
         id: row.id,
@@ -601,13 +604,20 @@ pub async fn deliveries(
     let tx = state.store.read(principal.tenant_id).await?;
     let rows = stored::delivery_page(&tx, filter, after, limit + 1).await?;
     let total = stored::delivery_count(&tx, filter).await?;
-    let masked = profiles::masks(principal);
+    let reveal = profiles::Reveal::load(
+        state,
+        &tx,
+        profiles::masks(principal),
+        [],
+        rows.iter().map(|row| row.to_address.as_str()),
+    )
+    .await?;
     Ok(build_page(
         rows,
         limit,
         total,
         |row| row.id,
-        |row| delivery_from_row(row, masked),
+        |row| delivery_from_row(row, &reveal),
     ))
 }
 
@@ -619,10 +629,21 @@ pub async fn delivery(
 ) -> ServiceResult<Option<Delivery>> {
     let principal = require_permission(principal, Permission::ProfilesRead)?;
     let tx = state.store.read(principal.tenant_id).await?;
-    Ok(stored::delivery(&tx, id)
+    let Some(row) = stored::delivery(&tx, id)
         .await?
         .filter(|row| row.campaign_id.is_some())
-        .map(|row| delivery_from_row(row, profiles::masks(principal))))
+    else {
+        return Ok(None);
+    };
+    let reveal = profiles::Reveal::load(
+        state,
+        &tx,
+        profiles::masks(principal),
+        [],
+        [row.to_address.as_str()],
+    )
+    .await?;
+    Ok(Some(delivery_from_row(row, &reveal)))
 }
 
 // ---------------- triggers ----------------
@@ -803,14 +824,14 @@ pub async fn update_settings(
 const TOKEN_VERSION: u8 = 1;
 const MAC_LEN: usize = 32;
 
-/// The key of unsubscribe links, derived from `CDP_ENCRYPTION_KEY` (rotated far less often than
-/// the JWT secret, and links in old emails must keep working).
-fn unsubscribe_mac(config: &Config) -> Hmac<Sha256> {
-    let mut derive = <Hmac<Sha256> as Mac>::new_from_slice(&config.encryption_key)
-        .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
-    derive.update(b"cdp unsubscribe link v1");
-    let key = derive.finalize().into_bytes();
-    <Hmac<Sha256> as Mac>::new_from_slice(&key)
+/// The key of a tenant's unsubscribe links: a secret of the tenant key, which survives
+/// master-key rotation (links in old emails must keep working).
+fn unsubscribe_secret(keys: &TenantKeys) -> crate::crypto::Key {
+    keys.secret("unsubscribe-link-v1")
+}
+
+fn unsubscribe_mac(secret: &crate::crypto::Key) -> Hmac<Sha256> {
+    <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
         .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"))
 }
 
@@ -818,7 +839,7 @@ fn unsubscribe_mac(config: &Config) -> Hmac<Sha256> {
 /// profile, purpose, HMAC-SHA256 of all that, in URL-safe base64. It does not expire: RFC 8058
 /// links must keep working for as long as the email may be read.
 pub fn unsubscribe_token(
-    config: &Config,
+    keys: &TenantKeys,
     tenant_id: TenantId,
     profile_id: Uuid,
     purpose: &str,
@@ -828,7 +849,7 @@ pub fn unsubscribe_token(
     payload.extend_from_slice(tenant_id.as_uuid().as_bytes());
     payload.extend_from_slice(profile_id.as_bytes());
     payload.extend_from_slice(purpose.as_bytes());
-    let mut mac = unsubscribe_mac(config);
+    let mut mac = unsubscribe_mac(&unsubscribe_secret(keys));
     mac.update(&payload);
     payload.extend_from_slice(&mac.finalize().into_bytes());
     URL_SAFE_NO_PAD.encode(payload)
@@ -848,7 +869,7 @@ pub struct Unsubscribe {
 }
 
 /// Checks a token's signature (in constant time) and reads it.
-pub fn parse_unsubscribe_token(config: &Config, token: &str) -> ServiceResult<Unsubscribe> {
+pub async fn parse_unsubscribe_token(state: &AppState, token: &str) -> ServiceResult<Unsubscribe> {
     let invalid = || ServiceError::bad_input("token", "this unsubscribe link is not valid");
     let bytes = URL_SAFE_NO_PAD
         .decode(token.trim())
@@ -857,10 +878,17 @@ pub fn parse_unsubscribe_token(config: &Config, token: &str) -> ServiceResult<Un
         return Err(invalid());
     }
     let (payload, signature) = bytes.split_at(bytes.len() - MAC_LEN);
-    let mut mac = unsubscribe_mac(config);
+    let tenant = Uuid::from_slice(&payload[1..17]).map_err(|_| invalid())?;
+    let Some(keys) = state
+        .vault
+        .tenant_of(&state.store, TenantId(tenant))
+        .await?
+    else {
+        return Err(invalid());
+    };
+    let mut mac = unsubscribe_mac(&unsubscribe_secret(&keys));
     mac.update(payload);
     mac.verify_slice(signature).map_err(|_| invalid())?;
-    let tenant = Uuid::from_slice(&payload[1..17]).map_err(|_| invalid())?;
     let profile = Uuid::from_slice(&payload[17..33]).map_err(|_| invalid())?;
     let purpose = String::from_utf8(payload[33..].to_vec()).map_err(|_| invalid())?;
     Ok(Unsubscribe {
@@ -874,7 +902,7 @@ pub fn parse_unsubscribe_token(config: &Config, token: &str) -> ServiceResult<Un
 /// stages on that consent follow in the same transaction). Idempotent: a consent already
 /// withdrawn, or a profile that no longer exists, changes nothing.
 pub async fn unsubscribe(state: &AppState, meta: &RequestMeta, token: &str) -> ServiceResult<()> {
-    let link = parse_unsubscribe_token(&state.config, token)?;
+    let link = parse_unsubscribe_token(state, token).await?;
     let now = state.now();
     let backend = state.store.backend();
     let tx = state.store.begin(link.tenant_id).await?;
@@ -889,9 +917,19 @@ pub async fn unsubscribe(state: &AppState, meta: &RequestMeta, token: &str) -> S
         return Ok(());
     }
     let actor = "unsubscribe link";
-    let notices =
-        profiles::record_consent(&tx, backend, profile.id, &link.purpose, false, actor, now)
-            .await?;
+    let notices = profiles::record_consent(
+        &tx,
+        backend,
+        profile.id,
+        &link.purpose,
+        false,
+        profiles::ConsentSource {
+            source: actor,
+            actor: None,
+        },
+        now,
+    )
+    .await?;
     audit::record(
         state,
         &tx,
@@ -958,18 +996,33 @@ pub async fn prepare(state: &AppState, row: &OutboxRow) -> ServiceResult<Prepare
         .await?
         .iter()
         .any(|consent| consent.purpose == campaign.consent_purpose && consent.granted);
+    // The address and the traits are sealed under the profile's data key: opened here, for
+    // this one email, and never stored opened.
+    let reveal = profiles::Reveal::load(
+        state,
+        &tx,
+        false,
+        [&profile.traits],
+        [row.to_address.as_str()],
+    )
+    .await?;
+    let tenant_keys = state.vault.tenant(&tx).await?;
     drop(tx);
+    let Some(to) = reveal.text(&row.to_address).filter(|to| !to.is_empty()) else {
+        return Ok(Prepared::Suppress(stored::NO_EMAIL));
+    };
+    let traits = reveal.object(&profile.traits);
     if !consented {
         return Ok(Prepared::Suppress(stored::NO_CONSENT));
     }
     let token = unsubscribe_token(
-        &state.config,
+        &tenant_keys,
         tenant_id,
         profile.id,
         &campaign.consent_purpose,
     );
     let url = unsubscribe_url(&state.config, &token);
-    let context = template_context(profile.id, &profile.traits, &url);
+    let context = template_context(profile.id, &traits, &url);
     let rendered = render_all(&campaign, &context);
     let (subject, text_body, html_body) = match rendered {
         Ok(rendered) => rendered,
@@ -977,7 +1030,7 @@ pub async fn prepare(state: &AppState, row: &OutboxRow) -> ServiceResult<Prepare
     };
     Ok(Prepared::Send(Box::new(OutgoingEmail {
         message_id: row.message_id.clone(),
-        to: row.to_address.clone(),
+        to,
         subject,
         text_body,
         html_body,

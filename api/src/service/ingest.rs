@@ -20,7 +20,8 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{settings, AppState, ServiceError, ServiceResult};
+use super::vault::{Sealer, TenantKeys};
+use super::{privacy, settings, AppState, ServiceError, ServiceResult};
 use crate::store::ingest::{
     ConsentRow, EventRow, GroupRow, IdentityRow, LedgerRow, ProfileRow, WriteSet,
 };
@@ -111,6 +112,7 @@ pub async fn ingest_with(
     settings: &settings::IngestSettings,
 ) -> ServiceResult<IngestReport> {
     let options = settings.parse_options();
+    let pii = privacy::settings_cached(state, tenant_id).await?.pii_keys();
     let parsed: Vec<Result<Message, Rejection>> = batch
         .messages
         .iter()
@@ -129,6 +131,7 @@ pub async fn ingest_with(
         batch,
         parsed,
         rules: settings.identity_rules.clone(),
+        pii,
         reply: None,
     };
     let grouped = state
@@ -171,6 +174,8 @@ pub struct Pending {
     batch: Batch,
     parsed: Vec<Result<Message, Rejection>>,
     rules: domain::identity::IdentityRules,
+    /// The tenant's personal-data keys, sealed before anything is stored.
+    pii: domain::pii::PiiKeys,
     reply: Option<oneshot::Sender<ServiceResult<IngestReport>>>,
 }
 
@@ -319,6 +324,7 @@ async fn commit_group(
         })
         .collect();
     let rules = &group[0].rules;
+    let pii = &group[0].pii;
     let mut attempt = 0;
     loop {
         let tx = match state.store.begin(tenant_id).await {
@@ -330,7 +336,7 @@ async fn commit_group(
             }
             Err(error) => return Err(error.into()),
         };
-        match apply(state, &tx, rules, &jobs).await {
+        match apply(state, &tx, rules, pii, &jobs).await {
             Ok((reports, notices)) => match tx.commit().await {
                 Ok(()) => {
                     state.bus.publish(notices);
@@ -415,6 +421,15 @@ struct Working {
 /// Everything the batch builds up before writing.
 struct Work<'a> {
     tenant_id: Uuid,
+    /// Seals personal data under the data key of the profile it lands on.
+    sealer: Sealer,
+    tenant_keys: std::sync::Arc<TenantKeys>,
+    /// Plain value of each identifier of the batch, by its blind index: sealed into the identity
+    /// rows and the ledger, never stored as it is.
+    displays: HashMap<String, String>,
+    /// Identifiers (kind, blind index) suppressed by an erasure: never linked again.
+    suppressed: HashSet<(String, String)>,
+    consent_changes: Vec<store::keys::ConsentChangeRow>,
     now: DateTime<Utc>,
     source: &'a Source,
     rules: &'a domain::identity::IdentityRules,
@@ -458,6 +473,16 @@ impl Work<'_> {
         identity: Option<&IdentityKey>,
         rule: &str,
     ) {
+        // The ledger names the identifier by its sealed value, under the data key of the
+        // profile the entry is about, so that erasing that profile shreds it.
+        let identity_value = identity.map(|identity| {
+            let plain = self
+                .displays
+                .get(&identity.value)
+                .cloned()
+                .unwrap_or_default();
+            self.sealer.seal_text(profile_id, &plain)
+        });
         self.ledger.push(LedgerRow {
             tenant_id: self.tenant_id,
             id: Uuid::now_v7(),
@@ -467,7 +492,7 @@ impl Work<'_> {
             other_profile_id: other,
             message_id: Some(message_id.to_owned()),
             identity_kind: identity.map(|identity| identity.kind.clone()),
-            identity_value: identity.map(|identity| identity.value.clone()),
+            identity_value,
             rule: rule.to_owned(),
             detail: None,
         });
@@ -552,12 +577,19 @@ async fn apply<'a>(
     state: &AppState,
     tx: &TenantTx,
     rules: &'a domain::identity::IdentityRules,
+    pii: &domain::pii::PiiKeys,
     jobs: &[Job<'a>],
 ) -> Result<(Vec<IngestReport>, Vec<super::bus::Notice>), StoreError> {
     let now = state.now();
     let all_parsed = || jobs.iter().flat_map(|job| job.parsed.iter());
+    let tenant_keys = state.vault.tenant(tx).await?;
     let mut work = Work {
         tenant_id: tx.tenant_id().as_uuid(),
+        sealer: state.vault.sealer(tx, pii.clone(), &[]).await?,
+        tenant_keys: tenant_keys.clone(),
+        displays: HashMap::new(),
+        suppressed: HashSet::new(),
+        consent_changes: Vec::new(),
         now,
         source: jobs[0].source,
         rules,
@@ -578,16 +610,29 @@ async fn apply<'a>(
 
     // Everything the batch's identities touch, loaded at once.
     let mut keys: BTreeSet<(String, String)> = BTreeSet::new();
+    // Identifiers are looked up and stored by their blind index only.
     for message in all_parsed().flatten() {
         for identity in &message.identities {
-            keys.insert((identity.key.kind.clone(), identity.key.value.clone()));
+            let lookup = tenant_keys.identity_lookup(&identity.key.value);
+            work.displays
+                .entry(lookup.clone())
+                .or_insert_with(|| identity.display.clone());
+            keys.insert((identity.key.kind.clone(), lookup));
         }
         if let Some(previous) = &message.previous_id {
-            keys.insert((USER_ID.to_owned(), previous.clone()));
-            keys.insert((ANONYMOUS_ID.to_owned(), previous.clone()));
+            let lookup = tenant_keys.identity_lookup(previous);
+            work.displays
+                .entry(lookup.clone())
+                .or_insert_with(|| previous.clone());
+            keys.insert((USER_ID.to_owned(), lookup.clone()));
+            keys.insert((ANONYMOUS_ID.to_owned(), lookup));
         }
     }
     let keys: Vec<(String, String)> = keys.into_iter().collect();
+    work.suppressed = store::keys::suppressed(tx, &keys)
+        .await?
+        .into_iter()
+        .collect();
     let backend = state.store.backend();
     let mut owned = store::ingest::identities_by_keys(tx, backend, &keys).await?;
     // Identifiers nobody holds yet are locked (on PostgreSQL), so that two batches carrying the
@@ -619,6 +664,7 @@ async fn apply<'a>(
         .into_iter()
         .collect();
     let owner_list: Vec<Uuid> = owner_ids.iter().copied().collect();
+    work.sealer = state.vault.sealer(tx, pii.clone(), &owner_list).await?;
     let mut identities_by_profile: HashMap<Uuid, BTreeSet<IdentityKey>> = HashMap::new();
     for (profile_id, kind, lookup) in store::ingest::identity_keys_of(tx, &owner_list).await? {
         identities_by_profile
@@ -747,11 +793,12 @@ async fn apply<'a>(
         let Some(owner) = work.graph.owner(key) else {
             continue;
         };
+        let sealed = work.sealer.seal_text(owner, display);
         set.identities.push(IdentityRow {
             tenant_id: work.tenant_id,
             kind: key.kind.clone(),
             lookup: key.value.clone(),
-            value: display.clone(),
+            value: sealed,
             profile_id: owner,
             message_id: Some(message_id.clone()),
             created_at: now,
@@ -782,6 +829,11 @@ async fn apply<'a>(
                 .push((profile_id, group_id.clone(), *joined_at));
         }
     }
+    let mut consent_changes = std::mem::take(&mut work.consent_changes);
+    for change in &mut consent_changes {
+        change.profile_id = work.final_id(change.profile_id);
+    }
+    set.consent_changes = consent_changes;
     set.ledger = std::mem::take(&mut work.ledger);
     for row in &mut set.ledger {
         row.profile_id = work.final_id(row.profile_id);
@@ -794,6 +846,7 @@ async fn apply<'a>(
     stats.sort();
     set.stats = stats;
     let understanding = Understanding::of(&set, jobs, &reports, &owner_ids);
+    work.sealer.save(tx, now).await?;
     store::ingest::apply(tx, set, now).await?;
     // Every write of the batch is done and the transaction is still open: the stage and the
     // segments of the profiles it changed are decided here, in the same transaction.
@@ -947,28 +1000,41 @@ fn apply_message(
     known_user_ids: &HashSet<String>,
     received_at: DateTime<Utc>,
 ) -> Result<(Uuid, Uuid), Rejection> {
+    // Identifiers by their blind index; suppressed ones (erased people) are never linked.
     let mut keys: Vec<IdentityKey> = message
         .identities
         .iter()
-        .map(|identity| identity.key.clone())
-        .collect();
-    let mut displays: HashMap<IdentityKey, String> = message
-        .identities
-        .iter()
-        .map(|identity| (identity.key.clone(), identity.display.clone()))
+        .map(|identity| {
+            IdentityKey::new(
+                identity.key.kind.clone(),
+                work.tenant_keys.identity_lookup(&identity.key.value),
+            )
+        })
+        .filter(|key| {
+            !work
+                .suppressed
+                .contains(&(key.kind.clone(), key.value.clone()))
+        })
         .collect();
     if let Some(previous) = &message.previous_id {
         if !domain::ingest::is_blocked_identity(previous, &[]) {
             // An alias names an earlier user id when one is known, else an anonymous id.
-            let kind = if known_user_ids.contains(previous) {
+            let lookup = work.tenant_keys.identity_lookup(previous);
+            let kind = if known_user_ids.contains(&lookup) {
                 USER_ID
             } else {
                 ANONYMOUS_ID
             };
-            let key = IdentityKey::new(kind, previous.clone());
-            displays.insert(key.clone(), previous.clone());
-            keys.push(key);
+            if !work.suppressed.contains(&(kind.to_owned(), lookup.clone())) {
+                keys.push(IdentityKey::new(kind, lookup));
+            }
         }
+    }
+    if keys.is_empty() && !message.identities.is_empty() {
+        return Err(Rejection {
+            code: "suppressed_identity",
+            detail: "every identifier of the message belongs to an erased person whose identifiers are suppressed".to_owned(),
+        });
     }
     let now = work.now;
     let resolution = work
@@ -1022,10 +1088,7 @@ fn apply_message(
         );
     }
     for key in &resolution.linked {
-        let display = displays
-            .get(key)
-            .cloned()
-            .unwrap_or_else(|| key.value.clone());
+        let display = work.displays.get(&key.value).cloned().unwrap_or_default();
         work.new_identities
             .push((key.clone(), display, message.message_id.clone()));
     }
@@ -1046,7 +1109,10 @@ fn apply_message(
     if message.kind == MessageType::Identify && !message.traits.is_empty() {
         let mut traits_map = row.traits.as_object().cloned().unwrap_or_default();
         let mut clock = row.trait_clock.as_object().cloned().unwrap_or_default();
-        traits::apply(&mut traits_map, &mut clock, &message.traits, &stamp);
+        let incoming = work
+            .sealer
+            .seal_object(profile_id, &message.traits, Some(&traits_map));
+        traits::apply(&mut traits_map, &mut clock, &incoming, &stamp);
         row.traits = Value::Object(traits_map);
         row.trait_clock = Value::Object(clock);
     }
@@ -1063,6 +1129,23 @@ fn apply_message(
             .get(&key)
             .is_none_or(|existing| message.timestamp >= existing.updated_at);
         if newer {
+            let changed = work
+                .consents
+                .get(&key)
+                .is_none_or(|existing| existing.granted != *granted);
+            if changed {
+                work.consent_changes.push(store::keys::ConsentChangeRow {
+                    tenant_id: work.tenant_id,
+                    id: Uuid::now_v7(),
+                    profile_id,
+                    purpose: purpose.clone(),
+                    granted: *granted,
+                    source: "message".to_owned(),
+                    actor: None,
+                    message_id: Some(message.message_id.clone()),
+                    at: message.timestamp,
+                });
+            }
             work.consents.insert(
                 key.clone(),
                 ConsentRow {
@@ -1114,6 +1197,15 @@ fn apply_message(
         }
         _ => message.properties.clone(),
     };
+    let properties = work.sealer.seal_object(profile_id, &properties, None);
+    let context = work
+        .sealer
+        .seal_json(profile_id, &Value::Object(message.context.clone()));
+    let blind = |id: &Option<String>| {
+        id.as_deref()
+            .map(|value| work.tenant_keys.identity_lookup(value))
+    };
+    let (user_id, anonymous_id) = (blind(&message.user_id), blind(&message.anonymous_id));
     let event_id = Uuid::now_v7();
     work.events.push(EventRow {
         tenant_id: work.tenant_id,
@@ -1123,13 +1215,13 @@ fn apply_message(
         kind: message.kind.as_str().to_owned(),
         name: message.name.clone(),
         properties: Value::Object(properties),
-        context: Value::Object(message.context.clone()),
+        context,
         timestamp: message.timestamp,
         received_at,
         source_id: work.source.key_id,
         channel: channel.to_owned(),
-        user_id: message.user_id.clone(),
-        anonymous_id: message.anonymous_id.clone(),
+        user_id,
+        anonymous_id,
     });
     Ok((profile_id, event_id))
 }

@@ -43,7 +43,9 @@ fn stages_of(model: &LifecycleModel) -> Vec<Stage> {
 pub async fn model(state: &AppState, principal: Option<&Principal>) -> ServiceResult<Vec<Stage>> {
     let principal = require_permission(principal, Permission::ProfilesRead)?;
     let tx = state.store.read(principal.tenant_id).await?;
-    Ok(stages_of(&understand::lifecycle_model(&tx).await?))
+    Ok(stages_of(
+        &understand::lifecycle_model_as_written(&tx).await?,
+    ))
 }
 
 /// Replaces the model and recomputes every profile's stage.
@@ -57,17 +59,19 @@ pub async fn set_model(
     let model = LifecycleModel::new(&inputs)
         .map_err(|error| ServiceError::bad_input(error.field, error.reason))?;
     let tx = state.store.begin(principal.tenant_id).await?;
-    let rows: Vec<(String, String, Value)> = model
-        .stages()
-        .iter()
-        .map(|stage| {
-            (
-                stage.key.clone(),
-                stage.name.clone(),
-                stage.condition.to_json(),
-            )
-        })
-        .collect();
+    let blinder = super::privacy::blinder(state, &tx).await?;
+    let mut rows: Vec<(String, String, Value, Value)> = Vec::new();
+    for (index, stage) in model.stages().iter().enumerate() {
+        let evaluated = blinder.condition(&stage.condition).map_err(|error| {
+            ServiceError::bad_input(format!("stages[{index}].{}", error.path), error.reason)
+        })?;
+        rows.push((
+            stage.key.clone(),
+            stage.name.clone(),
+            stage.condition.to_json(),
+            evaluated.to_json(),
+        ));
+    }
     store::lifecycle::replace_model(&tx, &rows).await?;
     audit::record(
         state,
@@ -76,7 +80,7 @@ pub async fn set_model(
         &principal.actor(),
         "lifecycle.set_model",
         None,
-        Some(json!({"stages": rows.iter().map(|(key, _, _)| key).collect::<Vec<_>>()})),
+        Some(json!({"stages": rows.iter().map(|(key, _, _, _)| key).collect::<Vec<_>>()})),
     )
     .await?;
     tx.commit().await?;

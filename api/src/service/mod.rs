@@ -16,12 +16,14 @@ pub mod fanout;
 pub mod ingest;
 pub mod lifecycle;
 pub mod pagination;
+pub mod privacy;
 pub mod profiles;
 pub mod reactions;
 pub mod realtime;
 pub mod segments;
 pub mod settings;
 pub mod understand;
+pub mod vault;
 pub mod webhooks;
 
 use std::sync::Arc;
@@ -101,6 +103,8 @@ pub struct AppState {
     pub realtime: realtime::Realtime,
     /// The per-tenant writers of the ingestion write path.
     pub group_commit: Arc<ingest::GroupCommit>,
+    /// The master keys and the unwrapped tenant keys of personal-data encryption.
+    pub vault: Arc<vault::Vault>,
 }
 
 impl AppState {

@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
 use domain::identity::{IdentityKey, EMAIL, PHONE};
+use domain::pii::PiiKeys;
 use domain::traits::{self, Stamp};
 use domain::Permission;
 use serde_json::{json, Map, Value};
@@ -12,21 +13,10 @@ use uuid::Uuid;
 use super::auth::require_permission;
 use super::bus::{Notice, ProfileChangeKind};
 use super::pagination::{build_page, decode_cursor, page_size, Page};
+use super::vault::Opener;
 use super::{audit, settings, AppState, RequestMeta, ServiceError, ServiceResult};
 use crate::auth::Principal;
 use crate::store;
-
-/// Trait keys treated as personal data: masked for principals without PII_READ.
-pub const PII_TRAITS: [&str; 8] = [
-    "email",
-    "phone",
-    "name",
-    "firstName",
-    "lastName",
-    "address",
-    "birthday",
-    "username",
-];
 
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -90,61 +80,101 @@ pub struct Event {
     pub source_id: Option<Uuid>,
 }
 
-pub fn mask_value(kind: &str, value: &str) -> String {
-    match kind {
-        EMAIL => domain::mask_email(value),
-        _ => {
-            let chars: Vec<char> = value.chars().collect();
-            if chars.len() <= 4 {
-                "***".to_owned()
-            } else {
-                format!(
-                    "{}***{}",
-                    chars[..2].iter().collect::<String>(),
-                    chars[chars.len() - 2..].iter().collect::<String>()
-                )
-            }
-        }
-    }
+/// What one principal may see of personal data, with the keys to open it: sealed values are
+/// opened, then masked for a principal without PII_READ. Built once per read, for the rows it
+/// shows.
+#[derive(Debug)]
+pub(crate) struct Reveal {
+    opener: Opener,
+    pii: PiiKeys,
+    masked: bool,
 }
 
-fn mask_traits(traits: &Value) -> Value {
-    let Some(map) = traits.as_object() else {
-        return traits.clone();
-    };
-    let masked: Map<String, Value> = map
-        .iter()
-        .map(|(key, value)| {
-            if PII_TRAITS.contains(&key.as_str()) {
-                let shown = match value {
-                    Value::String(text) if key == "email" => {
-                        Value::String(domain::mask_email(text))
-                    }
-                    Value::String(text) => Value::String(mask_value(key, text)),
-                    Value::Null => Value::Null,
-                    _ => Value::String("***".to_owned()),
-                };
-                (key.clone(), shown)
-            } else {
-                (key.clone(), value.clone())
-            }
+impl Reveal {
+    /// Loads the data keys of the owners of every sealed value in `values` and `texts`.
+    pub(crate) async fn load<'a>(
+        state: &AppState,
+        tx: &store::TenantTx,
+        masked: bool,
+        values: impl IntoIterator<Item = &'a Value>,
+        texts: impl IntoIterator<Item = &'a str>,
+    ) -> store::StoreResult<Reveal> {
+        let mut owners = BTreeSet::new();
+        for value in values {
+            super::vault::collect_owners(value, &mut owners, 0);
+        }
+        owners.extend(texts.into_iter().filter_map(crate::crypto::envelope_owner));
+        let opener = state.vault.opener_for(tx, owners).await?;
+        let pii = super::privacy::settings_in(tx)
+            .await
+            .map(|settings| settings.pii_keys())
+            .unwrap_or_default();
+        Ok(Reveal {
+            opener,
+            pii,
+            masked,
         })
-        .collect();
-    Value::Object(masked)
+    }
+
+    pub(crate) fn new(opener: Opener, pii: PiiKeys, masked: bool) -> Reveal {
+        Reveal {
+            opener,
+            pii,
+            masked,
+        }
+    }
+
+    /// A traits or properties object as this principal may see it.
+    pub(crate) fn object(&self, value: &Value) -> Value {
+        let opened = self.opener.open_object(value);
+        if self.masked {
+            domain::pii::mask_object(&opened, &self.pii)
+        } else {
+            opened
+        }
+    }
+
+    /// A whole sealed JSON value (an event context), opened; masked principals see nothing of it.
+    pub(crate) fn json(&self, value: &Value) -> Value {
+        if self.masked {
+            return Value::Null;
+        }
+        self.opener.open_value(value)
+    }
+
+    /// An identity value (or another sealed text of `kind`) as this principal may see it. Email
+    /// and phone identities and kinds named like personal keys are masked; user and anonymous
+    /// ids, which are pseudonymous, are shown.
+    pub(crate) fn identity(&self, kind: &str, stored: &str) -> String {
+        let plain = self.opener.open_text(stored).unwrap_or_default();
+        if self.masked && (kind == EMAIL || kind == PHONE || self.pii.contains(kind)) {
+            match domain::pii::mask(kind, &Value::String(plain)) {
+                Value::String(text) => text,
+                _ => "***".to_owned(),
+            }
+        } else {
+            plain
+        }
+    }
+
+    /// A sealed text opened without masking, for the principal's own use (sending, export).
+    pub(crate) fn text(&self, stored: &str) -> Option<String> {
+        self.opener.open_text(stored)
+    }
+
+    pub(crate) fn masked(&self) -> bool {
+        self.masked
+    }
 }
 
 pub(crate) fn masks(principal: &Principal) -> bool {
     !principal.has(Permission::PiiRead)
 }
 
-pub(crate) fn profile_from_row(row: store::profiles::ProfileRow, masked: bool) -> Profile {
+pub(crate) fn profile_from_row(row: store::profiles::ProfileRow, reveal: &Reveal) -> Profile {
     Profile {
         id: row.id,
-        traits: if masked {
-            mask_traits(&row.traits)
-        } else {
-            row.traits
-        },
+        traits: reveal.object(&row.traits),
         channels: row
             .channels
             .as_array()
@@ -160,23 +190,20 @@ pub(crate) fn profile_from_row(row: store::profiles::ProfileRow, masked: bool) -
         last_seen_at: row.last_seen_at,
         event_count: row.event_count,
         created_at: row.created_at,
-        masked,
+        masked: reveal.masked(),
     }
 }
 
-pub fn event_from_row(row: store::events::EventRow, masked: bool) -> Event {
-    let properties = if masked && row.kind == "identify" {
-        mask_traits(&row.properties)
-    } else {
-        row.properties
-    };
+pub(crate) fn event_from_row(row: store::events::EventRow, reveal: &Reveal) -> Event {
+    let properties = reveal.object(&row.properties);
+    let context = reveal.json(&row.context);
     Event {
         id: row.id,
         profile_id: row.profile_id,
         kind: row.kind,
         name: row.name,
         properties,
-        context: row.context,
+        context,
         timestamp: row.timestamp,
         received_at: row.received_at,
         message_id: row.message_id,
@@ -200,9 +227,11 @@ pub async fn get(
         return Ok(None);
     };
     let tx = state.store.read(principal.tenant_id).await?;
-    Ok(store::profiles::get_resolved(&tx, id)
-        .await?
-        .map(|row| profile_from_row(row, masks(principal))))
+    let Some(row) = store::profiles::get_resolved(&tx, id).await? else {
+        return Ok(None);
+    };
+    let reveal = Reveal::load(state, &tx, masks(principal), [&row.traits], []).await?;
+    Ok(Some(profile_from_row(row, &reveal)))
 }
 
 /// Normalizes a looked-up identity value the way ingestion does.
@@ -228,13 +257,16 @@ pub async fn by_identity(
     let Some(key) = lookup_key(kind, value, settings.default_region.as_deref()) else {
         return Ok(None);
     };
-    let found = store::profiles::identities_by_keys(&tx, &[(key.kind, key.value)]).await?;
+    let lookup = state.vault.tenant(&tx).await?.identity_lookup(&key.value);
+    let found = store::profiles::identities_by_keys(&tx, &[(key.kind, lookup)]).await?;
     let Some(identity) = found.first() else {
         return Ok(None);
     };
-    Ok(store::profiles::get_resolved(&tx, identity.profile_id)
-        .await?
-        .map(|row| profile_from_row(row, masks(principal))))
+    let Some(row) = store::profiles::get_resolved(&tx, identity.profile_id).await? else {
+        return Ok(None);
+    };
+    let reveal = Reveal::load(state, &tx, masks(principal), [&row.traits], []).await?;
+    Ok(Some(profile_from_row(row, &reveal)))
 }
 
 /// Filters of `profiles`.
@@ -286,6 +318,25 @@ pub async fn list(
             store_filter.trait_equals.push((parts, value.clone()));
         }
     }
+    let tx = state.store.read(principal.tenant_id).await?;
+    if !store_filter.trait_equals.is_empty() {
+        // Personal traits are compared through their blind index, like segment conditions.
+        let pii = super::privacy::settings_in(&tx).await?.pii_keys();
+        let tenant_keys = state.vault.tenant(&tx).await?;
+        for (parts, value) in &mut store_filter.trait_equals {
+            if !pii.contains(&parts[0]) {
+                continue;
+            }
+            if parts.len() > 1 {
+                return Err(ServiceError::bad_input(
+                    format!("filter.traitEquals.{}", parts.join(".")),
+                    format!("{:?} holds personal data, which is stored encrypted as a whole: compare the whole value", parts[0]),
+                ));
+            }
+            *value = Value::String(tenant_keys.value_blind(value));
+            parts.push(domain::pii::BLIND_FIELD.to_owned());
+        }
+    }
     if let Some(segment_id) = &filter.segment_id {
         match Uuid::parse_str(segment_id.trim()) {
             Ok(id) => store_filter.segment_id = Some(id),
@@ -294,16 +345,22 @@ pub async fn list(
         }
     }
     store_filter.stage = filter.stage.clone();
-    let tx = state.store.read(principal.tenant_id).await?;
     let (rows, total) =
         store::profiles::page(&tx, state.store.backend(), &store_filter, after, limit + 1).await?;
-    let masked = masks(principal);
+    let reveal = Reveal::load(
+        state,
+        &tx,
+        masks(principal),
+        rows.iter().map(|row| &row.traits),
+        [],
+    )
+    .await?;
     Ok(build_page(
         rows,
         limit,
         total,
         |row| row.id,
-        |row| profile_from_row(row, masked),
+        |row| profile_from_row(row, &reveal),
     ))
 }
 
@@ -315,14 +372,18 @@ pub async fn identities(
     let principal = require_permission(principal, Permission::ProfilesRead)?;
     let tx = state.store.read(principal.tenant_id).await?;
     let rows = store::profiles::identities_of(&tx, &[profile.id]).await?;
+    let reveal = Reveal::load(
+        state,
+        &tx,
+        profile.masked,
+        [],
+        rows.iter().map(|row| row.value.as_str()),
+    )
+    .await?;
     Ok(rows
         .into_iter()
         .map(|row| Identity {
-            value: if profile.masked && (row.kind == EMAIL || row.kind == PHONE) {
-                mask_value(&row.kind, &row.value)
-            } else {
-                row.value
-            },
+            value: reveal.identity(&row.kind, &row.value),
             kind: row.kind,
         })
         .collect())
@@ -384,8 +445,16 @@ pub async fn ledger(
     let tx = state.store.read(principal.tenant_id).await?;
     let mut ids = store::profiles::merged_ids(&tx, profile.id).await?;
     ids.push(profile.id);
-    Ok(store::profiles::ledger_of(&tx, &ids)
-        .await?
+    let rows = store::profiles::ledger_of(&tx, &ids).await?;
+    let reveal = Reveal::load(
+        state,
+        &tx,
+        profile.masked,
+        [],
+        rows.iter().filter_map(|row| row.identity_value.as_deref()),
+    )
+    .await?;
+    Ok(rows
         .into_iter()
         .map(|row| LedgerEntry {
             id: row.id,
@@ -394,11 +463,10 @@ pub async fn ledger(
             profile_id: row.profile_id,
             other_profile_id: row.other_profile_id,
             message_id: row.message_id,
-            identity_value: match (&row.identity_kind, row.identity_value) {
-                (Some(kind), Some(value)) if profile.masked && (kind == EMAIL || kind == PHONE) => {
-                    Some(mask_value(kind, &value))
-                }
-                (_, value) => value,
+            identity_value: match (&row.identity_kind, &row.identity_value) {
+                (Some(kind), Some(value)) => Some(reveal.identity(kind, value)),
+                (None, Some(value)) => reveal.text(value),
+                (_, None) => None,
             },
             identity_kind: row.identity_kind,
             rule: row.rule,
@@ -476,13 +544,20 @@ pub async fn events(
     let (mut rows, total) = store::events::page(&tx, &filter, position, limit + 1).await?;
     let has_next_page = rows.len() as u64 > limit;
     rows.truncate(limit as usize);
-    let masked = masks(principal);
+    let reveal = Reveal::load(
+        state,
+        &tx,
+        masks(principal),
+        rows.iter().map(|row| &row.properties),
+        [],
+    )
+    .await?;
     Ok(Page {
         items: rows
             .into_iter()
             .map(|row| {
                 let cursor = encode_event_cursor(&row);
-                (event_from_row(row, masked), cursor)
+                (event_from_row(row, &reveal), cursor)
             })
             .collect(),
         has_next_page,
@@ -497,9 +572,11 @@ pub async fn event_by_message_id(
     message_id: &str,
 ) -> ServiceResult<Option<Event>> {
     let tx = state.store.read(principal.tenant_id).await?;
-    Ok(store::events::by_message_id(&tx, message_id)
-        .await?
-        .map(|row| event_from_row(row, masks(principal))))
+    let Some(row) = store::events::by_message_id(&tx, message_id).await? else {
+        return Ok(None);
+    };
+    let reveal = Reveal::load(state, &tx, masks(principal), [&row.properties], []).await?;
+    Ok(Some(event_from_row(row, &reveal)))
 }
 
 /// Merges `merge_id` into `keep_id` on an admin's word, recorded in the ledger. Refused when the
@@ -624,10 +701,11 @@ pub async fn merge(
     )
     .await?;
     let reactions = super::reactions::react(&tx, state.store.backend(), &notices, now).await?;
+    let reveal = Reveal::load(state, &tx, masks(principal), [&keep_row.traits], []).await?;
     tx.commit().await?;
     state.bus.publish(notices);
     state.bus.publish(reactions);
-    Ok(profile_from_row(keep_row, masks(principal)))
+    Ok(profile_from_row(keep_row, &reveal))
 }
 
 /// Undoes a wrong merge: moves one identity of a profile, and the events that arrived under it,
@@ -652,21 +730,54 @@ pub async fn split(
     let Some(source_row) = store::profiles::get_resolved(&tx, profile_id).await? else {
         return Err(ServiceError::NotFound("profile"));
     };
+    let lookup = state.vault.tenant(&tx).await?.identity_lookup(&key.value);
     let identities = store::profiles::identities_of(&tx, &[source_row.id]).await?;
-    if !identities
+    let Some(split_identity) = identities
         .iter()
-        .any(|identity| identity.kind == key.kind && identity.lookup == key.value)
-    {
+        .find(|identity| identity.kind == key.kind && identity.lookup == lookup)
+        .cloned()
+    else {
         return Err(ServiceError::NotFound("identity"));
-    }
+    };
     if identities.len() < 2 {
         return Err(ServiceError::Conflict(
             "the profile has no other identity; there is nothing to split off".to_owned(),
         ));
     }
     let new_id = Uuid::now_v7();
-    let moved_events =
-        store::events::of_identity(&tx, source_row.id, &key.kind, &key.value).await?;
+    let found_events = store::events::of_identity(&tx, source_row.id, &key.kind, &lookup).await?;
+    // What moves to the new profile is sealed again under its own data key, so that erasing
+    // either profile later shreds exactly its own data.
+    let identity_text = Value::String(split_identity.value.clone());
+    let opener = state
+        .vault
+        .opener(
+            &tx,
+            found_events
+                .iter()
+                .flat_map(|event| [&event.properties, &event.context])
+                .chain([&identity_text]),
+        )
+        .await?;
+    let pii = super::privacy::settings_in(&tx).await?.pii_keys();
+    let mut sealer = state.vault.sealer(&tx, pii, &[source_row.id]).await?;
+    let moved_events: Vec<store::events::EventRow> = found_events
+        .into_iter()
+        .map(|mut event| {
+            let properties = opener.open_object(&event.properties);
+            event.properties = Value::Object(sealer.seal_object(
+                new_id,
+                properties.as_object().unwrap_or(&Map::new()),
+                None,
+            ));
+            event.context = sealer.seal_json(new_id, &opener.open_value(&event.context));
+            event
+        })
+        .collect();
+    let plain_identity = opener.open_text(&split_identity.value).unwrap_or_default();
+    let moved_identity_value = sealer.seal_text(new_id, &plain_identity);
+    let ledger_identity_value = sealer.seal_text(source_row.id, &plain_identity);
+    sealer.save(&tx, now).await?;
     let moved_ids: Vec<Uuid> = moved_events.iter().map(|event| event.id).collect();
     let remaining: Vec<store::events::EventRow> = store::events::all_of(&tx, source_row.id)
         .await?
@@ -698,15 +809,16 @@ pub async fn split(
             other_profile_id: Some(new_id),
             message_id: None,
             identity_kind: Some(key.kind.clone()),
-            identity_value: Some(key.value.clone()),
+            identity_value: Some(ledger_identity_value),
             rule: format!("requested by {}", principal.actor()),
             detail: Some(json!({"eventsMoved": moved_ids.len()})),
         }],
         ..Default::default()
     };
     store::ingest::apply(&tx, set, now).await?;
-    store::ingest::move_identity(&tx, &key.kind, &key.value, new_id).await?;
+    store::ingest::move_identity(&tx, &key.kind, &lookup, new_id, &moved_identity_value).await?;
     store::ingest::move_events(&tx, &moved_ids, new_id).await?;
+    store::events::reseal(&tx, &moved_events).await?;
     for (id, events) in [(new_id, &moved_events), (source_row.id, &remaining)] {
         let (orders, revenue) = order_totals(events);
         store::lifecycle::set_order_totals(&tx, id, orders, revenue).await?;
@@ -748,10 +860,11 @@ pub async fn split(
     )
     .await?;
     let reactions = super::reactions::react(&tx, state.store.backend(), &notices, now).await?;
+    let reveal = Reveal::load(state, &tx, masks(principal), [&new_row.traits], []).await?;
     tx.commit().await?;
     state.bus.publish(notices);
     state.bus.publish(reactions);
-    Ok(profile_from_row(new_row, masks(principal)))
+    Ok(profile_from_row(new_row, &reveal))
 }
 
 /// (orders, revenue) of these events, by the rule of `domain::analytics::order_value`.
@@ -821,6 +934,13 @@ fn rebuilt(
     }
 }
 
+/// Who or what changed a consent: a source (`api`, `unsubscribe`) and the principal, if any.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConsentSource<'a> {
+    pub source: &'a str,
+    pub actor: Option<&'a str>,
+}
+
 /// Writes a consent decision of a (live) profile in the caller's transaction, and lets the
 /// segments and stages on that consent follow in the same transaction. Returns the notices to
 /// publish after the commit. `setConsent` and the unsubscribe link both come through here.
@@ -830,11 +950,23 @@ pub(crate) async fn record_consent(
     profile_id: Uuid,
     purpose: &str,
     granted: bool,
-    source: &str,
+    change: ConsentSource<'_>,
     now: DateTime<Utc>,
 ) -> store::StoreResult<Vec<Notice>> {
     let tenant_id = tx.tenant_id();
+    let source = change.actor.unwrap_or(change.source);
     let set = store::ingest::WriteSet {
+        consent_changes: vec![store::keys::ConsentChangeRow {
+            tenant_id: tenant_id.as_uuid(),
+            id: Uuid::now_v7(),
+            profile_id,
+            purpose: purpose.to_owned(),
+            granted,
+            source: change.source.to_owned(),
+            actor: change.actor.map(str::to_owned),
+            message_id: None,
+            at: now,
+        }],
         consents: vec![store::profiles::ConsentRow {
             tenant_id: tenant_id.as_uuid(),
             profile_id,
@@ -885,13 +1017,17 @@ pub async fn set_consent(
     let row = store::profiles::get_resolved(&tx, id)
         .await?
         .ok_or(ServiceError::NotFound("profile"))?;
+    let actor = principal.actor();
     let notices = record_consent(
         &tx,
         state.store.backend(),
         row.id,
         purpose,
         granted,
-        &principal.actor(),
+        ConsentSource {
+            source: "api",
+            actor: Some(&actor),
+        },
         now,
     )
     .await?;
@@ -906,10 +1042,11 @@ pub async fn set_consent(
     )
     .await?;
     let reactions = super::reactions::react(&tx, state.store.backend(), &notices, now).await?;
+    let reveal = Reveal::load(state, &tx, masks(principal), [&row.traits], []).await?;
     tx.commit().await?;
     state.bus.publish(notices);
     state.bus.publish(reactions);
-    Ok(profile_from_row(row, masks(principal)))
+    Ok(profile_from_row(row, &reveal))
 }
 
 /// Per-source counts of accepted, duplicate and rejected messages (by reason) and warnings.

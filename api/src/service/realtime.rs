@@ -12,6 +12,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use domain::TenantId;
+use serde_json::Value;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -52,7 +53,10 @@ pub enum LiveItem {
 #[derive(Debug)]
 pub struct LiveNotice {
     pub notice: Notice,
+    /// Opened, not masked: [`LiveNotice::event`] and [`LiveNotice::profile`] mask per subscriber.
     detail: Detail,
+    /// The tenant's personal-data keys, to mask with.
+    pii: domain::pii::PiiKeys,
 }
 
 #[derive(Debug)]
@@ -64,12 +68,21 @@ enum Detail {
 }
 
 impl LiveNotice {
+    /// The details are opened already: only masking is left to do.
+    fn reveal(&self, principal: &Principal) -> profiles::Reveal {
+        profiles::Reveal::new(
+            super::vault::Opener::empty(),
+            self.pii.clone(),
+            profiles::masks(principal),
+        )
+    }
+
     /// The stored event of an `EventIngested` notice, masked for `principal`.
     pub fn event(&self, principal: &Principal) -> Option<profiles::Event> {
         match &self.detail {
             Detail::Event(Some(row)) => Some(profiles::event_from_row(
                 row.clone(),
-                profiles::masks(principal),
+                &self.reveal(principal),
             )),
             _ => None,
         }
@@ -80,7 +93,7 @@ impl LiveNotice {
         match &self.detail {
             Detail::Profile(Some(row)) => Some(profiles::profile_from_row(
                 row.clone(),
-                profiles::masks(principal),
+                &self.reveal(principal),
             )),
             _ => None,
         }
@@ -211,6 +224,7 @@ impl Realtime {
             let (sender, _) = broadcast::channel(CAPACITY);
             tokio::spawn(hub(
                 state.store.clone(),
+                state.vault.clone(),
                 state.bus.subscribe(),
                 sender.clone(),
             ));
@@ -250,6 +264,7 @@ impl Realtime {
 /// Reads the bus, loads details in batches and re-broadcasts. Ends when the bus closes.
 async fn hub(
     store: Store,
+    vault: Arc<super::vault::Vault>,
     mut bus: broadcast::Receiver<Notice>,
     sender: broadcast::Sender<LiveItem>,
 ) {
@@ -273,7 +288,7 @@ async fn hub(
             continue;
         }
         if !batch.is_empty() {
-            match load(&store, batch).await {
+            match load(&store, &vault, batch).await {
                 Ok(items) => {
                     for item in items {
                         let _ = sender.send(LiveItem::Notice(Arc::new(item)));
@@ -297,7 +312,11 @@ async fn hub(
 }
 
 /// Loads, per tenant in one read transaction, the events and profiles the notices name.
-async fn load(store: &Store, batch: Vec<Notice>) -> StoreResult<Vec<LiveNotice>> {
+async fn load(
+    store: &Store,
+    vault: &super::vault::Vault,
+    batch: Vec<Notice>,
+) -> StoreResult<Vec<LiveNotice>> {
     let mut event_ids: HashMap<TenantId, Vec<Uuid>> = HashMap::new();
     let mut profile_ids: HashMap<TenantId, BTreeSet<Uuid>> = HashMap::new();
     for notice in &batch {
@@ -331,19 +350,42 @@ async fn load(store: &Store, batch: Vec<Notice>) -> StoreResult<Vec<LiveNotice>>
         .collect();
     let mut events = HashMap::new();
     let mut profiles = HashMap::new();
+    let mut pii_keys = HashMap::new();
     for tenant_id in tenants {
         let tx = store.read(tenant_id).await?;
+        let mut event_rows = Vec::new();
+        let mut profile_rows = Vec::new();
         if let Some(ids) = event_ids.get(&tenant_id) {
-            for row in store::fanout::events_by_ids(&tx, ids).await? {
-                events.insert(row.id, row);
-            }
+            event_rows = store::fanout::events_by_ids(&tx, ids).await?;
         }
         if let Some(ids) = profile_ids.get(&tenant_id) {
             let ids: Vec<Uuid> = ids.iter().copied().collect();
-            for row in store::profiles::get_many(&tx, &ids).await? {
-                profiles.insert(row.id, row);
-            }
+            profile_rows = store::profiles::get_many(&tx, &ids).await?;
         }
+        // Opened once here; each subscriber then sees them masked or not (see `LiveNotice`).
+        let opener = vault
+            .opener(
+                &tx,
+                event_rows
+                    .iter()
+                    .map(|row| &row.properties)
+                    .chain(profile_rows.iter().map(|row| &row.traits)),
+            )
+            .await?;
+        for mut row in event_rows {
+            row.properties = opener.open_object(&row.properties);
+            row.context = Value::Null;
+            events.insert(row.id, row);
+        }
+        for mut row in profile_rows {
+            row.traits = opener.open_object(&row.traits);
+            profiles.insert(row.id, row);
+        }
+        let pii = super::privacy::settings_in(&tx)
+            .await
+            .map(|settings| settings.pii_keys())
+            .unwrap_or_default();
+        pii_keys.insert(tenant_id, pii);
     }
     Ok(batch
         .into_iter()
@@ -363,7 +405,15 @@ async fn load(store: &Store, batch: Vec<Notice>) -> StoreResult<Vec<LiveNotice>>
                 }),
                 _ => Detail::None,
             };
-            LiveNotice { notice, detail }
+            let pii = pii_keys
+                .get(&notice.tenant_id())
+                .cloned()
+                .unwrap_or_default();
+            LiveNotice {
+                notice,
+                detail,
+                pii,
+            }
         })
         .collect())
 }

@@ -67,7 +67,18 @@ pub fn parse_condition(value: &Value) -> ServiceResult<Condition> {
     condition::parse(value).map_err(|error| ServiceError::bad_input(error.path, error.reason))
 }
 
-fn validate(input: &SegmentInput) -> ServiceResult<(store::segments::SegmentDraft, Condition)> {
+/// Checks a condition against the tenant's personal-data keys and returns the form that is
+/// evaluated, with personal values compared through the blind index.
+fn evaluated(blinder: &super::privacy::Blinder, condition: &Condition) -> ServiceResult<Condition> {
+    blinder
+        .condition(condition)
+        .map_err(|error| ServiceError::bad_input(error.path, error.reason))
+}
+
+fn validate(
+    input: &SegmentInput,
+    blinder: &super::privacy::Blinder,
+) -> ServiceResult<(store::segments::SegmentDraft, Condition)> {
     let name = input.name.trim();
     if name.is_empty() || name.chars().count() > MAX_NAME {
         return Err(ServiceError::bad_input(
@@ -93,6 +104,7 @@ fn validate(input: &SegmentInput) -> ServiceResult<(store::segments::SegmentDraf
             description: description.map(str::to_owned),
             // Stored in canonical form.
             condition: condition.to_json(),
+            evaluated: evaluated(blinder, &condition)?.to_json(),
             time_dependent: condition.dependencies().time_dependent,
         },
         condition,
@@ -168,13 +180,20 @@ pub async fn members(
     let total = store::segments::size(&tx, id).await?;
     let ids = store::segments::member_page(&tx, id, after, limit + 1).await?;
     let rows = store::profiles::get_many(&tx, &ids).await?;
-    let masked = profiles::masks(principal);
+    let reveal = profiles::Reveal::load(
+        state,
+        &tx,
+        profiles::masks(principal),
+        rows.iter().map(|row| &row.traits),
+        [],
+    )
+    .await?;
     Ok(build_page(
         rows,
         limit,
         total,
         |row| row.id,
-        |row| profiles::profile_from_row(row, masked),
+        |row| profiles::profile_from_row(row, &reveal),
     ))
 }
 
@@ -195,6 +214,7 @@ pub async fn preview(
     let now = state.now();
     let backend = state.store.backend();
     let tx = state.store.read(principal.tenant_id).await?;
+    let condition = evaluated(&super::privacy::blinder(state, &tx).await?, &condition)?;
     let size = store::conditions::count_matching(&tx, backend, &condition, now).await?;
     let ids = store::conditions::matching_profiles(
         &tx,
@@ -205,11 +225,18 @@ pub async fn preview(
         Some(PREVIEW_SAMPLE),
     )
     .await?;
-    let masked = profiles::masks(principal);
-    let sample = store::profiles::get_many(&tx, &ids)
-        .await?
+    let rows = store::profiles::get_many(&tx, &ids).await?;
+    let reveal = profiles::Reveal::load(
+        state,
+        &tx,
+        profiles::masks(principal),
+        rows.iter().map(|row| &row.traits),
+        [],
+    )
+    .await?;
+    let sample = rows
         .into_iter()
-        .map(|row| profiles::profile_from_row(row, masked))
+        .map(|row| profiles::profile_from_row(row, &reveal))
         .collect();
     Ok(Preview { size, sample })
 }
@@ -221,10 +248,10 @@ pub async fn create(
     input: SegmentInput,
 ) -> ServiceResult<Segment> {
     let principal = require_permission(principal, Permission::SegmentsManage)?;
-    let (draft, _) = validate(&input)?;
     let now = state.now();
     let id = Uuid::now_v7();
     let tx = state.store.begin(principal.tenant_id).await?;
+    let (draft, _) = validate(&input, &super::privacy::blinder(state, &tx).await?)?;
     let name = draft.name.clone();
     store::segments::insert(&tx, id, draft, now).await?;
     audit::record(
@@ -251,9 +278,9 @@ pub async fn update(
 ) -> ServiceResult<Segment> {
     let principal = require_permission(principal, Permission::SegmentsManage)?;
     let id = parse_id(id)?;
-    let (draft, _) = validate(&input)?;
     let now = state.now();
     let tx = state.store.begin(principal.tenant_id).await?;
+    let (draft, _) = validate(&input, &super::privacy::blinder(state, &tx).await?)?;
     let Some(existing) = store::segments::get(&tx, id).await? else {
         return Err(ServiceError::NotFound("segment"));
     };
@@ -347,7 +374,7 @@ pub async fn build(state: &AppState, tenant: TenantId, id: Uuid) -> ServiceResul
     if row.status == store::segments::STATUS_READY {
         return Ok(false);
     }
-    let condition = parse_condition(&row.condition)?;
+    let condition = parse_condition(row.evaluated.as_ref().unwrap_or(&row.condition))?;
     let now = state.now();
     let reason = if row.status == store::segments::STATUS_BUILDING {
         None

@@ -127,7 +127,7 @@ pub async fn ready_segments(tx: &TenantTx) -> StoreResult<Vec<Definition>> {
         if row.status != store::segments::STATUS_READY {
             continue;
         }
-        match condition::parse(&row.condition) {
+        match condition::parse(row.evaluated.as_ref().unwrap_or(&row.condition)) {
             Ok(condition) => out.push(Definition {
                 id: row.id,
                 deps: condition.dependencies(),
@@ -142,8 +142,18 @@ pub async fn ready_segments(tx: &TenantTx) -> StoreResult<Vec<Definition>> {
     Ok(out)
 }
 
-/// The tenant's lifecycle model: the stored one, or the default model when none was set.
+/// The tenant's lifecycle model as evaluated (personal values through their blind index): the
+/// stored one, or the default model when none was set.
 pub async fn lifecycle_model(tx: &TenantTx) -> StoreResult<LifecycleModel> {
+    stored_model(tx, true).await
+}
+
+/// The tenant's lifecycle model as written, for display.
+pub async fn lifecycle_model_as_written(tx: &TenantTx) -> StoreResult<LifecycleModel> {
+    stored_model(tx, false).await
+}
+
+async fn stored_model(tx: &TenantTx, evaluated: bool) -> StoreResult<LifecycleModel> {
     let rows = store::lifecycle::model(tx).await?;
     if rows.is_empty() {
         return Ok(LifecycleModel::default_model());
@@ -153,7 +163,10 @@ pub async fn lifecycle_model(tx: &TenantTx) -> StoreResult<LifecycleModel> {
         .map(|row| StageInput {
             key: row.key,
             name: row.name,
-            condition: row.condition,
+            condition: match (evaluated, row.evaluated) {
+                (true, Some(evaluated)) => evaluated,
+                _ => row.condition,
+            },
         })
         .collect();
     LifecycleModel::new(&inputs)

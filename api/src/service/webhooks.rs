@@ -313,8 +313,14 @@ fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 }
 
 /// The signing secret of a webhook: `whsec_` and the base64url of
-/// HMAC-SHA256(encryption key, "cdp-webhook-secret-v1:{tenant}:{webhook}:{salt}"). Nothing in the
-/// database alone yields it; rotating `CDP_ENCRYPTION_KEY` changes every webhook's secret.
+/// HMAC-SHA256(key, "cdp-webhook-secret-v1:{tenant}:{webhook}:{salt}"), where the key is a secret
+/// of the tenant key ([`signing_key`]). Nothing in the database alone yields it, and rotating the
+/// master key `CDP_ENCRYPTION_KEY` leaves it as it is.
+/// The tenant's key webhook secrets derive from.
+pub fn signing_key(keys: &super::vault::TenantKeys) -> [u8; 32] {
+    *keys.secret("webhook-secret-v1").as_bytes()
+}
+
 pub fn derive_secret(
     encryption_key: &[u8; 32],
     tenant_id: TenantId,
@@ -422,6 +428,7 @@ pub async fn create(
             "a tenant has at most {MAX_WEBHOOKS} webhooks; delete one first"
         )));
     }
+    let tenant_keys = state.vault.tenant(&tx).await?;
     let id = Uuid::now_v7();
     let mut salt = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut salt);
@@ -456,7 +463,7 @@ pub async fn create(
     )
     .await?;
     tx.commit().await?;
-    let secret = derive_secret(&state.config.encryption_key, principal.tenant_id, id, &salt);
+    let secret = derive_secret(&signing_key(&tenant_keys), principal.tenant_id, id, &salt);
     Ok((row.into(), secret))
 }
 
@@ -644,6 +651,7 @@ pub async fn enqueue(
                 webhook_id: webhook.id,
                 topic: topic.as_str(),
                 payload: body.clone(),
+                profile_id: notice.profile_id(),
             });
         }
     }

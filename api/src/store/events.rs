@@ -122,3 +122,24 @@ pub async fn all_of(tx: &TenantTx, profile_id: Uuid) -> StoreResult<Vec<EventRow
         .all(tx.conn())
         .await?)
 }
+
+/// Replaces the properties and context of events (sealed again for another profile).
+pub async fn reseal(tx: &TenantTx, rows: &[EventRow]) -> StoreResult<()> {
+    for row in rows {
+        let (id, properties, context) = (row.id, &row.properties, &row.context);
+        events::Entity::update_many()
+            .col_expr(
+                events::Column::Properties,
+                sea_orm::sea_query::Expr::value(properties.clone()),
+            )
+            .col_expr(
+                events::Column::Context,
+                sea_orm::sea_query::Expr::value(context.clone()),
+            )
+            .filter(events::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+            .filter(events::Column::Id.eq(id))
+            .exec(tx.conn())
+            .await?;
+    }
+    Ok(())
+}

@@ -13,7 +13,8 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::entity::{
-    consents, events, groups, identities, ingest_stats, merge_ledger, profile_groups, profiles,
+    consent_history, consents, events, groups, identities, ingest_stats, merge_ledger,
+    profile_groups, profiles,
 };
 use super::{StoreError, StoreResult, TenantTx};
 
@@ -43,6 +44,8 @@ pub struct WriteSet {
     pub ledger: Vec<LedgerRow>,
     /// (source id, outcome, count) to add.
     pub stats: Vec<(Uuid, String, i64)>,
+    /// Consent changes to append to the history.
+    pub consent_changes: Vec<super::keys::ConsentChangeRow>,
 }
 
 pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreResult<()> {
@@ -155,6 +158,8 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
             .exec(tx.conn())
             .await?;
     }
+
+    super::keys::append_consent_changes(tx, &set.consent_changes).await?;
 
     for chunk in set.groups.chunks(CHUNK) {
         let rows = chunk.iter().map(|row| groups::ActiveModel {
@@ -284,6 +289,13 @@ pub async fn move_profile_rows(tx: &TenantTx, merged: Uuid, survivor: Uuid) -> S
             .exec(tx.conn())
             .await?;
     }
+    // The history of the merged profile's consents goes with them.
+    consent_history::Entity::update_many()
+        .col_expr(consent_history::Column::ProfileId, Expr::value(survivor))
+        .filter(consent_history::Column::TenantId.eq(tenant))
+        .filter(consent_history::Column::ProfileId.eq(merged))
+        .exec(tx.conn())
+        .await?;
     consents::Entity::delete_many()
         .filter(consents::Column::TenantId.eq(tenant))
         .filter(consents::Column::ProfileId.eq(merged))
@@ -311,15 +323,17 @@ pub async fn move_events(tx: &TenantTx, event_ids: &[Uuid], profile_id: Uuid) ->
     Ok(())
 }
 
-/// Moves one identity to another profile.
+/// Moves one identity to another profile, with its value sealed again for that profile.
 pub async fn move_identity(
     tx: &TenantTx,
     kind: &str,
     lookup: &str,
     profile_id: Uuid,
+    value: &str,
 ) -> StoreResult<()> {
     identities::Entity::update_many()
         .col_expr(identities::Column::ProfileId, Expr::value(profile_id))
+        .col_expr(identities::Column::Value, Expr::value(value.to_owned()))
         .filter(identities::Column::TenantId.eq(tx.tenant_id().as_uuid()))
         .filter(identities::Column::Kind.eq(kind))
         .filter(identities::Column::Lookup.eq(lookup))

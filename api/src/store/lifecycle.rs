@@ -25,10 +25,10 @@ pub async fn model(tx: &TenantTx) -> StoreResult<Vec<StageRow>> {
         .await?)
 }
 
-/// Replaces the tenant's model with these stages, `(key, name, condition)` in order.
+/// Replaces the tenant's model with these stages, `(key, name, condition, evaluated)` in order.
 pub async fn replace_model(
     tx: &TenantTx,
-    stages: &[(String, String, serde_json::Value)],
+    stages: &[(String, String, serde_json::Value, serde_json::Value)],
 ) -> StoreResult<()> {
     let tenant = tx.tenant_id().as_uuid();
     lifecycle_stages::Entity::delete_many()
@@ -39,11 +39,12 @@ pub async fn replace_model(
         .iter()
         .enumerate()
         .map(
-            |(position, (key, name, condition))| lifecycle_stages::ActiveModel {
+            |(position, (key, name, condition, evaluated))| lifecycle_stages::ActiveModel {
                 tenant_id: Set(tenant),
                 key: Set(key.clone()),
                 name: Set(name.clone()),
                 condition: Set(condition.clone()),
+                evaluated: Set(Some(evaluated.clone())),
                 position: Set(i32::try_from(position).unwrap_or(i32::MAX)),
             },
         );

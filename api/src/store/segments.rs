@@ -55,6 +55,8 @@ pub struct SegmentDraft {
     pub name: String,
     pub description: Option<String>,
     pub condition: Json,
+    /// The condition as evaluated: personal values compared through their blind index.
+    pub evaluated: Json,
     pub time_dependent: bool,
 }
 
@@ -70,6 +72,7 @@ pub async fn insert(
         name: Set(draft.name),
         description: Set(draft.description),
         condition: Set(draft.condition),
+        evaluated: Set(Some(draft.evaluated)),
         status: Set(STATUS_BUILDING.to_owned()),
         size: Set(0),
         time_dependent: Set(draft.time_dependent),
@@ -94,6 +97,10 @@ pub async fn update(
             Expr::value(draft.description),
         )
         .col_expr(segments::Column::Condition, Expr::value(draft.condition))
+        .col_expr(
+            segments::Column::Evaluated,
+            Expr::value(Some(draft.evaluated)),
+        )
         .col_expr(
             segments::Column::TimeDependent,
             Expr::value(draft.time_dependent),

@@ -112,6 +112,8 @@ pub struct NewDelivery {
     pub webhook_id: Uuid,
     pub topic: &'static str,
     pub payload: serde_json::Value,
+    /// The profile the delivery is about, if any: erasure deletes its queued deliveries.
+    pub profile_id: Option<Uuid>,
 }
 
 /// Queues deliveries, due at once, with multi-row inserts.
@@ -139,6 +141,7 @@ pub async fn enqueue(
                 attempt_log: Set(serde_json::Value::Array(Vec::new())),
                 created_at: Set(now),
                 sent_at: Set(None),
+                profile_id: Set(delivery.profile_id),
             });
         webhook_deliveries::Entity::insert_many(rows)
             .exec(tx.conn())

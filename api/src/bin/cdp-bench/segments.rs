@@ -625,6 +625,8 @@ async fn measure_segment(
                 name: format!("bench {} ({side})", case.key()),
                 description: None,
                 condition: condition.to_json(),
+                // The bench conditions name no personal trait: evaluated as written.
+                evaluated: condition.to_json(),
                 time_dependent: condition.dependencies().time_dependent,
             },
             now,

@@ -11,6 +11,8 @@ pub struct Model {
     pub key: String,
     pub name: String,
     pub condition: Json,
+    /// The condition as evaluated (personal values through their blind index).
+    pub evaluated: Option<Json>,
     pub position: i32,
 }
 

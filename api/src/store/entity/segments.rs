@@ -12,6 +12,8 @@ pub struct Model {
     pub name: String,
     pub description: Option<String>,
     pub condition: Json,
+    /// The condition as evaluated (personal values through their blind index).
+    pub evaluated: Option<Json>,
     /// `building` until its members have been computed, then `ready`.
     pub status: String,
     pub size: i64,
