@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use api::config::Config;
-use api::service::{accounts, RequestMeta, SystemClock};
+use api::service::{accounts, privacy, RequestMeta, SystemClock};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -27,6 +27,16 @@ enum Command {
     },
     /// Print the GraphQL schema (SDL).
     Schema,
+    /// Export or erase a person's data (GDPR access and erasure).
+    Privacy {
+        #[command(subcommand)]
+        command: PrivacyCommand,
+    },
+    /// Manage the master key.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Load Segment-format messages (JSON lines) into a tenant, through the same write path as
     /// /v1/batch, with a progress bar; rejected lines go to a side file with their reasons.
     Import {
@@ -39,6 +49,42 @@ enum Command {
         #[arg(long)]
         rejected: Option<std::path::PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum PrivacyCommand {
+    /// Print everything stored about a person as one JSON document (right of access).
+    Export {
+        /// The tenant's slug.
+        #[arg(long)]
+        tenant: String,
+        /// The profile id (a merged id resolves to its survivor).
+        #[arg(long)]
+        profile: String,
+        /// Write the document here instead of standard output.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Erase a person: every row, and the data key that makes every copy unreadable.
+    Erase {
+        /// The tenant's slug.
+        #[arg(long)]
+        tenant: String,
+        /// The profile id (a merged id resolves to its survivor).
+        #[arg(long)]
+        profile: String,
+        /// Keep the person's identifiers as blind indexes so that they never create a profile
+        /// again.
+        #[arg(long)]
+        suppress: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Rewrap every tenant key under CDP_ENCRYPTION_KEY; the old master key must be in
+    /// CDP_ENCRYPTION_KEY_PREVIOUS. Running servers keep serving (see docs/operations.md).
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -145,6 +191,88 @@ async fn main() -> anyhow::Result<()> {
             if let Some(path) = summary.rejected_file {
                 println!("rejected lines and their reasons: {}", path.display());
             }
+            Ok(())
+        }
+        Command::Privacy { command } => {
+            let state = api::startup::state(config, Arc::new(SystemClock)).await?;
+            let (slug, profile) = match &command {
+                PrivacyCommand::Export {
+                    tenant, profile, ..
+                }
+                | PrivacyCommand::Erase {
+                    tenant, profile, ..
+                } => (tenant.clone(), profile.clone()),
+            };
+            let tenant = api::store::tenants::find_by_slug(&state.store, &slug)
+                .await?
+                .with_context(|| format!("there is no tenant with the slug {slug:?}"))?;
+            let tenant_id = domain::TenantId(tenant.id);
+            let profile_id = uuid::Uuid::parse_str(profile.trim())
+                .with_context(|| format!("{profile:?} is not a profile id"))?;
+            let operator = format!(
+                "operator:{}",
+                std::env::var("USER").unwrap_or_else(|_| "cli".to_owned())
+            );
+            match command {
+                PrivacyCommand::Export { out, .. } => {
+                    let document = privacy::export_as(
+                        &state,
+                        tenant_id,
+                        &operator,
+                        &RequestMeta::default(),
+                        profile_id,
+                    )
+                    .await
+                    .map_err(|error| anyhow::anyhow!("{error}"))?;
+                    let text = serde_json::to_string_pretty(&document)?;
+                    match out {
+                        Some(path) => {
+                            std::fs::write(&path, text)
+                                .with_context(|| format!("cannot write {}", path.display()))?;
+                            eprintln!("export written to {}", path.display());
+                        }
+                        None => println!("{text}"),
+                    }
+                }
+                PrivacyCommand::Erase { suppress, .. } => {
+                    let receipt = privacy::erase_as(
+                        &state,
+                        tenant_id,
+                        &operator,
+                        &RequestMeta::default(),
+                        profile_id,
+                        suppress,
+                    )
+                    .await
+                    .map_err(|error| anyhow::anyhow!("{error}"))?;
+                    println!(
+                        "erased profile {} ({} ids): {} events, {} identities, {} rows deleted; {} data keys destroyed; {} identifiers suppressed; at {}",
+                        receipt.profile_id,
+                        receipt.profile_ids.len(),
+                        receipt.events_deleted,
+                        receipt.identities_deleted,
+                        receipt.rows_deleted,
+                        receipt.keys_destroyed,
+                        receipt.identifiers_suppressed,
+                        receipt.erased_at.to_rfc3339()
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Keys {
+            command: KeysCommand::Rotate,
+        } => {
+            let state = api::startup::state(config, Arc::new(SystemClock)).await?;
+            let rotation = privacy::rotate_master_key(&state)
+                .await
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+            println!(
+                "{} tenants, {} tenant keys rewrapped under master key {}",
+                rotation.tenants,
+                rotation.rewrapped,
+                state.vault.master_id()
+            );
             Ok(())
         }
         Command::Schema => Ok(()),

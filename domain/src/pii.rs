@@ -279,6 +279,91 @@ pub fn mask_text(value: &str) -> String {
     }
 }
 
+/// Masks what looks like personal data inside free text (an error message, an audit detail):
+/// every word with an `@` is masked as an email, every run of seven or more digits (a phone
+/// number, with its `+`) keeps only its last two digits.
+pub fn mask_free_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.contains('@') {
+            out.push_str(&crate::account::mask_email(word));
+        } else {
+            out.push_str(&mask_digit_runs(word));
+        }
+        word.clear();
+    };
+    for c in text.chars() {
+        if c.is_whitespace()
+            || matches!(
+                c,
+                '<' | '>' | '"' | '\'' | ',' | ';' | '(' | ')' | '[' | ']'
+            )
+        {
+            flush(&mut word, &mut out);
+            out.push(c);
+        } else {
+            word.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+fn mask_digit_runs(word: &str) -> String {
+    let chars: Vec<char> = word.chars().collect();
+    let mut out = String::with_capacity(word.len());
+    let mut index = 0;
+    while index < chars.len() {
+        let start = index;
+        if chars[index] == '+' {
+            index += 1;
+        }
+        let digits_start = index;
+        while index < chars.len() && (chars[index].is_ascii_digit() || chars[index] == '-') {
+            index += 1;
+        }
+        let digits = chars[digits_start..index]
+            .iter()
+            .filter(|c| c.is_ascii_digit())
+            .count();
+        if digits >= 7 {
+            let tail: String = chars[index.saturating_sub(2)..index].iter().collect();
+            out.push_str("***");
+            out.push_str(&tail);
+        } else if index > start {
+            out.extend(&chars[start..index]);
+        } else {
+            out.push(chars[index]);
+            index += 1;
+        }
+    }
+    out
+}
+
+/// Masks personal data anywhere in a JSON value: the personal keys of every object, and
+/// email-like and phone-like text in every string.
+pub fn mask_json(value: &Value, keys: &PiiKeys) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(key, item)| {
+                    if keys.contains(key) && !item.is_object() {
+                        (key.clone(), mask(key, item))
+                    } else {
+                        (key.clone(), mask_json(item, keys))
+                    }
+                })
+                .collect(),
+        ),
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|item| mask_json(item, keys)).collect())
+        }
+        Value::String(text) => Value::String(mask_free_text(text)),
+        other => other.clone(),
+    }
+}
+
 /// Masks the personal keys of a traits or properties object.
 pub fn mask_object(object: &Value, keys: &PiiKeys) -> Value {
     let Some(map) = object.as_object() else {
@@ -370,6 +455,19 @@ mod tests {
         assert_eq!(
             mask_object(&traits, &PiiKeys::default()),
             json!({"email": "j***@example.com", "plan": "pro"})
+        );
+    }
+
+    #[test]
+    fn free_text_and_nested_json_are_masked() {
+        assert_eq!(
+            mask_free_text("signup <jane@example.com> from +4915112345678, order 1234"),
+            "signup <j***@example.com> from ***78, order 1234"
+        );
+        let detail = json!({"owner": "jane@example.com", "note": "call 030-1234567", "count": 3, "phone": "+4915112345678"});
+        assert_eq!(
+            mask_json(&detail, &PiiKeys::default()),
+            json!({"owner": "j***@example.com", "note": "call ***67", "count": 3, "phone": "+4***78"})
         );
     }
 

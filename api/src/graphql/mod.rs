@@ -129,6 +129,14 @@ pub fn ensure_error_codes(mut response: Response) -> Response {
     response
 }
 
+/// Masks email-like and phone-like text in error messages (see `domain::pii::mask_free_text`).
+pub fn mask_error_messages(mut response: Response) -> Response {
+    for error in &mut response.errors {
+        error.message = domain::pii::mask_free_text(&error.message);
+    }
+    response
+}
+
 fn add_code(error: &mut ServerError) {
     let has_code = error
         .extensions

@@ -14,7 +14,7 @@ use poem::web::websocket::{Message, WebSocket, WebSocketStream};
 use poem::{Endpoint, FromRequest, IntoResponse, Request, Response, Result};
 
 use super::subscriptions::SocketSession;
-use super::{ensure_error_codes, error_response, CdpSchema, RequestContext};
+use super::{ensure_error_codes, error_response, mask_error_messages, CdpSchema, RequestContext};
 use crate::service::{self, AppState, ServiceError};
 
 /// The outcome of an HTTP GraphQL request: a status and a JSON body.
@@ -60,10 +60,24 @@ pub async fn execute_json(
             "BAD_USER_INPUT",
         );
     }
+    // Error messages may echo input (an address that did not parse): masked like data for a
+    // principal without PII_READ.
+    let masked = context
+        .principal
+        .as_ref()
+        .is_some_and(|principal| !principal.has(domain::Permission::PiiRead));
+    let finish = |response| {
+        let response = ensure_error_codes(response);
+        if masked {
+            mask_error_messages(response)
+        } else {
+            response
+        }
+    };
     match schema.execute_batch(batch.data(context)).await {
-        BatchResponse::Single(response) => json_outcome(200, &ensure_error_codes(response)),
+        BatchResponse::Single(response) => json_outcome(200, &finish(response)),
         BatchResponse::Batch(responses) => {
-            let responses: Vec<_> = responses.into_iter().map(ensure_error_codes).collect();
+            let responses: Vec<_> = responses.into_iter().map(finish).collect();
             json_outcome(200, &responses)
         }
     }

@@ -17,7 +17,7 @@ use domain::TenantId;
 
 use super::Shutdown;
 use crate::service::bus::Notice;
-use crate::service::{analytics, segments, understand, AppState};
+use crate::service::{analytics, privacy, segments, understand, AppState};
 use crate::store;
 
 /// Tenants read per page of the registry.
@@ -30,6 +30,8 @@ pub struct TickReport {
     pub segments_built: usize,
     pub membership_changes: usize,
     pub stage_changes: usize,
+    /// Events deleted by the tenants' retention periods.
+    pub events_purged: u64,
     pub failed_tenants: usize,
 }
 
@@ -99,6 +101,7 @@ pub async fn tick_tenant(
     report: &mut TickReport,
 ) -> anyhow::Result<()> {
     let batch = state.config.scheduler_batch.max(1);
+    purge_expired_events(state, tenant, now, batch, report).await?;
     let (building, time_dependent) = {
         let tx = state.store.read(tenant).await?;
         let building: Vec<uuid::Uuid> = store::segments::building(&tx)
@@ -155,6 +158,61 @@ pub async fn tick_tenant(
     }
     // Today's sizes; taken every tick, the day keeps its last.
     analytics::take_segment_snapshots(state, tenant, now.date_naive()).await?;
+    Ok(())
+}
+
+/// Deletes the tenant's events older than its retention period (privacy settings), in bounded
+/// batches of one transaction each, then lets the segments on events follow for the profiles
+/// that lost events.
+async fn purge_expired_events(
+    state: &AppState,
+    tenant: TenantId,
+    now: DateTime<Utc>,
+    batch: u64,
+    report: &mut TickReport,
+) -> anyhow::Result<()> {
+    let days = {
+        let tx = state.store.read(tenant).await?;
+        let settings = privacy::settings_in(&tx)
+            .await
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
+        tx.commit().await?;
+        settings.event_retention_days
+    };
+    let Some(days) = days else {
+        return Ok(());
+    };
+    let cutoff = now - chrono::Duration::days(i64::from(days));
+    let mut touched: std::collections::BTreeSet<uuid::Uuid> = Default::default();
+    loop {
+        let tx = state.store.begin(tenant).await?;
+        let purged = store::events::purge_before(&tx, cutoff, batch).await?;
+        tx.commit().await?;
+        if purged.is_empty() {
+            break;
+        }
+        for (profile_id, count) in purged {
+            report.events_purged += u64::try_from(count).unwrap_or_default();
+            touched.insert(profile_id);
+        }
+    }
+    if touched.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<uuid::Uuid> = touched.into_iter().collect();
+    tracing::info!(%tenant, profiles = ids.len(), days, "retention: old events purged");
+    let notices = understand::resync_profiles(
+        &state.store,
+        tenant,
+        &ids,
+        now,
+        batch,
+        "events purged (retention)",
+        |segment| segment.deps.any_event || !segment.deps.event_names.is_empty(),
+    )
+    .await?;
+    report.count(&notices);
+    state.bus.publish(notices);
     Ok(())
 }
 

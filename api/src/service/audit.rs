@@ -57,6 +57,21 @@ pub async fn list(
     let before = decode_cursor(after)?;
     let tx = state.store.read(principal.tenant_id).await?;
     let (rows, total) = store::audit::page(&tx, before, limit + 1).await?;
+    // Actors and details name people (a signed-up owner's email, an invited user): masked for a
+    // principal without PII_READ, like everything else.
+    let masked = super::profiles::masks(principal);
+    let pii = if masked {
+        super::privacy::settings_in(&tx).await?.pii_keys()
+    } else {
+        domain::pii::PiiKeys::default()
+    };
+    let shown = |text: String| {
+        if masked {
+            domain::pii::mask_free_text(&text)
+        } else {
+            text
+        }
+    };
     Ok(build_page(
         rows,
         limit,
@@ -65,11 +80,18 @@ pub async fn list(
         |row| AuditEntry {
             id: row.id,
             at: row.at,
-            actor: row.actor,
+            actor: shown(row.actor),
             action: row.action,
-            target: row.target,
-            detail: row.detail,
-            ip: row.ip,
+            target: row.target.map(shown),
+            detail: match row.detail {
+                Some(detail) if masked => Some(domain::pii::mask_json(&detail, &pii)),
+                other => other,
+            },
+            ip: if masked {
+                row.ip.map(|_| "***".to_owned())
+            } else {
+                row.ip
+            },
         },
     ))
 }

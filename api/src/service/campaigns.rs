@@ -358,6 +358,18 @@ async fn validate(tx: &TenantTx, input: &CampaignInput) -> ServiceResult<Campaig
         "input.consentPurpose",
         input.consent_purpose.as_deref().unwrap_or(DEFAULT_PURPOSE),
     )?;
+    // A purpose the tenant does not know is a typo that would silently email nobody (or, worse,
+    // email people on a consent they never gave): refused.
+    let privacy = super::privacy::settings_in(tx).await?;
+    if !privacy.has_purpose(&consent_purpose) {
+        return Err(ServiceError::bad_input(
+            "input.consentPurpose",
+            format!(
+                "{consent_purpose:?} is not one of the tenant's consent purposes ({}); add it with setPrivacySettings first",
+                privacy.consent_purposes.join(", ")
+            ),
+        ));
+    }
     let (segment_id, stage, event) = match &trigger {
         Trigger::SegmentEntered(id) | Trigger::BroadcastSegment(id) => (Some(*id), None, None),
         Trigger::StageEntered(stage) => (None, Some(stage.clone()), None),

@@ -143,3 +143,51 @@ pub async fn reseal(tx: &TenantTx, rows: &[EventRow]) -> StoreResult<()> {
     }
     Ok(())
 }
+
+/// Deletes up to `limit` events older than `before` (retention), oldest first, and lowers the
+/// event counts of their profiles to match. Returns (profile id, events deleted) per profile.
+pub async fn purge_before(
+    tx: &TenantTx,
+    before: DateTime<Utc>,
+    limit: u64,
+) -> StoreResult<Vec<(Uuid, i64)>> {
+    use sea_orm::sea_query::{Expr, ExprTrait};
+    let tenant = tx.tenant_id().as_uuid();
+    let doomed: Vec<(Uuid, Uuid)> = events::Entity::find()
+        .select_only()
+        .column(events::Column::Id)
+        .column(events::Column::ProfileId)
+        .filter(events::Column::TenantId.eq(tenant))
+        .filter(events::Column::Timestamp.lt(before))
+        .order_by_asc(events::Column::Timestamp)
+        .limit(limit)
+        .into_tuple()
+        .all(tx.conn())
+        .await?;
+    if doomed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut per_profile: std::collections::BTreeMap<Uuid, i64> = Default::default();
+    for (_, profile_id) in &doomed {
+        *per_profile.entry(*profile_id).or_default() += 1;
+    }
+    for chunk in doomed.chunks(500) {
+        events::Entity::delete_many()
+            .filter(events::Column::TenantId.eq(tenant))
+            .filter(events::Column::Id.is_in(chunk.iter().map(|(id, _)| *id)))
+            .exec(tx.conn())
+            .await?;
+    }
+    for (profile_id, count) in &per_profile {
+        super::entity::profiles::Entity::update_many()
+            .col_expr(
+                super::entity::profiles::Column::EventCount,
+                Expr::col(super::entity::profiles::Column::EventCount).sub(*count),
+            )
+            .filter(super::entity::profiles::Column::TenantId.eq(tenant))
+            .filter(super::entity::profiles::Column::Id.eq(*profile_id))
+            .exec(tx.conn())
+            .await?;
+    }
+    Ok(per_profile.into_iter().collect())
+}
