@@ -11,6 +11,7 @@ mod http_surface;
 mod import;
 mod isolation;
 mod outbox;
+mod privacy;
 mod segments;
 mod subscriptions;
 mod support;

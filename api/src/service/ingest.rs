@@ -1000,7 +1000,7 @@ fn apply_message(
     known_user_ids: &HashSet<String>,
     received_at: DateTime<Utc>,
 ) -> Result<(Uuid, Uuid), Rejection> {
-    // Identifiers by their blind index; suppressed ones (erased people) are never linked.
+    // Identifiers by their blind index.
     let mut keys: Vec<IdentityKey> = message
         .identities
         .iter()
@@ -1009,11 +1009,6 @@ fn apply_message(
                 identity.key.kind.clone(),
                 work.tenant_keys.identity_lookup(&identity.key.value),
             )
-        })
-        .filter(|key| {
-            !work
-                .suppressed
-                .contains(&(key.kind.clone(), key.value.clone()))
         })
         .collect();
     if let Some(previous) = &message.previous_id {
@@ -1025,15 +1020,19 @@ fn apply_message(
             } else {
                 ANONYMOUS_ID
             };
-            if !work.suppressed.contains(&(kind.to_owned(), lookup.clone())) {
-                keys.push(IdentityKey::new(kind, lookup));
-            }
+            keys.push(IdentityKey::new(kind, lookup));
         }
     }
-    if keys.is_empty() && !message.identities.is_empty() {
+    // A message that names an erased person whose identifiers were suppressed is refused whole:
+    // storing its traits under another identifier would bring the person back.
+    if keys.iter().any(|key| {
+        work.suppressed
+            .contains(&(key.kind.clone(), key.value.clone()))
+    }) {
         return Err(Rejection {
             code: "suppressed_identity",
-            detail: "every identifier of the message belongs to an erased person whose identifiers are suppressed".to_owned(),
+            detail: "an identifier of the message belongs to an erased person and is suppressed"
+                .to_owned(),
         });
     }
     let now = work.now;
