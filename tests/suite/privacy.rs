@@ -1020,3 +1020,48 @@ async fn rotating_the_master_key_keeps_everything_readable_without_downtime() {
         stale.stop().await;
     }
 }
+
+#[tokio::test]
+async fn erasure_knows_every_table_that_holds_rows_of_a_person() {
+    for backend in backends() {
+        let db = TestDb::create(backend).await;
+        api::store::Store::connect(&api::store::StoreOptions {
+            url: db.owner_url.clone(),
+            max_connections: 1,
+        })
+        .await
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap();
+        let connection = Database::connect(&db.owner_url).await.unwrap();
+        let sql = match backend {
+            Backend::Sqlite => "SELECT m.name FROM sqlite_master m JOIN pragma_table_info(m.name) c WHERE m.type = 'table' AND c.name = 'profile_id'",
+            Backend::Postgres => "SELECT table_name::text FROM information_schema.columns WHERE table_schema = 'public' AND column_name = 'profile_id'",
+        };
+        let tables: Vec<String> = connection
+            .query_all_raw(Statement::from_string(
+                connection.get_database_backend(),
+                sql.to_owned(),
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.try_get_by_index::<String>(0).unwrap())
+            .collect();
+        assert!(tables.len() >= 10, "{tables:?}");
+        for table in &tables {
+            let erased = api::store::privacy::PERSON_TABLES.contains(&table.as_str());
+            let kept = api::store::privacy::PERSON_TABLES_KEPT
+                .iter()
+                .any(|(name, _)| name == table);
+            assert!(
+                erased || kept,
+                "[{backend:?}] {table} holds rows of a person but erasure does not know it"
+            );
+        }
+        for table in api::store::privacy::PERSON_TABLES {
+            assert!(tables.iter().any(|name| name == table), "{table} exists");
+        }
+    }
+}

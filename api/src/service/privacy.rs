@@ -316,7 +316,9 @@ pub async fn erase_as(
     profile_id: Uuid,
     suppress: bool,
 ) -> ServiceResult<ErasureReceipt> {
-    let now = state.now();
+    // Microseconds, as both databases store it: the receipt of a repeated erasure (read back from
+    // the register) is then the same as the first.
+    let now = chrono::SubsecRound::trunc_subsecs(state.now(), 6);
     let backend = state.store.backend();
     let tx = state.store.begin(tenant_id).await?;
     // Like a write batch: segment builds see the erasure whole or not at all.
