@@ -555,6 +555,15 @@ async fn erasure_leaves_no_row_of_the_person_and_shreds_every_copy_of_their_data
         assert_eq!(receipt["identifiersSuppressed"], 0);
         assert_eq!(receipt["profileIds"].as_array().unwrap().len(), 2);
 
+        // Nothing of her data anywhere on disk (on SQLite: the raw files, free pages and log
+        // included).
+        let raw = raw_database(&db).await;
+        for secret in [EMAIL, PHONE, FIRST_NAME, IP] {
+            assert!(
+                !raw.contains(secret),
+                "[{backend:?}] {secret} remains on disk"
+            );
+        }
         // No row of the person anywhere: every table is scanned for her ids and her data. The
         // register of erasures and the audit log keep her ids (never her data) by design.
         let dumps = table_dumps(&db).await;
@@ -1063,5 +1072,105 @@ async fn erasure_knows_every_table_that_holds_rows_of_a_person() {
         for table in api::store::privacy::PERSON_TABLES {
             assert!(tables.iter().any(|name| name == table), "{table} exists");
         }
+    }
+}
+
+#[tokio::test]
+async fn changing_the_personal_keys_reseals_stored_values_and_conditions_follow() {
+    for backend in backends() {
+        let world = world(backend, "rekey").await;
+        let token = Some(world.owner.access_token.as_str());
+        send(
+            &world.server,
+            &world.key,
+            json!([{"type": "identify", "userId": "u-bob", "messageId": "k-1", "traits": {"nickname": "Bobbykins"}},
+                   {"type": "track", "userId": "u-bob", "event": "Chat", "messageId": "k-2", "properties": {"nickname": "Bobbykins"}}]),
+        )
+        .await;
+        let segment = world
+            .server
+            .gql_ok(
+                token,
+                "mutation($input: SegmentInput!) { createSegment(input: $input) { id } }",
+                json!({"input": {"name": "Bobbykins", "condition": {"trait": "nickname", "op": "eq", "value": "Bobbykins"}}}),
+            )
+            .await["createSegment"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let size = || {
+            let server = &world.server;
+            let segment = segment.clone();
+            async move {
+                server
+                    .gql_ok(
+                        token,
+                        "query($id: ID!) { segment(id: $id) { size status } }",
+                        json!({"id": segment}),
+                    )
+                    .await["segment"]["size"]
+                    .as_i64()
+                    .unwrap()
+            }
+        };
+        assert_eq!(size().await, 1);
+        assert!(table_dumps(&world.server.db).await["profiles"].contains("Bobbykins"));
+        const SET: &str = "mutation($keys: [String!]!) { setPrivacySettings(input: {piiTraits: $keys, consentPurposes: [\"email_marketing\", \"analytics\"]}) { piiTraits } }";
+        // A condition a blind index cannot answer blocks the change, naming the segment.
+        let blocking = world
+            .server
+            .gql_ok(
+                token,
+                "mutation($input: SegmentInput!) { createSegment(input: $input) { id } }",
+                json!({"input": {"name": "Bobs", "condition": {"trait": "nickname", "op": "starts_with", "value": "Bob"}}}),
+            )
+            .await["createSegment"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let refused = world
+            .server
+            .gql(token, SET, json!({"keys": ["nickname"]}))
+            .await;
+        assert_eq!(error_code(&refused), "BAD_USER_INPUT");
+        assert!(refused["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"Bobs\""));
+        world
+            .server
+            .gql_ok(
+                token,
+                "mutation($id: ID!) { deleteSegment(id: $id) }",
+                json!({"id": blocking}),
+            )
+            .await;
+        world
+            .server
+            .gql_ok(token, SET, json!({"keys": ["nickname"]}))
+            .await;
+        // (The segment's definition keeps the value as written: see docs/privacy.md.)
+        let stored = || {
+            let db = world.server.db.clone();
+            async move {
+                let dumps = table_dumps(&db).await;
+                format!("{}{}", dumps["profiles"], dumps["events"])
+            }
+        };
+        assert!(
+            !stored().await.contains("Bobbykins"),
+            "[{backend:?}] the stored values were sealed"
+        );
+        assert_eq!(
+            size().await,
+            1,
+            "the segment compares through the blind index now"
+        );
+        let bob = profile_by(&world.server, &world.owner.access_token, "user_id", "u-bob").await;
+        assert_eq!(bob["traits"]["nickname"], "Bobbykins");
+        // And back: the values are opened again.
+        world.server.gql_ok(token, SET, json!({"keys": []})).await;
+        assert!(stored().await.contains("Bobbykins"));
+        assert_eq!(size().await, 1);
     }
 }

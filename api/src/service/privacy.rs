@@ -187,6 +187,29 @@ pub async fn set_settings(
         ));
     }
     let tx = state.store.begin(principal.tenant_id).await?;
+    let before = settings_in(&tx).await?;
+    let keys_changed = before.pii_keys() != settings.pii_keys();
+    let mut rebuild = Vec::new();
+    let mut restage = false;
+    if keys_changed {
+        // Every condition is rewritten for the new personal keys (refusing the change if one
+        // cannot be), and the values already stored under a key that changed side are sealed or
+        // opened to match, so that conditions and data agree again.
+        store::segments::barrier(&tx, state.store.backend(), true).await?;
+        let blinder = Blinder {
+            tenant: state.vault.tenant(&tx).await?,
+            pii: settings.pii_keys(),
+        };
+        (rebuild, restage) = reevaluate_conditions(state, &tx, &blinder).await?;
+        let changed: Vec<String> = before
+            .pii_keys()
+            .iter()
+            .chain(settings.pii_keys().iter())
+            .filter(|key| before.pii_keys().contains(key) != settings.pii_keys().contains(key))
+            .map(str::to_owned)
+            .collect();
+        reseal(state, &tx, &settings.pii_keys(), &changed).await?;
+    }
     let tenant = store::tenants::get(&tx).await?;
     let mut document = tenant.settings.clone();
     if !document.is_object() {
@@ -208,7 +231,148 @@ pub async fn set_settings(
     .await?;
     tx.commit().await?;
     CACHE.invalidate(Duration::ZERO);
+    for id in rebuild {
+        super::segments::build(state, principal.tenant_id, id).await?;
+    }
+    if restage {
+        let notices = super::understand::restage(
+            &state.store,
+            principal.tenant_id,
+            state.now(),
+            state.config.scheduler_batch,
+            "personal keys changed",
+        )
+        .await?;
+        state.bus.publish(notices);
+    }
     Ok(settings)
+}
+
+/// Rewrites the evaluated form of every segment and lifecycle stage for `blinder`'s personal
+/// keys. Returns the segments to rebuild and whether the stages changed.
+async fn reevaluate_conditions(
+    state: &AppState,
+    tx: &TenantTx,
+    blinder: &Blinder,
+) -> ServiceResult<(Vec<Uuid>, bool)> {
+    let now = state.now();
+    let refused = |what: String, error: domain::condition::ConditionError| {
+        ServiceError::bad_input(
+            "input.piiTraits",
+            format!(
+                "{what} cannot be evaluated with these personal keys ({}: {}); change it first",
+                error.path, error.reason
+            ),
+        )
+    };
+    let mut rebuild = Vec::new();
+    for row in store::segments::list(tx).await? {
+        let written = super::segments::parse_condition(&row.condition)?;
+        let evaluated = blinder
+            .condition(&written)
+            .map_err(|error| refused(format!("segment {:?}", row.name), error))?
+            .to_json();
+        if row.evaluated.as_ref() != Some(&evaluated) {
+            store::segments::set_evaluated(tx, row.id, evaluated, now).await?;
+            rebuild.push(row.id);
+        }
+    }
+    let stages = store::lifecycle::model(tx).await?;
+    if stages.is_empty() {
+        return Ok((rebuild, false));
+    }
+    let mut rows = Vec::with_capacity(stages.len());
+    let mut changed = false;
+    for stage in stages {
+        let written = super::segments::parse_condition(&stage.condition)?;
+        let evaluated = blinder
+            .condition(&written)
+            .map_err(|error| refused(format!("lifecycle stage {:?}", stage.key), error))?
+            .to_json();
+        changed |= stage.evaluated.as_ref() != Some(&evaluated);
+        rows.push((stage.key, stage.name, stage.condition, evaluated));
+    }
+    if changed {
+        store::lifecycle::replace_model(tx, &rows).await?;
+    }
+    Ok((rebuild, changed))
+}
+
+/// Rows re-sealed per read.
+const RESEAL_PAGE: u64 = 500;
+
+/// Seals the stored values of keys that became personal, and opens those of keys that no longer
+/// are, in every profile's traits and every event's properties.
+async fn reseal(
+    state: &AppState,
+    tx: &TenantTx,
+    keys: &PiiKeys,
+    changed: &[String],
+) -> ServiceResult<()> {
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let fix = |object: &Value,
+               owner: Uuid,
+               sealer: &mut super::vault::Sealer,
+               opener: &super::vault::Opener| {
+        let Some(map) = object.as_object() else {
+            return None;
+        };
+        let mut out = map.clone();
+        let mut touched = false;
+        for key in changed {
+            let Some(value) = map.get(key) else { continue };
+            let sealed = domain::pii::is_sealed(value);
+            if keys.contains(key) && !sealed && !value.is_null() {
+                out.insert(key.clone(), sealer.seal_value(owner, value));
+                touched = true;
+            } else if !keys.contains(key) && sealed {
+                out.insert(key.clone(), opener.open_value(value));
+                touched = true;
+            }
+        }
+        touched.then_some(Value::Object(out))
+    };
+    let mut after = None;
+    loop {
+        let page = store::privacy::traits_page(tx, after, RESEAL_PAGE).await?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(*last);
+        let ids: Vec<Uuid> = page.iter().map(|(id, _)| *id).collect();
+        let mut sealer = state.vault.sealer(tx, keys.clone(), &ids).await?;
+        let opener = state
+            .vault
+            .opener(tx, page.iter().map(|(_, traits)| traits))
+            .await?;
+        for (id, traits) in &page {
+            if let Some(fixed) = fix(traits, *id, &mut sealer, &opener) {
+                store::privacy::set_traits(tx, *id, fixed).await?;
+            }
+        }
+        sealer.save(tx, state.now()).await?;
+    }
+    let mut after = None;
+    loop {
+        let page = store::privacy::properties_page(tx, after, RESEAL_PAGE).await?;
+        let Some((last, _, _)) = page.last() else {
+            break;
+        };
+        after = Some(*last);
+        let owners: Vec<Uuid> = page.iter().map(|(_, owner, _)| *owner).collect();
+        let mut sealer = state.vault.sealer(tx, keys.clone(), &owners).await?;
+        let opener = state
+            .vault
+            .opener(tx, page.iter().map(|(_, _, properties)| properties))
+            .await?;
+        for (id, owner, properties) in &page {
+            if let Some(fixed) = fix(properties, *owner, &mut sealer, &opener) {
+                store::privacy::set_properties(tx, *id, fixed).await?;
+            }
+        }
+        sealer.save(tx, state.now()).await?;
+    }
+    Ok(())
 }
 
 // ---------------- consent history ----------------
@@ -409,6 +573,7 @@ pub async fn erase_as(
     }];
     let reactions = super::reactions::react(&tx, backend, &notices, now).await?;
     tx.commit().await?;
+    state.store.truncate_wal().await;
     state.bus.publish(notices);
     state.bus.publish(reactions);
     Ok(receipt)

@@ -134,6 +134,9 @@ impl Store {
                     .busy_timeout(Duration::from_secs(30))
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
+                    // Deleted and overwritten content is zeroed in the file, not left in free
+                    // pages: erasure and re-sealing leave no readable remains on disk.
+                    .pragma("secure_delete", "ON")
             })
             // sqlx prepares every statement once per connection. After five executions
             // PostgreSQL may switch a prepared statement to a generic plan, chosen with the
@@ -163,6 +166,23 @@ impl Store {
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// On SQLite, copies the write-ahead log into the database file and truncates it, so that
+    /// no earlier version of an erased row survives in the log. Best effort: a reader holding an
+    /// old snapshot makes it wait for the next checkpoint. Nothing on PostgreSQL, whose dead
+    /// tuples `VACUUM` reclaims.
+    pub async fn truncate_wal(&self) {
+        if self.backend != Backend::Sqlite {
+            return;
+        }
+        if let Err(error) = self
+            .db
+            .execute_unprepared("PRAGMA wal_checkpoint(TRUNCATE)")
+            .await
+        {
+            tracing::warn!(%error, "cannot checkpoint the SQLite write-ahead log");
+        }
     }
 
     /// The random id of this pool (one per process in production), carried by notifications.

@@ -189,3 +189,76 @@ pub async fn webhook_deliveries_of(
         .all(tx.conn())
         .await?)
 }
+
+/// Up to `limit` profiles (tombstones included) after `after`, in id order: (id, traits).
+pub async fn traits_page(
+    tx: &TenantTx,
+    after: Option<Uuid>,
+    limit: u64,
+) -> StoreResult<Vec<(Uuid, serde_json::Value)>> {
+    use sea_orm::QuerySelect;
+    let mut query = profiles::Entity::find()
+        .select_only()
+        .column(profiles::Column::Id)
+        .column(profiles::Column::Traits)
+        .filter(profiles::Column::TenantId.eq(tx.tenant_id().as_uuid()));
+    if let Some(after) = after {
+        query = query.filter(profiles::Column::Id.gt(after));
+    }
+    Ok(query
+        .order_by_asc(profiles::Column::Id)
+        .limit(limit)
+        .into_tuple()
+        .all(tx.conn())
+        .await?)
+}
+
+/// Up to `limit` events after `after`, in id order: (id, profile id, properties).
+pub async fn properties_page(
+    tx: &TenantTx,
+    after: Option<Uuid>,
+    limit: u64,
+) -> StoreResult<Vec<(Uuid, Uuid, serde_json::Value)>> {
+    use sea_orm::QuerySelect;
+    let mut query = events::Entity::find()
+        .select_only()
+        .column(events::Column::Id)
+        .column(events::Column::ProfileId)
+        .column(events::Column::Properties)
+        .filter(events::Column::TenantId.eq(tx.tenant_id().as_uuid()));
+    if let Some(after) = after {
+        query = query.filter(events::Column::Id.gt(after));
+    }
+    Ok(query
+        .order_by_asc(events::Column::Id)
+        .limit(limit)
+        .into_tuple()
+        .all(tx.conn())
+        .await?)
+}
+
+/// Replaces a profile's traits (sealed again after a change of the personal keys).
+pub async fn set_traits(tx: &TenantTx, id: Uuid, traits: serde_json::Value) -> StoreResult<()> {
+    profiles::Entity::update_many()
+        .col_expr(profiles::Column::Traits, Expr::value(traits))
+        .filter(profiles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(profiles::Column::Id.eq(id))
+        .exec(tx.conn())
+        .await?;
+    Ok(())
+}
+
+/// Replaces an event's properties (sealed again after a change of the personal keys).
+pub async fn set_properties(
+    tx: &TenantTx,
+    id: Uuid,
+    properties: serde_json::Value,
+) -> StoreResult<()> {
+    events::Entity::update_many()
+        .col_expr(events::Column::Properties, Expr::value(properties))
+        .filter(events::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(events::Column::Id.eq(id))
+        .exec(tx.conn())
+        .await?;
+    Ok(())
+}

@@ -114,6 +114,25 @@ pub async fn update(
     Ok(())
 }
 
+/// Replaces the evaluated form of a segment's condition (after a change of the tenant's personal
+/// keys) and marks it rebuilding.
+pub async fn set_evaluated(
+    tx: &TenantTx,
+    id: Uuid,
+    evaluated: Json,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    segments::Entity::update_many()
+        .col_expr(segments::Column::Evaluated, Expr::value(Some(evaluated)))
+        .col_expr(segments::Column::Status, Expr::value(STATUS_REBUILDING))
+        .col_expr(segments::Column::UpdatedAt, Expr::value(now))
+        .filter(segments::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(segments::Column::Id.eq(id))
+        .exec(tx.conn())
+        .await?;
+    Ok(())
+}
+
 /// Changes only a segment's name and description.
 pub async fn rename(
     tx: &TenantTx,
