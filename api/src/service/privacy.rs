@@ -316,9 +316,7 @@ async fn reseal(
                owner: Uuid,
                sealer: &mut super::vault::Sealer,
                opener: &super::vault::Opener| {
-        let Some(map) = object.as_object() else {
-            return None;
-        };
+        let map = object.as_object()?;
         let mut out = map.clone();
         let mut touched = false;
         for key in changed {
