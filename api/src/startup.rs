@@ -32,13 +32,16 @@ pub async fn state(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppS
         .migrate()
         .await
         .context("cannot migrate the database")?;
-    let hashing_slots = std::thread::available_parallelism()
-        .map(usize::from)
-        .unwrap_or(2);
+    let hashing_slots = match config.abuse.password_hash_concurrency {
+        0 => std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(2),
+        slots => slots,
+    };
     Ok(AppState {
         store,
         jwt: JwtKeys::new(&config.jwt_secret),
-        hasher: Hasher::new(hashing_slots)?,
+        hasher: Hasher::new(hashing_slots, config.abuse.password_hash_queue)?,
         login_throttle: Arc::new(LoginThrottle::new(
             config.login_max_failures,
             config.login_throttle_window,

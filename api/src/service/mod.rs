@@ -165,7 +165,13 @@ impl From<domain::AccountError> for ServiceError {
 
 impl From<crate::auth::password::HashError> for ServiceError {
     fn from(error: crate::auth::password::HashError) -> Self {
-        ServiceError::Unexpected(anyhow::Error::new(error))
+        match error {
+            // A full hashing queue is a flood, not a fault: the client may try again shortly.
+            crate::auth::password::HashError::Busy => ServiceError::RateLimited {
+                retry_after_secs: 1,
+            },
+            other => ServiceError::Unexpected(anyhow::Error::new(other)),
+        }
     }
 }
 
