@@ -54,6 +54,7 @@ pub async fn state(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppS
             config.encryption_key,
             &config.encryption_keys_previous,
         )),
+        request_limits: Arc::new(crate::service::limits::RequestLimits::new(&config.abuse)),
         config: Arc::new(config),
         clock,
         bus: crate::service::bus::Bus::new(),
@@ -112,7 +113,7 @@ pub async fn build_with_clock(
         shutdown_rx.clone(),
     )));
 
-    let schema = graphql::build_schema(state.clone(), &state.config.graphql);
+    let schema = graphql::build_schema(state.clone(), &state.config.graphql, &state.config.abuse);
     let app = http::app(state.clone(), schema);
     let acceptor = TcpListener::bind(listen)
         .into_acceptor()

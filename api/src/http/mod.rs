@@ -3,6 +3,7 @@
 //! Guarantees: the GraphQL body is read with a hard size limit before it is parsed; credentials
 //! are checked before any operation runs; every error body carries a contract error code.
 
+mod client;
 mod collect;
 mod graphiql;
 mod graphql;
@@ -21,6 +22,7 @@ use crate::service::AppState;
 
 /// Builds every route of the service.
 pub fn routes(state: AppState, schema: CdpSchema) -> poem::Route {
+    let gate_state = state.clone();
     let graphql_routes = Route::new()
         .at("/", get(graphiql::page).post(graphql::post))
         .at("/assets/:file", get(graphiql::asset))
@@ -29,7 +31,10 @@ pub fn routes(state: AppState, schema: CdpSchema) -> poem::Route {
             SubscriptionEndpoint {
                 schema: schema.clone(),
                 state: state.clone(),
-            },
+            }
+            .around(move |endpoint, request| {
+                graphql::websocket_gate(endpoint, request, gate_state.clone())
+            }),
         );
     // Browsers send analytics from customers' own sites: the collection API answers CORS
     // preflights from any origin (the write key is public by design) and admits whatever headers

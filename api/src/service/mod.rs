@@ -15,6 +15,7 @@ pub mod emails;
 pub mod fanout;
 pub mod ingest;
 pub mod lifecycle;
+pub mod limits;
 pub mod pagination;
 pub mod privacy;
 pub mod profiles;
@@ -105,6 +106,8 @@ pub struct AppState {
     pub group_commit: Arc<ingest::GroupCommit>,
     /// The master keys and the unwrapped tenant keys of personal-data encryption.
     pub vault: Arc<vault::Vault>,
+    /// Request rates per client address and per tenant.
+    pub request_limits: Arc<limits::RequestLimits>,
 }
 
 impl AppState {
