@@ -34,6 +34,97 @@ pub struct GraphqlLimits {
     pub max_batch: usize,
 }
 
+/// Protections against abuse (`docs/configuration.md`, "Abuse limits"): request rates per client
+/// address and per tenant, the password hashing slots, request timeouts, the WebSocket message
+/// size, per-operation field limits, and whether the schema explains itself to strangers.
+#[derive(Debug, Clone)]
+pub struct AbuseLimits {
+    /// GraphQL operations per minute from one client address: each operation of an HTTP request
+    /// and each WebSocket connect (`CDP_RATE_LIMIT_GRAPHQL_PER_IP`, default 1200; 0: no limit).
+    pub graphql_per_ip_per_minute: u32,
+    /// GraphQL operations per minute of one tenant, from its principal: each operation of an HTTP
+    /// request, each `connection_init` and each operation over a WebSocket
+    /// (`CDP_RATE_LIMIT_GRAPHQL_PER_TENANT`, default 6000; 0: no limit).
+    pub graphql_per_tenant_per_minute: u32,
+    /// Collection API requests per minute from one client address, counted before the write key
+    /// is checked (`CDP_RATE_LIMIT_INGEST_PER_IP`, default 12000; 0: no limit).
+    pub ingest_per_ip_per_minute: u32,
+    /// How many seconds' worth of each rate may be spent at once (`CDP_RATE_LIMIT_BURST_SECS`,
+    /// default 10; at least one request).
+    pub burst_secs: u32,
+    /// Proxies whose `X-Forwarded-For` is believed (`CDP_TRUSTED_PROXIES`: addresses or CIDR
+    /// blocks, comma-separated; default none, so the client is the peer address).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Password hashes (argon2id) computed at once (`CDP_PASSWORD_HASH_CONCURRENCY`; default 0,
+    /// which means one per CPU core).
+    pub password_hash_concurrency: usize,
+    /// Logins, activations and resets that may wait for a hashing slot; more are refused at once
+    /// with RATE_LIMITED (`CDP_PASSWORD_HASH_QUEUE`, default 256).
+    pub password_hash_queue: usize,
+    /// How long an HTTP request may take before it is stopped with 503; WebSocket connections
+    /// are not limited (`CDP_REQUEST_TIMEOUT_SECS`, default 30; 0: no limit).
+    pub request_timeout: Duration,
+    /// Largest WebSocket message (and frame) a client may send on `/graphql/ws`; a larger one
+    /// closes the socket with 1009 (`CDP_WS_MAX_MESSAGE_BYTES`, default 65536).
+    pub ws_max_message_bytes: usize,
+    /// Most root fields (aliases included) in one GraphQL operation
+    /// (`CDP_GRAPHQL_MAX_ROOT_FIELDS`, default 30).
+    pub graphql_max_root_fields: usize,
+    /// Most account mutations that need no principal (`signUp`, `activateAccount`, `login`,
+    /// `refreshSession`, `requestPasswordReset`, `resetPassword`) in one operation, and in one
+    /// batched request (`CDP_GRAPHQL_MAX_ACCOUNT_FIELDS`, default 1).
+    pub graphql_max_account_fields: usize,
+    /// Whether `__schema` and `__type` are answered (`CDP_GRAPHQL_INTROSPECTION`, default true).
+    pub graphql_introspection: bool,
+    /// Whether errors suggest similar names ("Did you mean …?") (`CDP_GRAPHQL_SUGGESTIONS`,
+    /// default true).
+    pub graphql_suggestions: bool,
+}
+
+impl AbuseLimits {
+    fn from_env() -> anyhow::Result<AbuseLimits> {
+        Ok(AbuseLimits {
+            graphql_per_ip_per_minute: parse_var("CDP_RATE_LIMIT_GRAPHQL_PER_IP", "1200")?,
+            graphql_per_tenant_per_minute: parse_var("CDP_RATE_LIMIT_GRAPHQL_PER_TENANT", "6000")?,
+            ingest_per_ip_per_minute: parse_var("CDP_RATE_LIMIT_INGEST_PER_IP", "12000")?,
+            burst_secs: parse_var("CDP_RATE_LIMIT_BURST_SECS", "10")?,
+            trusted_proxies: parse_networks(
+                "CDP_TRUSTED_PROXIES",
+                var("CDP_TRUSTED_PROXIES").as_deref().unwrap_or(""),
+            )?,
+            password_hash_concurrency: parse_var("CDP_PASSWORD_HASH_CONCURRENCY", "0")?,
+            password_hash_queue: parse_var("CDP_PASSWORD_HASH_QUEUE", "256")?,
+            request_timeout: Duration::from_secs(parse_var("CDP_REQUEST_TIMEOUT_SECS", "30")?),
+            ws_max_message_bytes: parse_var("CDP_WS_MAX_MESSAGE_BYTES", "65536")?,
+            graphql_max_root_fields: parse_var("CDP_GRAPHQL_MAX_ROOT_FIELDS", "30")?,
+            graphql_max_account_fields: parse_var("CDP_GRAPHQL_MAX_ACCOUNT_FIELDS", "1")?,
+            graphql_introspection: parse_var("CDP_GRAPHQL_INTROSPECTION", "true")?,
+            graphql_suggestions: parse_var("CDP_GRAPHQL_SUGGESTIONS", "true")?,
+        })
+    }
+
+    /// The limits of `Config::for_tests`: production's, except that the rate limits are off
+    /// (tests send many requests from one address; `tests/suite/abuse.rs` turns them on) and the
+    /// request timeout is long enough for slow test machines.
+    fn for_tests() -> AbuseLimits {
+        AbuseLimits {
+            graphql_per_ip_per_minute: 0,
+            graphql_per_tenant_per_minute: 0,
+            ingest_per_ip_per_minute: 0,
+            burst_secs: 10,
+            trusted_proxies: Vec::new(),
+            password_hash_concurrency: 0,
+            password_hash_queue: 256,
+            request_timeout: Duration::from_secs(120),
+            ws_max_message_bytes: 65536,
+            graphql_max_root_fields: 30,
+            graphql_max_account_fields: 1,
+            graphql_introspection: true,
+            graphql_suggestions: true,
+        }
+    }
+}
+
 /// The whole configuration of one process.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -104,6 +195,7 @@ pub struct Config {
     pub webhook_timeout: Duration,
     /// Accept `http://` webhook URLs to localhost and 127.0.0.1 (development and tests only).
     pub webhook_allow_http: bool,
+    pub abuse: AbuseLimits,
 }
 
 impl Config {
@@ -234,6 +326,7 @@ impl Config {
             )?),
             webhook_timeout: Duration::from_secs(parse_var("CDP_WEBHOOK_TIMEOUT_SECS", "10")?),
             webhook_allow_http: parse_var("CDP_WEBHOOK_ALLOW_HTTP", "false")?,
+            abuse: AbuseLimits::from_env()?,
         })
     }
 
@@ -285,6 +378,7 @@ impl Config {
             webhook_backoff_base: Duration::from_millis(50),
             webhook_timeout: Duration::from_secs(10),
             webhook_allow_http: false,
+            abuse: AbuseLimits::for_tests(),
         }
     }
 
@@ -309,6 +403,22 @@ where
     raw.trim()
         .parse()
         .map_err(|error| anyhow::anyhow!("{name}: cannot use {raw:?}: {error}"))
+}
+
+/// A comma-separated list of IP addresses and CIDR blocks (`10.0.0.0/8`, `::1`).
+fn parse_networks(name: &str, value: &str) -> anyhow::Result<Vec<ipnet::IpNet>> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            item.parse::<ipnet::IpNet>()
+                .or_else(|_| item.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    anyhow::anyhow!("{name}: {item:?} is neither an IP address nor a CIDR block")
+                })
+        })
+        .collect()
 }
 
 fn default_sqlite_url(data_dir: &Path) -> String {
@@ -365,4 +475,28 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", path.display()))?;
     file.write_all(contents.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_cidr_blocks() {
+        let networks =
+            parse_networks("CDP_TRUSTED_PROXIES", " 10.0.0.0/8, ::1 ,192.0.2.7,").unwrap();
+        let expected: Vec<ipnet::IpNet> = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "::1/128".parse().unwrap(),
+            "192.0.2.7/32".parse().unwrap(),
+        ];
+        assert_eq!(networks, expected);
+        assert!(parse_networks("CDP_TRUSTED_PROXIES", "")
+            .unwrap()
+            .is_empty());
+        let error = parse_networks("CDP_TRUSTED_PROXIES", "10.0.0.0/8, proxy.local")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("CDP_TRUSTED_PROXIES") && error.contains("proxy.local"));
+    }
 }

@@ -32,13 +32,16 @@ pub async fn state(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppS
         .migrate()
         .await
         .context("cannot migrate the database")?;
-    let hashing_slots = std::thread::available_parallelism()
-        .map(usize::from)
-        .unwrap_or(2);
+    let hashing_slots = match config.abuse.password_hash_concurrency {
+        0 => std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(2),
+        slots => slots,
+    };
     Ok(AppState {
         store,
         jwt: JwtKeys::new(&config.jwt_secret),
-        hasher: Hasher::new(hashing_slots)?,
+        hasher: Hasher::new(hashing_slots, config.abuse.password_hash_queue)?,
         login_throttle: Arc::new(LoginThrottle::new(
             config.login_max_failures,
             config.login_throttle_window,
@@ -51,6 +54,7 @@ pub async fn state(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppS
             config.encryption_key,
             &config.encryption_keys_previous,
         )),
+        request_limits: Arc::new(crate::service::limits::RequestLimits::new(&config.abuse)),
         config: Arc::new(config),
         clock,
         bus: crate::service::bus::Bus::new(),
@@ -109,7 +113,7 @@ pub async fn build_with_clock(
         shutdown_rx.clone(),
     )));
 
-    let schema = graphql::build_schema(state.clone(), &state.config.graphql);
+    let schema = graphql::build_schema(state.clone(), &state.config.graphql, &state.config.abuse);
     let app = http::app(state.clone(), schema);
     let acceptor = TcpListener::bind(listen)
         .into_acceptor()

@@ -2,6 +2,7 @@
 //! when `CDP_TEST_POSTGRES_URL` is set, PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod abuse;
 mod accounts;
 mod analytics;
 mod bad_input;

@@ -8,6 +8,7 @@ mod accounts;
 mod analytics;
 mod campaigns;
 mod customers;
+pub mod limits;
 mod privacy;
 mod segments;
 mod subscriptions;
@@ -20,7 +21,7 @@ use async_graphql::{
 };
 
 use crate::auth::Principal;
-use crate::config::GraphqlLimits;
+use crate::config::{AbuseLimits, GraphqlLimits};
 use crate::service::{AppState, RequestMeta, ServiceError};
 
 #[derive(MergedObject, Default)]
@@ -62,8 +63,11 @@ pub struct RequestContext {
     pub meta: RequestMeta,
 }
 
-pub fn build_schema(state: AppState, limits: &GraphqlLimits) -> CdpSchema {
-    Schema::build(
+/// The schema that serves requests, with the limits of the configuration. Introspection and
+/// suggestions may be off here (`CDP_GRAPHQL_INTROSPECTION`, `CDP_GRAPHQL_SUGGESTIONS`); [`sdl`]
+/// builds its own schema, so `cdp schema` prints the SDL either way.
+pub fn build_schema(state: AppState, limits: &GraphqlLimits, abuse: &AbuseLimits) -> CdpSchema {
+    let mut builder = Schema::build(
         Query::default(),
         Mutation::default(),
         Subscription::default(),
@@ -71,7 +75,25 @@ pub fn build_schema(state: AppState, limits: &GraphqlLimits) -> CdpSchema {
     .data(state)
     .limit_depth(limits.max_depth)
     .limit_complexity(limits.max_complexity)
-    .finish()
+    .extension(limits::OperationLimits {
+        limits: field_limits(abuse),
+    });
+    if !abuse.graphql_introspection {
+        builder = builder.disable_introspection();
+    }
+    if !abuse.graphql_suggestions {
+        builder = builder.disable_suggestions();
+    }
+    builder.finish()
+}
+
+/// The per-operation field limits of the configuration.
+pub fn field_limits(abuse: &AbuseLimits) -> limits::FieldLimits {
+    limits::FieldLimits {
+        max_root_fields: abuse.graphql_max_root_fields,
+        max_account_fields: abuse.graphql_max_account_fields,
+        introspection: abuse.graphql_introspection,
+    }
 }
 
 /// The SDL of the schema, as `cdp schema` prints it. Needs no database.
@@ -148,6 +170,17 @@ fn add_code(error: &mut ServerError) {
             .get_or_insert_with(Default::default)
             .set("code", "BAD_USER_INPUT");
     }
+}
+
+/// The error of a request over its rate: RATE_LIMITED with `retryAfter` in seconds, the shape
+/// the login throttle uses too.
+pub(crate) fn rate_limited_error(retry_after_secs: u64) -> ServerError {
+    let message = format!("too many requests; try again in {retry_after_secs} s");
+    let mut error = ServerError::new(message, None);
+    let extensions = error.extensions.get_or_insert_with(Default::default);
+    extensions.set("code", "RATE_LIMITED");
+    extensions.set("retryAfter", retry_after_secs);
+    error
 }
 
 /// A standalone error response (for failures before execution, such as a too-large batch).

@@ -7,26 +7,33 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_graphql::http::{WebSocketProtocols, WsMessage, ALL_WEBSOCKET_PROTOCOLS};
-use async_graphql::{BatchRequest, BatchResponse, Data};
+use async_graphql::{BatchRequest, BatchResponse, Data, Response as GraphqlResponse};
 use chrono::{DateTime, Utc};
 use futures::{SinkExt, StreamExt};
-use poem::web::websocket::{Message, WebSocket, WebSocketStream};
+use poem::web::websocket::{Message, WebSocket, WebSocketConfig, WebSocketStream};
 use poem::{Endpoint, FromRequest, IntoResponse, Request, Response, Result};
 
+use super::limits::FieldLimits;
 use super::subscriptions::SocketSession;
-use super::{ensure_error_codes, error_response, mask_error_messages, CdpSchema, RequestContext};
-use crate::service::{self, AppState, ServiceError};
+use super::{
+    ensure_error_codes, error_response, mask_error_messages, rate_limited_error, CdpSchema,
+    RequestContext,
+};
+use crate::service::{self, AppState, RequestMeta, ServiceError};
 
-/// The outcome of an HTTP GraphQL request: a status and a JSON body.
+/// The outcome of an HTTP GraphQL request: a status, a JSON body, and for a refusal over a rate
+/// limit the seconds to wait (`Retry-After`).
 pub struct HttpOutcome {
     pub status: u16,
     pub body: Vec<u8>,
+    pub retry_after: Option<u64>,
 }
 
 fn json_outcome(status: u16, response: &impl serde::Serialize) -> HttpOutcome {
     HttpOutcome {
         status,
         body: serde_json::to_vec(response).unwrap_or_else(|_| b"{}".to_vec()),
+        retry_after: None,
     }
 }
 
@@ -35,31 +42,90 @@ pub fn error_outcome(status: u16, message: &str, code: &str) -> HttpOutcome {
     json_outcome(status, &error_response(message, code))
 }
 
-/// Executes a JSON body (one operation or a batch) for the given request context.
-pub async fn execute_json(
-    schema: &CdpSchema,
-    context: RequestContext,
+/// 429 with RATE_LIMITED and `retryAfter`, and the same seconds for `Retry-After`.
+pub fn rate_limited_outcome(retry_after_secs: u64) -> HttpOutcome {
+    HttpOutcome {
+        retry_after: Some(retry_after_secs),
+        ..json_outcome(
+            429,
+            &GraphqlResponse::from_errors(vec![rate_limited_error(retry_after_secs)]),
+        )
+    }
+}
+
+/// The operations of one HTTP request (one, or a batch), read and checked against the batch
+/// limits but not yet run.
+pub struct Operations {
+    batch: BatchRequest,
+}
+
+impl Operations {
+    /// How many operations the request holds; rate limits count each.
+    pub fn len(&self) -> usize {
+        self.batch.iter().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Reads a JSON body (one operation or a batch) and checks the limits that span the batch: its
+/// size, and the account mutations (`login` and its kin) over all its operations together, so
+/// that batching cannot multiply them. Each operation's own limits are checked when it runs
+/// (`limits.rs`), over HTTP and WebSocket alike.
+pub fn parse_operations(
     body: &[u8],
     max_batch: usize,
-) -> HttpOutcome {
-    let batch: BatchRequest = match serde_json::from_slice(body) {
-        Ok(batch) => batch,
-        Err(error) => {
-            return error_outcome(
-                400,
-                &format!("the body is not a GraphQL request: {error}"),
-                "BAD_USER_INPUT",
-            )
-        }
-    };
+    limits: FieldLimits,
+) -> Result<Operations, HttpOutcome> {
+    let mut batch: BatchRequest = serde_json::from_slice(body).map_err(|error| {
+        error_outcome(
+            400,
+            &format!("the body is not a GraphQL request: {error}"),
+            "BAD_USER_INPUT",
+        )
+    })?;
     let size = batch.iter().count();
     if size == 0 || size > max_batch {
-        return error_outcome(
+        return Err(error_outcome(
             400,
             &format!("a batch holds 1 to {max_batch} operations; this one holds {size}"),
             "BAD_USER_INPUT",
-        );
+        ));
     }
+    if size > 1 {
+        // Parsed once here and kept in the request, so the schema does not parse it again.
+        let account_fields: usize = batch
+            .iter_mut()
+            .filter_map(|request| {
+                request
+                    .parsed_query()
+                    .ok()
+                    .map(|document| super::limits::account_fields(document, limits))
+            })
+            .sum();
+        if account_fields > limits.max_account_fields {
+            return Err(error_outcome(
+                400,
+                &format!(
+                    "a batch may hold at most {} of {} over all its operations; this one holds {account_fields}",
+                    limits.max_account_fields,
+                    super::limits::ACCOUNT_FIELDS.join(", ")
+                ),
+                "BAD_USER_INPUT",
+            ));
+        }
+    }
+    Ok(Operations { batch })
+}
+
+/// Runs the operations of one HTTP request for the given request context.
+pub async fn execute(
+    schema: &CdpSchema,
+    context: RequestContext,
+    operations: Operations,
+) -> HttpOutcome {
     // Error messages may echo input (an address that did not parse): masked like data for a
     // principal without PII_READ.
     let masked = context
@@ -74,7 +140,7 @@ pub async fn execute_json(
             response
         }
     };
-    match schema.execute_batch(batch.data(context)).await {
+    match schema.execute_batch(operations.batch.data(context)).await {
         BatchResponse::Single(response) => json_outcome(200, &finish(response)),
         BatchResponse::Batch(responses) => {
             let responses: Vec<_> = responses.into_iter().map(finish).collect();
@@ -84,10 +150,10 @@ pub async fn execute_json(
 }
 
 /// What `connection_init` decided, shared with the socket loop: the refusal to send as the close
-/// reason, or when the accepted credentials expire.
+/// code and reason, or when the accepted credentials expire.
 #[derive(Debug, Default)]
 struct Handshake {
-    refused: Option<String>,
+    refused: Option<(u16, String)>,
     expires_at: Option<DateTime<Utc>>,
 }
 
@@ -105,32 +171,44 @@ mod close {
     pub const UNAUTHORIZED: u16 = 4401;
     /// No `connection_init` in time.
     pub const INIT_TIMEOUT: u16 = 4408;
+    /// `connection_init` over the tenant's request rate; the reason says when to retry.
+    pub const TOO_MANY_REQUESTS: u16 = 4429;
+    /// A message larger than `CDP_WS_MAX_MESSAGE_BYTES` (RFC 6455: Message Too Big).
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// A frame that breaks the WebSocket protocol (RFC 6455: Protocol Error).
+    pub const PROTOCOL_ERROR: u16 = 1002;
 }
 
 /// How long a socket may stay open without a successful `connection_init`.
 const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reads the credentials of `connection_init` (`{"authorization": "Bearer …"}`, any case of the
-/// key), authenticates them and counts the socket against its tenant's limit. A socket without
-/// valid credentials is closed (4403).
+/// key), authenticates them and counts the socket against its tenant's limit and request rate.
+/// A socket without valid credentials is closed (4403), one over the rate too (4429).
 async fn authenticate_socket(
     state: AppState,
+    meta: RequestMeta,
     payload: serde_json::Value,
     handshake: SharedHandshake,
 ) -> async_graphql::Result<Data> {
-    let outcome = accept_socket(&state, payload).await;
-    if let Err(error) = &outcome {
-        lock(&handshake).refused = Some(error.message.clone());
-    }
-    let (data, expires_at) = outcome?;
+    let outcome = accept_socket(&state, meta, payload).await;
+    let (data, expires_at) = match outcome {
+        Ok(accepted) => accepted,
+        Err((code, error)) => {
+            lock(&handshake).refused = Some((code, error.message.clone()));
+            return Err(error);
+        }
+    };
     lock(&handshake).expires_at = expires_at;
     Ok(data)
 }
 
 async fn accept_socket(
     state: &AppState,
+    meta: RequestMeta,
     payload: serde_json::Value,
-) -> async_graphql::Result<(Data, Option<DateTime<Utc>>)> {
+) -> Result<(Data, Option<DateTime<Utc>>), (u16, async_graphql::Error)> {
+    let forbidden = |error: async_graphql::Error| (close::FORBIDDEN, error);
     let header = payload
         .as_object()
         .and_then(|object| {
@@ -140,39 +218,54 @@ async fn accept_socket(
                 .and_then(|(_, value)| value.as_str())
         })
         .ok_or_else(|| {
-            async_graphql::Error::new(
+            forbidden(async_graphql::Error::new(
                 "connection_init must carry {\"authorization\": \"Bearer <token>\"}",
-            )
+            ))
         })?;
     let token = header
         .strip_prefix("Bearer ")
         .or_else(|| header.strip_prefix("bearer "))
-        .ok_or_else(|| async_graphql::Error::new("the authorization must be a Bearer token"))?;
+        .ok_or_else(|| {
+            forbidden(async_graphql::Error::new(
+                "the authorization must be a Bearer token",
+            ))
+        })?;
     let principal = service::auth::authenticate_bearer(state, token)
         .await
         .map_err(|error| match error {
             ServiceError::Unexpected(inner) => {
                 tracing::error!(error = ?inner, "websocket authentication failed");
-                async_graphql::Error::new("internal error")
+                forbidden(async_graphql::Error::new("internal error"))
             }
-            other => async_graphql::Error::new(other.to_string()),
+            other => forbidden(async_graphql::Error::new(other.to_string())),
         })?;
+    if let Err(retry) = state
+        .request_limits
+        .graphql_of_tenant(principal.tenant_id, 1)
+    {
+        return Err((
+            close::TOO_MANY_REQUESTS,
+            async_graphql::Error::new(format!("too many requests; retry in {} s", retry.seconds)),
+        ));
+    }
     let expires_at = service::auth::bearer_expiry(state, token);
     let permit = state
         .realtime
         .open_socket(principal.tenant_id)
-        .map_err(|refused| async_graphql::Error::new(refused.to_string()))?;
+        .map_err(|refused| forbidden(async_graphql::Error::new(refused.to_string())))?;
     let mut data = Data::default();
     data.insert(RequestContext {
         principal: Some(principal),
         auth_error: None,
-        meta: Default::default(),
+        meta,
     });
     data.insert(SocketSession::new(expires_at, permit));
     Ok((data, expires_at))
 }
 
 /// The `/graphql/ws` endpoint: `graphql-transport-ws` and the legacy `graphql-ws` protocol.
+/// The HTTP layer counts the connect against the client address's rate before it gets here, and
+/// may leave the request's [`RequestMeta`] in its extensions for the audit log.
 pub struct SubscriptionEndpoint {
     pub schema: CdpSchema,
     pub state: AppState,
@@ -194,11 +287,22 @@ impl Endpoint for SubscriptionEndpoint {
                     .find_map(|protocol| protocol.trim().parse::<WebSocketProtocols>().ok())
             })
             .ok_or_else(|| poem::Error::from_status(poem::http::StatusCode::BAD_REQUEST))?;
+        let meta = request
+            .extensions()
+            .get::<RequestMeta>()
+            .cloned()
+            .unwrap_or_default();
         let schema = self.schema.clone();
         let state = self.state.clone();
+        // Frames and messages over the limit fail the read before they are buffered whole.
+        let max_message = self.state.config.abuse.ws_max_message_bytes;
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(max_message))
+            .max_frame_size(Some(max_message));
         Ok(websocket
             .protocols(ALL_WEBSOCKET_PROTOCOLS)
-            .on_upgrade(move |socket| serve(socket, schema, state, protocol))
+            .config(config)
+            .on_upgrade(move |socket| serve(socket, schema, state, meta, protocol))
             .into_response())
     }
 }
@@ -212,19 +316,51 @@ fn close_frame(code: u16, reason: &str) -> Message {
     Message::close_with(code, &reason[..end])
 }
 
+/// Why reading from a socket failed, as the close frame says it.
+fn read_failure(error: &std::io::Error, max_message: usize) -> Option<Message> {
+    // poem hands over tungstenite's errors as text (`IoError::other(error.to_string())`), so the
+    // size error is recognized by its message; `abuse.rs` in the tests pins it.
+    let text = error.to_string();
+    if text.contains("Message too long") {
+        Some(close_frame(
+            close::MESSAGE_TOO_BIG,
+            &format!("a message may be at most {max_message} bytes"),
+        ))
+    } else if error.kind() == std::io::ErrorKind::Other {
+        Some(close_frame(close::PROTOCOL_ERROR, &text))
+    } else {
+        // The connection itself failed: there is nobody to tell.
+        None
+    }
+}
+
 /// Runs the protocol on one socket (async-graphql's state machine) and adds what it lacks: the
-/// close codes of `graphql-transport-ws` for a refused or missing `connection_init` (4403, 4408)
-/// and a subscription before it (4401), and closing the socket (4401) when the access token it
-/// authenticated with expires.
+/// close codes of `graphql-transport-ws` for a refused or missing `connection_init` (4403, 4408),
+/// a `connection_init` over the tenant's rate (4429) and a subscription before it (4401), closing
+/// the socket (4401) when the access token it authenticated with expires, and closing it with
+/// 1009 when the client sends a message over the size limit.
 async fn serve(
     socket: WebSocketStream,
     schema: CdpSchema,
     state: AppState,
+    meta: RequestMeta,
     protocol: WebSocketProtocols,
 ) {
+    let max_message = state.config.abuse.ws_max_message_bytes;
     let (mut sink, stream) = socket.split();
+    // The first read error ends the input; the loop below says why in the close frame.
+    let read_error: Arc<Mutex<Option<Message>>> = Arc::default();
     let input = stream
-        .take_while(|message| futures::future::ready(message.is_ok()))
+        .take_while({
+            let read_error = read_error.clone();
+            move |message| {
+                if let Err(error) = message {
+                    *read_error.lock().unwrap_or_else(PoisonError::into_inner) =
+                        read_failure(error, max_message);
+                }
+                futures::future::ready(message.is_ok())
+            }
+        })
         .filter_map(|message| {
             futures::future::ready(
                 message
@@ -236,7 +372,7 @@ async fn serve(
     let handshake = SharedHandshake::default();
     let on_init = {
         let handshake = handshake.clone();
-        move |payload| authenticate_socket(state, payload, handshake)
+        move |payload| authenticate_socket(state, meta, payload, handshake)
     };
     let messages =
         async_graphql::http::WebSocket::new(schema, input, protocol).on_connection_init(on_init);
@@ -273,7 +409,7 @@ async fn serve(
             Some(WsMessage::Close(code, reason)) => {
                 let refused = lock(&handshake).refused.clone();
                 let frame = match refused {
-                    Some(refused) => close_frame(close::FORBIDDEN, &refused),
+                    Some((refused_code, refused)) => close_frame(refused_code, &refused),
                     None if !acked && code == 1011 => {
                         close_frame(close::UNAUTHORIZED, "Unauthorized")
                     }
@@ -283,10 +419,17 @@ async fn serve(
                 break;
             }
             None => {
+                let failed = read_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
                 // The legacy protocol ends the stream after its `connection_error` message.
                 let refused = lock(&handshake).refused.clone();
-                if let Some(refused) = refused {
-                    let _ = sink.send(close_frame(close::FORBIDDEN, &refused)).await;
+                let frame = failed.or_else(|| {
+                    refused.map(|(refused_code, refused)| close_frame(refused_code, &refused))
+                });
+                if let Some(frame) = frame {
+                    let _ = sink.send(frame).await;
                 }
                 break;
             }

@@ -1,7 +1,7 @@
 //! The data-collection API, compatible with the Segment HTTP Tracking API: `/v1/batch` and the
 //! single-message paths, the browser library's short paths, HTTP Basic or `writeKey` auth, gzip,
 //! bodies parsed as JSON whatever their Content-Type, request limits (413 with nothing stored),
-//! per-tenant and per-key rate limits (429 with Retry-After), and partial rejection.
+//! per-address, per-tenant and per-key rate limits (429 with Retry-After), and partial rejection.
 //!
 //! Guarantees: the answer is 200 only after every accepted message is committed.
 
@@ -13,6 +13,7 @@ use poem::web::Data;
 use poem::{handler, Body, Request, Response};
 use serde_json::{json, Value};
 
+use super::client::client_ip;
 use super::ratelimit::RateLimits;
 use crate::auth::{cache, secrets, Principal, PrincipalKind};
 use crate::service::ingest::{self, Batch, Outcome, Source};
@@ -30,6 +31,20 @@ fn failure(status: StatusCode, code: &str, message: impl Into<String>) -> Respon
         status,
         json!({"success": false, "code": code, "message": message.into()}),
     )
+}
+
+/// 429 with `Retry-After`, before anything is stored.
+fn rate_limited(seconds: u64, message: &str) -> Response {
+    let mut response = failure(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("{message}; retry in {seconds} s"),
+    );
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        header::HeaderValue::from(seconds.max(1)),
+    );
+    response
 }
 
 /// A refusal of the whole request, before anything is stored.
@@ -154,6 +169,12 @@ async fn collect(
     state: &AppState,
     limits: &RateLimits,
 ) -> Response {
+    // Counted before the body is read or the key is checked, so that a flood costs nothing.
+    if let Some(address) = client_ip(request, &state.config.abuse.trusted_proxies) {
+        if let Err(retry) = state.request_limits.ingest_from_ip(address) {
+            return rate_limited(retry.seconds, "too many requests from this address");
+        }
+    }
     let received_at = state.now();
     let cap = state.config.ingest_max_body_bytes;
     let raw = match body.into_bytes_limit(cap).await {
@@ -294,15 +315,7 @@ async fn collect(
         messages.len(),
     ) {
         let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        let mut response = failure(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!("too many messages; retry in {seconds} s"),
-        );
-        if let Ok(value) = seconds.max(1).to_string().parse() {
-            response.headers_mut().insert(header::RETRY_AFTER, value);
-        }
-        return response;
+        return rate_limited(seconds, "too many messages");
     }
 
     // Messages that held invalid UTF-8 are replaced by a marker the parser rejects with a reason.

@@ -1,27 +1,41 @@
-//! `POST /graphql`: reads the body within its limit, authenticates the bearer credentials, then
-//! hands the operations to the GraphQL layer.
+//! `POST /graphql`: reads the body within its limit, counts its operations against the client
+//! address's rate, authenticates the bearer credentials, counts the operations against the
+//! tenant's rate, then hands them to the GraphQL layer. Also the gate in front of `/graphql/ws`,
+//! which counts each connect against the client address's rate.
+//!
+//! Guarantees: a request over a rate is answered 429 with `Retry-After` and RATE_LIMITED before
+//! anything runs; the address is counted before the credentials cost a database round trip.
+
+use std::sync::Arc;
 
 use poem::http::{header, StatusCode};
 use poem::web::Data;
-use poem::{handler, Body, Request, Response};
+use poem::{handler, Body, Endpoint, IntoResponse, Request, Response};
 
-use crate::graphql::transport::{error_outcome, execute_json, HttpOutcome};
-use crate::graphql::{CdpSchema, RequestContext};
+use super::client;
+use crate::graphql::transport::{
+    error_outcome, execute, parse_operations, rate_limited_outcome, HttpOutcome,
+};
+use crate::graphql::{field_limits, CdpSchema, RequestContext};
 use crate::service::{self, AppState, RequestMeta, ServiceError};
 
 fn respond(outcome: HttpOutcome) -> Response {
-    Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(outcome.body)
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(seconds) = outcome.retry_after {
+        response = response.header(header::RETRY_AFTER, seconds);
+    }
+    response.body(outcome.body)
 }
 
-/// The client address, as the audit log records it.
-pub fn client_ip(request: &Request) -> Option<String> {
-    request
-        .remote_addr()
-        .as_socket_addr()
-        .map(|address| address.ip().to_string())
+/// The facts about a request that the audit log records: the client address, resolved through
+/// the trusted proxies.
+pub fn request_meta(request: &Request, state: &AppState) -> RequestMeta {
+    RequestMeta {
+        ip: client::client_ip(request, &state.config.abuse.trusted_proxies)
+            .map(|address| address.to_string()),
+    }
 }
 
 #[handler]
@@ -31,6 +45,14 @@ pub async fn post(
     Data(state): Data<&AppState>,
     Data(schema): Data<&CdpSchema>,
 ) -> Response {
+    let client_ip = client::client_ip(request, &state.config.abuse.trusted_proxies);
+    // One operation's worth before the body is read, so that a flood of bodies that are too
+    // large or no GraphQL at all is limited too; the rest of a batch once it is known.
+    if let Some(address) = client_ip {
+        if let Err(retry) = state.request_limits.graphql_from_ip(address, 1) {
+            return respond(rate_limited_outcome(retry.seconds));
+        }
+    }
     let limit = state.config.graphql.max_body_bytes;
     let bytes = match body.into_bytes_limit(limit).await {
         Ok(bytes) => bytes,
@@ -49,11 +71,27 @@ pub async fn post(
             ))
         }
     };
+    let operations = match parse_operations(
+        &bytes,
+        state.config.graphql.max_batch,
+        field_limits(&state.config.abuse),
+    ) {
+        Ok(operations) => operations,
+        Err(outcome) => return respond(outcome),
+    };
+    if let (Some(address), true) = (client_ip, operations.len() > 1) {
+        if let Err(retry) = state
+            .request_limits
+            .graphql_from_ip(address, operations.len() - 1)
+        {
+            return respond(rate_limited_outcome(retry.seconds));
+        }
+    }
     let mut context = RequestContext {
         principal: None,
         auth_error: None,
         meta: RequestMeta {
-            ip: client_ip(request),
+            ip: client_ip.map(|address| address.to_string()),
         },
     };
     if let Some(value) = request.headers().get(header::AUTHORIZATION) {
@@ -82,5 +120,34 @@ pub async fn post(
             },
         }
     }
-    respond(execute_json(schema, context, &bytes, state.config.graphql.max_batch).await)
+    if let Some(principal) = &context.principal {
+        if let Err(retry) = state
+            .request_limits
+            .graphql_of_tenant(principal.tenant_id, operations.len())
+        {
+            return respond(rate_limited_outcome(retry.seconds));
+        }
+    }
+    respond(execute(schema, context, operations).await)
+}
+
+/// In front of `/graphql/ws`: counts the connect against the client address's rate (429 with
+/// `Retry-After` before the upgrade), and leaves the request's [`RequestMeta`] for the socket.
+pub async fn websocket_gate<E: Endpoint>(
+    endpoint: Arc<E>,
+    mut request: Request,
+    state: AppState,
+) -> poem::Result<Response> {
+    let client_ip = client::client_ip(&request, &state.config.abuse.trusted_proxies);
+    if let Some(address) = client_ip {
+        if let Err(retry) = state.request_limits.graphql_from_ip(address, 1) {
+            return Ok(respond(rate_limited_outcome(retry.seconds)));
+        }
+    }
+    let meta = request_meta(&request, &state);
+    request.extensions_mut().insert(meta);
+    endpoint
+        .call(request)
+        .await
+        .map(IntoResponse::into_response)
 }

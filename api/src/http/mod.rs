@@ -1,13 +1,16 @@
 //! HTTP routes (poem): GraphQL over HTTP and WebSocket, the GraphiQL page, health checks, CORS.
 //!
 //! Guarantees: the GraphQL body is read with a hard size limit before it is parsed; credentials
-//! are checked before any operation runs; every error body carries a contract error code.
+//! are checked before any operation runs; every error body carries a contract error code; every
+//! route but `/graphql/ws` answers within the request timeout.
 
+mod client;
 mod collect;
 mod graphiql;
 mod graphql;
 mod health;
 pub mod ratelimit;
+mod timeout;
 mod unsubscribe;
 
 use poem::http::Method;
@@ -18,23 +21,39 @@ use crate::config::CorsOrigins;
 use crate::graphql::transport::SubscriptionEndpoint;
 use crate::graphql::CdpSchema;
 use crate::service::AppState;
+use timeout::{RequestTimeout, Shape};
 
 /// Builds every route of the service.
 pub fn routes(state: AppState, schema: CdpSchema) -> poem::Route {
+    let limit = state.config.abuse.request_timeout;
+    let timeout = |shape| RequestTimeout { limit, shape };
+    let gate_state = state.clone();
     let graphql_routes = Route::new()
-        .at("/", get(graphiql::page).post(graphql::post))
-        .at("/assets/:file", get(graphiql::asset))
+        .at(
+            "/",
+            get(graphiql::page)
+                .post(graphql::post)
+                .with(timeout(Shape::Graphql)),
+        )
+        .at(
+            "/assets/:file",
+            get(graphiql::asset).with(timeout(Shape::Plain)),
+        )
+        // No request timeout: a socket lives as long as its credentials.
         .at(
             "/ws",
             SubscriptionEndpoint {
                 schema: schema.clone(),
                 state: state.clone(),
-            },
+            }
+            .around(move |endpoint, request| {
+                graphql::websocket_gate(endpoint, request, gate_state.clone())
+            }),
         );
     // Browsers send analytics from customers' own sites: the collection API answers CORS
     // preflights from any origin (the write key is public by design) and admits whatever headers
     // the client libraries send (RudderStack's AnonymousId, Segment's X-Retry-Count, …).
-    let collection = collect::routes().with(
+    let collection = collect::routes().with(timeout(Shape::Plain)).with(
         Cors::new()
             .allow_methods([Method::POST, Method::OPTIONS])
             .max_age(86400),
@@ -48,10 +67,12 @@ pub fn routes(state: AppState, schema: CdpSchema) -> poem::Route {
         .nest("/v1", collection)
         .nest("/graphql", graphql_routes)
         .at("/healthz", get(health::healthz))
-        .at("/readyz", get(health::readyz))
+        .at("/readyz", get(health::readyz).with(timeout(Shape::Plain)))
         .at(
             "/unsubscribe",
-            get(unsubscribe::show).post(unsubscribe::confirm),
+            get(unsubscribe::show)
+                .post(unsubscribe::confirm)
+                .with(timeout(Shape::Plain)),
         )
 }
 

@@ -12,8 +12,8 @@ use poem::{handler, Request, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::graphql::client_ip;
-use crate::service::{campaigns, AppState, RequestMeta, ServiceError};
+use super::graphql::request_meta;
+use crate::service::{campaigns, AppState, ServiceError};
 
 #[derive(Debug, Deserialize)]
 pub struct TokenQuery {
@@ -94,9 +94,7 @@ pub async fn confirm(
             "the body must be List-Unsubscribe=One-Click",
         );
     }
-    let meta = RequestMeta {
-        ip: client_ip(request),
-    };
+    let meta = request_meta(request, state);
     match campaigns::unsubscribe(state, &meta, &token).await {
         Ok(()) => page("<h1>Unsubscribed</h1><p>You will not receive these emails any more.</p>"),
         Err(ServiceError::BadInput { .. }) => bad_token(),

@@ -15,6 +15,7 @@ pub mod emails;
 pub mod fanout;
 pub mod ingest;
 pub mod lifecycle;
+pub mod limits;
 pub mod pagination;
 pub mod privacy;
 pub mod profiles;
@@ -105,6 +106,8 @@ pub struct AppState {
     pub group_commit: Arc<ingest::GroupCommit>,
     /// The master keys and the unwrapped tenant keys of personal-data encryption.
     pub vault: Arc<vault::Vault>,
+    /// Request rates per client address and per tenant.
+    pub request_limits: Arc<limits::RequestLimits>,
 }
 
 impl AppState {
@@ -165,7 +168,13 @@ impl From<domain::AccountError> for ServiceError {
 
 impl From<crate::auth::password::HashError> for ServiceError {
     fn from(error: crate::auth::password::HashError) -> Self {
-        ServiceError::Unexpected(anyhow::Error::new(error))
+        match error {
+            // A full hashing queue is a flood, not a fault: the client may try again shortly.
+            crate::auth::password::HashError::Busy => ServiceError::RateLimited {
+                retry_after_secs: 1,
+            },
+            other => ServiceError::Unexpected(anyhow::Error::new(other)),
+        }
     }
 }
 
