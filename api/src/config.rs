@@ -125,6 +125,15 @@ impl AbuseLimits {
     }
 }
 
+/// The PEM files the HTTP listener serves TLS with (`CDP_TLS_CERT`, `CDP_TLS_KEY`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The server certificate, followed by any intermediate certificates.
+    pub cert: PathBuf,
+    /// The certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
 /// The whole configuration of one process.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -132,6 +141,9 @@ pub struct Config {
     pub database_max_connections: u32,
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// HTTPS and WSS on the listener when set; plain HTTP otherwise (behind a TLS-terminating
+    /// proxy, for example).
+    pub tls: Option<TlsFiles>,
     /// The address people and mail links use to reach the service, without a trailing slash.
     pub public_url: String,
     pub jwt_secret: Vec<u8>,
@@ -206,8 +218,10 @@ impl Config {
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("CDP_DATA_DIR: cannot create {}", data_dir.display()))?;
         let listen: SocketAddr = parse_var("CDP_LISTEN", "127.0.0.1:8080")?;
+        let tls = tls_files(var("CDP_TLS_CERT"), var("CDP_TLS_KEY"))?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let public_url = var("CDP_PUBLIC_URL")
-            .unwrap_or_else(|| format!("http://{listen}"))
+            .unwrap_or_else(|| format!("{scheme}://{listen}"))
             .trim_end_matches('/')
             .to_owned();
         let database_url = var("CDP_DATABASE_URL").unwrap_or_else(|| default_sqlite_url(&data_dir));
@@ -257,6 +271,7 @@ impl Config {
             database_max_connections: parse_var("CDP_DATABASE_MAX_CONNECTIONS", "10")?,
             data_dir,
             listen,
+            tls,
             public_url,
             jwt_secret,
             encryption_key,
@@ -337,6 +352,7 @@ impl Config {
             database_max_connections: 5,
             data_dir: data_dir.to_path_buf(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: None,
             public_url: "http://cdp.test".to_owned(),
             jwt_secret: b"test-secret-test-secret-test-secret-0123456789".to_vec(),
             encryption_key: [7u8; 32],
@@ -421,6 +437,26 @@ fn parse_networks(name: &str, value: &str) -> anyhow::Result<Vec<ipnet::IpNet>> 
         .collect()
 }
 
+/// TLS on the listener needs both files; one without the other is a mistake, not plain HTTP.
+/// The files are read and checked now, so that a bad one stops the start.
+fn tls_files(cert: Option<String>, key: Option<String>) -> anyhow::Result<Option<TlsFiles>> {
+    let files = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => TlsFiles {
+            cert: PathBuf::from(cert),
+            key: PathBuf::from(key),
+        },
+        (Some(_), None) => {
+            bail!("CDP_TLS_CERT is set but CDP_TLS_KEY is not: set both to serve HTTPS, or neither")
+        }
+        (None, Some(_)) => {
+            bail!("CDP_TLS_KEY is set but CDP_TLS_CERT is not: set both to serve HTTPS, or neither")
+        }
+    };
+    crate::http::tls::server_config(&files)?;
+    Ok(Some(files))
+}
+
 fn default_sqlite_url(data_dir: &Path) -> String {
     format!("sqlite://{}?mode=rwc", data_dir.join("cdp.db").display())
 }
@@ -498,5 +534,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("CDP_TRUSTED_PROXIES") && error.contains("proxy.local"));
+    }
+
+    fn message(result: anyhow::Result<Option<TlsFiles>>) -> String {
+        format!("{:#}", result.unwrap_err())
+    }
+
+    #[test]
+    fn tls_is_off_when_neither_file_is_set() {
+        assert_eq!(tls_files(None, None).unwrap(), None);
+    }
+
+    #[test]
+    fn one_tls_file_without_the_other_names_the_missing_variable() {
+        let error = message(tls_files(Some("cert.pem".to_owned()), None));
+        assert!(
+            error.starts_with("CDP_TLS_CERT is set but CDP_TLS_KEY is not"),
+            "{error}"
+        );
+        let error = message(tls_files(None, Some("key.pem".to_owned())));
+        assert!(
+            error.starts_with("CDP_TLS_KEY is set but CDP_TLS_CERT is not"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn unreadable_or_empty_tls_files_name_their_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem").display().to_string();
+        let error = message(tls_files(Some(missing.clone()), Some(missing.clone())));
+        assert!(error.starts_with("CDP_TLS_CERT: cannot read"), "{error}");
+
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let not_pem = not_pem.display().to_string();
+        let error = message(tls_files(Some(not_pem.clone()), Some(missing)));
+        assert!(
+            error.starts_with("CDP_TLS_CERT:") && error.contains("no PEM CERTIFICATE"),
+            "{error}"
+        );
     }
 }

@@ -133,7 +133,11 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let application = api::startup::build(config).await?;
-            tracing::info!("GraphiQL at http://{}/graphql", application.address());
+            tracing::info!(
+                "GraphiQL at {}://{}/graphql",
+                application.scheme(),
+                application.address()
+            );
             application.run_until_signal().await
         }
         Command::Migrate => {

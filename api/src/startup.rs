@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use poem::listener::{Acceptor, Listener, TcpListener};
-use poem::Server;
+use poem::{Endpoint, Server};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -65,6 +65,8 @@ pub async fn state(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppS
 /// A running server and its background jobs.
 pub struct Application {
     address: SocketAddr,
+    /// Whether the listener serves HTTPS.
+    tls: bool,
     state: AppState,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
@@ -124,21 +126,23 @@ pub async fn build_with_clock(
         .first()
         .and_then(|address| address.as_socket_addr().copied())
         .context("the listener has no address")?;
-    let mut server_shutdown = shutdown_rx.clone();
-    let server = tokio::spawn(async move {
-        Server::new_with_acceptor(acceptor)
-            .run_with_graceful_shutdown(
+    let server = match &state.config.tls {
+        Some(files) => {
+            // Read again at start (a replaced certificate is picked up by a restart).
+            let tls = http::tls::server_config(files)?;
+            serve(
+                http::tls::TlsAcceptor::new(acceptor, tls),
                 app,
-                async move {
-                    let _ = server_shutdown.wait_for(|stop| *stop).await;
-                },
-                Some(Duration::from_secs(10)),
+                shutdown_rx.clone(),
             )
-            .await
-    });
-    tracing::info!(%address, "serving");
+        }
+        None => serve(acceptor, app, shutdown_rx.clone()),
+    };
+    let tls = state.config.tls.is_some();
+    tracing::info!(%address, tls, "serving");
     Ok(Application {
         address,
+        tls,
         state,
         shutdown: shutdown_tx,
         server,
@@ -146,9 +150,40 @@ pub async fn build_with_clock(
     })
 }
 
+/// Serves `app` on `acceptor` until `shutdown` turns true, then lets in-flight requests finish.
+fn serve<A>(
+    acceptor: A,
+    app: impl Endpoint + 'static,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<std::io::Result<()>>
+where
+    A: Acceptor + 'static,
+{
+    tokio::spawn(async move {
+        Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(
+                app,
+                async move {
+                    let _ = shutdown.wait_for(|stop| *stop).await;
+                },
+                Some(Duration::from_secs(10)),
+            )
+            .await
+    })
+}
+
 impl Application {
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// `https` when the listener serves TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     pub fn port(&self) -> u16 {

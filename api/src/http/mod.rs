@@ -11,6 +11,7 @@ mod graphql;
 mod health;
 pub mod ratelimit;
 mod timeout;
+pub mod tls;
 mod unsubscribe;
 
 use poem::http::Method;
