@@ -152,6 +152,9 @@ pub struct Config {
     /// unwrapping tenant keys while a master-key rotation is under way.
     pub encryption_keys_previous: Vec<[u8; 32]>,
     pub smtp_url: Option<String>,
+    /// A PEM file of CA certificates that SMTP servers' certificates may chain to, besides the
+    /// public roots (`CDP_SMTP_CA_CERT`): for a relay with a private CA.
+    pub smtp_ca_cert: Option<PathBuf>,
     pub mail_from: String,
     pub cors_origins: CorsOrigins,
     pub log_filter: String,
@@ -266,6 +269,10 @@ impl Config {
         if let Some(url) = &smtp_url {
             crate::mail::parse_smtp_url(url).context("CDP_SMTP_URL")?;
         }
+        let smtp_ca_cert = var("CDP_SMTP_CA_CERT").map(PathBuf::from);
+        if let Some(path) = &smtp_ca_cert {
+            crate::mail::read_ca_certificates(path).context("CDP_SMTP_CA_CERT")?;
+        }
         Ok(Config {
             database_url,
             database_max_connections: parse_var("CDP_DATABASE_MAX_CONNECTIONS", "10")?,
@@ -277,6 +284,7 @@ impl Config {
             encryption_key,
             encryption_keys_previous,
             smtp_url,
+            smtp_ca_cert,
             mail_from: var("CDP_MAIL_FROM")
                 .unwrap_or_else(|| "CDP <no-reply@localhost>".to_owned()),
             cors_origins,
@@ -358,6 +366,7 @@ impl Config {
             encryption_key: [7u8; 32],
             encryption_keys_previous: Vec::new(),
             smtp_url: None,
+            smtp_ca_cert: None,
             mail_from: "CDP <no-reply@cdp.test>".to_owned(),
             cors_origins: CorsOrigins::None,
             log_filter: "warn".to_owned(),

@@ -84,8 +84,12 @@ pub async fn build_with_clock(
 ) -> anyhow::Result<Application> {
     let listen = config.listen;
     let state = state(config, clock).await?;
-    let mailer = Mailer::from_config(state.config.smtp_url.as_deref(), state.config.mailbox_dir())
-        .context("cannot set up email (CDP_SMTP_URL)")?;
+    let mailer = Mailer::from_config(
+        state.config.smtp_url.as_deref(),
+        state.config.smtp_ca_cert.as_deref(),
+        state.config.mailbox_dir(),
+    )
+    .context("cannot set up email (CDP_SMTP_URL)")?;
     tracing::info!(mail = %mailer.describe(), "email goes to {}", mailer.describe());
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -1,18 +1,26 @@
 //! Sending email with lettre: over SMTP when `CDP_SMTP_URL` is set, otherwise as `.eml` files in
 //! the mailbox folder of the data directory.
 //!
+//! TLS to the SMTP server (STARTTLS or `smtps://`) verifies the server's certificate against the
+//! public roots plus the CA certificates of `CDP_SMTP_CA_CERT`, and the host name of the URL; a
+//! certificate that fails either check fails the send, it never falls back to plain text.
+//!
 //! Guarantees: addresses are parsed by lettre (a CR or LF in one is refused), header values are
 //! encoded by lettre, and a custom header name must be plain ASCII; a message that cannot be built
 //! is a permanent failure, never a retry loop.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use anyhow::Context;
 
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 
 /// How to reach the SMTP server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +103,23 @@ pub fn parse_smtp_url(url: &str) -> anyhow::Result<SmtpSettings> {
     })
 }
 
+/// Reads the CA certificates of a PEM file (`CDP_SMTP_CA_CERT`); at least one.
+pub fn read_ca_certificates(path: &Path) -> anyhow::Result<Vec<Certificate>> {
+    let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .map(|certificate| {
+            let certificate = certificate
+                .map_err(|error| anyhow::anyhow!("{} is not valid PEM: {error}", path.display()))?;
+            Certificate::from_der(certificate.to_vec())
+                .with_context(|| format!("{} holds an unusable certificate", path.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if certificates.is_empty() {
+        anyhow::bail!("{} holds no PEM CERTIFICATE block", path.display());
+    }
+    Ok(certificates)
+}
+
 fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -153,8 +178,13 @@ pub enum Mailer {
 }
 
 impl Mailer {
-    /// Builds the mailer the configuration asks for; without SMTP, the mailbox folder.
-    pub fn from_config(smtp_url: Option<&str>, mailbox_dir: PathBuf) -> anyhow::Result<Mailer> {
+    /// Builds the mailer the configuration asks for; without SMTP, the mailbox folder. TLS trusts
+    /// the public roots and, when given, the CA certificates in the PEM file `smtp_ca_cert`.
+    pub fn from_config(
+        smtp_url: Option<&str>,
+        smtp_ca_cert: Option<&Path>,
+        mailbox_dir: PathBuf,
+    ) -> anyhow::Result<Mailer> {
         let Some(url) = smtp_url else {
             std::fs::create_dir_all(&mailbox_dir)?;
             return Ok(Mailer::Mailbox {
@@ -163,7 +193,18 @@ impl Mailer {
             });
         };
         let settings = parse_smtp_url(url)?;
-        let tls = |host: &str| TlsParameters::new(host.to_owned());
+        let extra_roots = match smtp_ca_cert {
+            Some(path) => read_ca_certificates(path).context("CDP_SMTP_CA_CERT")?,
+            None => Vec::new(),
+        };
+        let tls = |host: &str| {
+            extra_roots
+                .into_iter()
+                .fold(TlsParameters::builder(host.to_owned()), |builder, root| {
+                    builder.add_root_certificate(root)
+                })
+                .build()
+        };
         let mut builder =
             AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(settings.host.clone())
                 .port(settings.port)
@@ -272,6 +313,22 @@ mod tests {
         assert_eq!((tls.port, tls.security), (465, SmtpSecurity::Tls));
         assert!(parse_smtp_url("http://example.com").is_err());
         assert!(parse_smtp_url("smtp://:25").is_err());
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "not a certificate").unwrap();
+        let error = format!("{:#}", read_ca_certificates(&path).unwrap_err());
+        assert!(error.contains("no PEM CERTIFICATE"), "{error}");
+        let error = format!(
+            "{:#}",
+            Mailer::from_config(Some("smtp://127.0.0.1:25"), Some(&path), dir.path().into())
+                .err()
+                .unwrap()
+        );
+        assert!(error.starts_with("CDP_SMTP_CA_CERT:"), "{error}");
     }
 
     #[test]
