@@ -1,15 +1,16 @@
-//! In-process SMTP mail sink for black-box integration tests: it accepts plain-text SMTP from the service, records every message and can inject failure replies for retry tests.
+//! In-process SMTP mail sink for black-box integration tests: it accepts SMTP from the service (plain text, or with STARTTLS or implicit TLS and a certificate the test made), records every message and can inject failure replies for retry tests.
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::TlsAcceptor;
 
 /// The maximum message size advertised in the EHLO reply.
 const MAX_SIZE: usize = 10 * 1024 * 1024;
@@ -26,6 +27,8 @@ pub struct ReceivedMail {
     pub to: Vec<String>,
     /// The raw message (headers and body) with dot-stuffing removed and CRLF line endings kept.
     pub data: String,
+    /// Whether the message arrived over TLS (implicit, or after STARTTLS).
+    pub tls: bool,
 }
 
 impl ReceivedMail {
@@ -48,6 +51,15 @@ impl ReceivedMail {
         collect_text(&self.data, 0, &mut parts);
         parts.join("\n").replace("\r\n", "\n")
     }
+}
+
+/// How a sink offers TLS, with the certificate the test made.
+#[derive(Clone)]
+pub enum SinkTls {
+    /// Advertises STARTTLS in its EHLO reply and upgrades when asked; mail without it is accepted too.
+    StartTls(Arc<ServerConfig>),
+    /// TLS from the first byte, as on port 465 (`smtps://`).
+    Implicit(Arc<ServerConfig>),
 }
 
 /// State shared between the sink handle and the connection tasks.
@@ -86,8 +98,17 @@ pub struct SmtpSink {
 }
 
 impl SmtpSink {
-    /// Binds `127.0.0.1:0` and starts accepting connections in a background task.
+    /// Binds `127.0.0.1:0` and starts accepting plain-text connections in a background task.
     pub async fn start() -> SmtpSink {
+        SmtpSink::start_with(None).await
+    }
+
+    /// Binds `127.0.0.1:0` and starts accepting connections that use TLS as `tls` says.
+    pub async fn start_tls(tls: SinkTls) -> SmtpSink {
+        SmtpSink::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<SinkTls>) -> SmtpSink {
         let listener = TcpListener::bind(("127.0.0.1", 0))
             .await
             .unwrap_or_else(|e| panic!("the SMTP sink could not bind 127.0.0.1:0: {e}"));
@@ -101,7 +122,7 @@ impl SmtpSink {
             failures: Mutex::new(VecDeque::new()),
             count,
         });
-        let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
+        let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared), tls));
         SmtpSink { port, shared, task }
     }
 
@@ -157,13 +178,13 @@ impl Drop for SmtpSink {
 }
 
 /// Accepts connections and serves each one in its own task until the sink is dropped.
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<SinkTls>) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    connections.spawn(serve(stream, Arc::clone(&shared)));
+                    connections.spawn(serve(stream, Arc::clone(&shared), tls.clone()));
                 }
                 Err(_) => {
                     // Accept errors such as EMFILE are transient; back off briefly instead of spinning.
@@ -175,21 +196,84 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// Serves one connection; I/O errors simply end it.
-async fn serve(stream: TcpStream, shared: Arc<Shared>) {
-    let _ = session(stream, &shared).await;
+/// Serves one connection; I/O errors (a failed TLS handshake among them) simply end it.
+async fn serve(stream: TcpStream, shared: Arc<Shared>, tls: Option<SinkTls>) {
+    let _ = connection(stream, &shared, tls).await;
 }
 
-/// Writes one reply line followed by CRLF.
-async fn reply(writer: &mut OwnedWriteHalf, line: &str) -> std::io::Result<()> {
-    writer.write_all(format!("{line}\r\n").as_bytes()).await
+/// Runs one connection: plain, TLS from the first byte, or plain until STARTTLS.
+async fn connection(
+    stream: TcpStream,
+    shared: &Shared,
+    tls: Option<SinkTls>,
+) -> std::io::Result<()> {
+    let plain = Mode {
+        greet: true,
+        offer_starttls: false,
+        encrypted: false,
+    };
+    match tls {
+        None => {
+            session(stream, shared, plain).await?;
+        }
+        Some(SinkTls::Implicit(config)) => {
+            let stream = TlsAcceptor::from(config).accept(stream).await?;
+            let mode = Mode {
+                encrypted: true,
+                ..plain
+            };
+            session(stream, shared, mode).await?;
+        }
+        Some(SinkTls::StartTls(config)) => {
+            let mode = Mode {
+                offer_starttls: true,
+                ..plain
+            };
+            if let Some(stream) = session(stream, shared, mode).await? {
+                let stream = TlsAcceptor::from(config).accept(stream).await?;
+                // RFC 3207: after the handshake the client starts over with EHLO and gets no new greeting.
+                let mode = Mode {
+                    greet: false,
+                    encrypted: true,
+                    ..plain
+                };
+                session(stream, shared, mode).await?;
+            }
+        }
+    }
+    Ok(())
 }
 
-/// Runs the SMTP dialogue for one connection.
-async fn session(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
-    let (read_half, mut writer) = stream.into_split();
-    let mut reader = BufReader::new(read_half);
-    reply(&mut writer, "220 localhost ESMTP test sink ready").await?;
+/// What one SMTP dialogue on a stream does.
+#[derive(Clone, Copy)]
+struct Mode {
+    /// Send the `220` greeting first (not after STARTTLS).
+    greet: bool,
+    /// Advertise and accept STARTTLS.
+    offer_starttls: bool,
+    /// The stream is already encrypted; recorded with each message.
+    encrypted: bool,
+}
+
+/// Writes one reply line followed by CRLF, and flushes it.
+async fn reply<W>(writer: &mut W, line: &str) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    writer.write_all(format!("{line}\r\n").as_bytes()).await?;
+    writer.flush().await
+}
+
+/// Runs the SMTP dialogue on one stream; returns the stream when the client asked for STARTTLS.
+async fn session<S>(stream: S, shared: &Shared, mode: Mode) -> std::io::Result<Option<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // The reader is also the writer: tokio's BufReader passes writes through.
+    let mut reader = BufReader::new(stream);
+    if mode.greet {
+        reply(&mut reader, "220 localhost ESMTP test sink ready").await?;
+    }
 
     let mut from: Option<String> = None;
     let mut to: Vec<String> = Vec::new();
@@ -198,7 +282,7 @@ async fn session(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     loop {
         line.clear();
         if reader.read_until(b'\n', &mut line).await? == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let command = String::from_utf8_lossy(&line);
         let command = command.trim_end_matches(['\r', '\n']);
@@ -213,58 +297,63 @@ async fn session(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             "EHLO" => {
                 from = None;
                 to.clear();
+                let starttls = if mode.offer_starttls {
+                    "250-STARTTLS\r\n"
+                } else {
+                    ""
+                };
                 let ehlo = format!(
-                    "250-localhost\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE {MAX_SIZE}\r\n"
+                    "250-localhost\r\n{starttls}250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE {MAX_SIZE}"
                 );
-                writer.write_all(ehlo.as_bytes()).await?;
+                reply(&mut reader, &ehlo).await?;
             }
             "HELO" => {
                 from = None;
                 to.clear();
-                reply(&mut writer, "250 localhost").await?;
+                reply(&mut reader, "250 localhost").await?;
             }
             "MAIL" => match path_argument(argument, "FROM:") {
                 Some(path) => {
                     from = Some(path);
                     to.clear();
-                    reply(&mut writer, "250 2.1.0 OK").await?;
+                    reply(&mut reader, "250 2.1.0 OK").await?;
                 }
-                None => reply(&mut writer, "501 5.5.4 syntax: MAIL FROM:<address>").await?,
+                None => reply(&mut reader, "501 5.5.4 syntax: MAIL FROM:<address>").await?,
             },
             "RCPT" => {
                 if from.is_none() {
-                    reply(&mut writer, "503 5.5.1 need MAIL before RCPT").await?;
+                    reply(&mut reader, "503 5.5.1 need MAIL before RCPT").await?;
                     continue;
                 }
                 match path_argument(argument, "TO:") {
                     Some(path) => {
                         to.push(path);
-                        reply(&mut writer, "250 2.1.5 OK").await?;
+                        reply(&mut reader, "250 2.1.5 OK").await?;
                     }
-                    None => reply(&mut writer, "501 5.5.4 syntax: RCPT TO:<address>").await?,
+                    None => reply(&mut reader, "501 5.5.4 syntax: RCPT TO:<address>").await?,
                 }
             }
             "DATA" => {
                 let Some(sender) = from.take() else {
-                    reply(&mut writer, "503 5.5.1 need MAIL before DATA").await?;
+                    reply(&mut reader, "503 5.5.1 need MAIL before DATA").await?;
                     continue;
                 };
                 if to.is_empty() {
                     from = Some(sender);
-                    reply(&mut writer, "554 5.5.1 no valid recipients").await?;
+                    reply(&mut reader, "554 5.5.1 no valid recipients").await?;
                     continue;
                 }
                 let recipients = std::mem::take(&mut to);
-                reply(&mut writer, "354 end data with <CR><LF>.<CR><LF>").await?;
+                reply(&mut reader, "354 end data with <CR><LF>.<CR><LF>").await?;
                 let Some(data) = read_data(&mut reader).await? else {
                     // The client closed the connection in the middle of the message.
-                    return Ok(());
+                    return Ok(None);
                 };
                 match shared.next_failure() {
                     Some(code) => {
-                        reply(&mut writer, &failure_reply(code)).await?;
+                        reply(&mut reader, &failure_reply(code)).await?;
                         if code == 421 {
-                            return Ok(());
+                            return Ok(None);
                         }
                     }
                     None => {
@@ -272,22 +361,29 @@ async fn session(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                             from: sender,
                             to: recipients,
                             data,
+                            tls: mode.encrypted,
                         });
-                        reply(&mut writer, "250 2.0.0 OK queued").await?;
+                        reply(&mut reader, "250 2.0.0 OK queued").await?;
                     }
                 }
             }
             "RSET" => {
                 from = None;
                 to.clear();
-                reply(&mut writer, "250 2.0.0 OK").await?;
+                reply(&mut reader, "250 2.0.0 OK").await?;
             }
-            "NOOP" => reply(&mut writer, "250 2.0.0 OK").await?,
+            "NOOP" => reply(&mut reader, "250 2.0.0 OK").await?,
+            "STARTTLS" if mode.offer_starttls => {
+                reply(&mut reader, "220 2.0.0 ready to start TLS").await?;
+                // Anything the client sent after STARTTLS in the clear is dropped with the buffer,
+                // as RFC 3207 requires.
+                return Ok(Some(reader.into_inner()));
+            }
             "QUIT" => {
-                reply(&mut writer, "221 2.0.0 bye").await?;
-                return Ok(());
+                reply(&mut reader, "221 2.0.0 bye").await?;
+                return Ok(None);
             }
-            _ => reply(&mut writer, "502 5.5.2 command not implemented").await?,
+            _ => reply(&mut reader, "502 5.5.2 command not implemented").await?,
         }
     }
 }
