@@ -17,5 +17,6 @@ mod segments;
 mod subscriptions;
 mod support;
 mod tidy;
+mod tls;
 mod unify;
 mod webhooks;
