@@ -1,6 +1,6 @@
 //! HTTPS (and WSS) on the listener: the certificate chain and private key come from PEM files
 //! (`CDP_TLS_CERT`, `CDP_TLS_KEY`) and connections are served with rustls, using the same `ring`
-//! provider as every other TLS client in the process (ADR 0007).
+//! provider as every other TLS client in the process (ADR 0009).
 //!
 //! Guarantees: with TLS on, the port speaks nothing but TLS 1.2 or 1.3, so a plain HTTP request
 //! fails; a certificate file, a key file or a pair that does not match is refused at start with a
