@@ -331,6 +331,13 @@ pub fn parse_message(
         }
     }
     if let Some(Value::Object(batch_context)) = envelope.batch_context {
+        // Checked here, not with the message above: the batch's context becomes part of it.
+        if contains_nul(&Value::Object(batch_context.clone())) {
+            return Err(reject(
+                "nul_character",
+                "the batch context contains a NUL character",
+            ));
+        }
         merge_under(&mut context, batch_context);
     }
     for (field, value) in [
@@ -776,6 +783,22 @@ mod tests {
             json!({"name": "batch", "version": "1"})
         );
         assert_eq!(message.context["ip"], "1.2.3.4");
+    }
+
+    #[test]
+    fn a_nul_in_the_batch_context_rejects_the_message_it_merges_into() {
+        let batch_context = json!({"library": {"name": "evil\u{0}"}});
+        let envelope = Envelope {
+            batch_context: Some(&batch_context),
+            ..envelope()
+        };
+        let rejection = parse_message(
+            &json!({"type": "track", "event": "E", "userId": "u"}),
+            &envelope,
+            &ParseOptions::default(),
+        )
+        .unwrap_err();
+        assert_eq!(rejection.code, "nul_character");
     }
 }
 
