@@ -8,6 +8,7 @@ mod accounts;
 mod analytics;
 mod campaigns;
 mod customers;
+mod document;
 pub mod limits;
 mod privacy;
 mod segments;
@@ -77,6 +78,9 @@ pub fn build_schema(state: AppState, limits: &GraphqlLimits, abuse: &AbuseLimits
     .limit_complexity(limits.max_complexity)
     .extension(limits::OperationLimits {
         limits: field_limits(abuse),
+    })
+    .extension(document::DocumentLimits {
+        max_selections: limits.max_complexity,
     });
     if !abuse.graphql_introspection {
         builder = builder.disable_introspection();
