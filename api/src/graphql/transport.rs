@@ -1,8 +1,10 @@
 //! GraphQL over HTTP and WebSocket: turning a request body into executed operations, with the
 //! batching limit and the contract's error shape, and the WebSocket endpoint that authenticates
 //! in `connection_init`, counts sockets against their tenant's limit, and closes a socket with
-//! the `graphql-transport-ws` codes when its credentials are refused or expire.
+//! the `graphql-transport-ws` codes when its credentials are refused or expire, when a message is
+//! not one of the protocol's, or when a subscription id is already running.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -159,8 +161,61 @@ struct Handshake {
 
 type SharedHandshake = Arc<Mutex<Handshake>>;
 
-fn lock(handshake: &SharedHandshake) -> std::sync::MutexGuard<'_, Handshake> {
-    handshake.lock().unwrap_or_else(PoisonError::into_inner)
+fn lock<T>(shared: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The subscription ids running on one socket, as the client's messages and the server's
+/// `complete` messages tell them, and the violation that ended the client's input, if any.
+/// async-graphql replaces a running subscription whose id comes again; `graphql-transport-ws`
+/// requires closing the socket (4409) instead.
+#[derive(Debug, Default)]
+struct RunningSubscriptions {
+    ids: HashSet<String>,
+    violation: Option<(u16, String)>,
+}
+
+type SharedRunning = Arc<Mutex<RunningSubscriptions>>;
+
+impl RunningSubscriptions {
+    /// Whether a client message may go on to the protocol's state machine. Messages that do not
+    /// parse are let through: the state machine refuses them (and `serve` closes with 4400).
+    fn admit(&mut self, bytes: &[u8]) -> bool {
+        let Ok(message) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+            return true;
+        };
+        let Some(id) = message["id"].as_str() else {
+            return true;
+        };
+        match message["type"].as_str() {
+            Some("subscribe" | "start") if !self.ids.insert(id.to_owned()) => {
+                self.violation = Some((
+                    close::DUPLICATE_ID,
+                    format!("Subscriber for {id} already exists"),
+                ));
+                false
+            }
+            Some("complete" | "stop") => {
+                self.ids.remove(id);
+                true
+            }
+            _ => true,
+        }
+    }
+
+    /// Forgets the id of a subscription the server completed: the client may use it again.
+    fn completed_by_server(&mut self, text: &str) {
+        // Only `complete` messages start so (async-graphql writes the tag first); the cheap test
+        // spares parsing every `next` message.
+        if !text.starts_with(r#"{"type":"complete""#) {
+            return;
+        }
+        if let Ok(message) = serde_json::from_str::<serde_json::Value>(text) {
+            if let Some(id) = message["id"].as_str() {
+                self.ids.remove(id);
+            }
+        }
+    }
 }
 
 /// Close codes of the `graphql-transport-ws` protocol, used for the legacy protocol as well.
@@ -171,12 +226,18 @@ mod close {
     pub const UNAUTHORIZED: u16 = 4401;
     /// No `connection_init` in time.
     pub const INIT_TIMEOUT: u16 = 4408;
-    /// `connection_init` over the tenant's request rate; the reason says when to retry.
+    /// `connection_init` over the tenant's request rate (the reason says when to retry), or a
+    /// second `connection_init` (async-graphql's own refusal).
     pub const TOO_MANY_REQUESTS: u16 = 4429;
     /// A message larger than `CDP_WS_MAX_MESSAGE_BYTES` (RFC 6455: Message Too Big).
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// A frame that breaks the WebSocket protocol (RFC 6455: Protocol Error).
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A message that is not JSON or not one of the protocol's. async-graphql's state machine
+    /// closes with 1002 for it, which `serve` turns into this code.
+    pub const BAD_MESSAGE: u16 = 4400;
+    /// A `subscribe` with the id of a subscription still running.
+    pub const DUPLICATE_ID: u16 = 4409;
 }
 
 /// How long a socket may stay open without a successful `connection_init`.
@@ -336,9 +397,10 @@ fn read_failure(error: &std::io::Error, max_message: usize) -> Option<Message> {
 
 /// Runs the protocol on one socket (async-graphql's state machine) and adds what it lacks: the
 /// close codes of `graphql-transport-ws` for a refused or missing `connection_init` (4403, 4408),
-/// a `connection_init` over the tenant's rate (4429) and a subscription before it (4401), closing
-/// the socket (4401) when the access token it authenticated with expires, and closing it with
-/// 1009 when the client sends a message over the size limit.
+/// a `connection_init` over the tenant's rate (4429) and a subscription before it (4401), a
+/// message that is not the protocol's (4400) and a subscription id already running (4409),
+/// closing the socket (4401) when the access token it authenticated with expires, and closing it
+/// with 1009 when the client sends a message over the size limit.
 async fn serve(
     socket: WebSocketStream,
     schema: CdpSchema,
@@ -350,6 +412,7 @@ async fn serve(
     let (mut sink, stream) = socket.split();
     // The first read error ends the input; the loop below says why in the close frame.
     let read_error: Arc<Mutex<Option<Message>>> = Arc::default();
+    let running = SharedRunning::default();
     let input = stream
         .take_while({
             let read_error = read_error.clone();
@@ -368,6 +431,10 @@ async fn serve(
                     .filter(|message| message.is_text() || message.is_binary())
                     .map(Message::into_bytes),
             )
+        })
+        .take_while({
+            let running = running.clone();
+            move |bytes| futures::future::ready(lock(&running).admit(bytes))
         });
     let handshake = SharedHandshake::default();
     let on_init = {
@@ -391,6 +458,7 @@ async fn serve(
         };
         let outgoing = match next {
             Some(WsMessage::Text(text)) => {
+                lock(&running).completed_by_server(&text);
                 if !acked && is_ack(&text) {
                     acked = true;
                     deadline_code = close::UNAUTHORIZED;
@@ -413,6 +481,10 @@ async fn serve(
                     None if !acked && code == 1011 => {
                         close_frame(close::UNAUTHORIZED, "Unauthorized")
                     }
+                    None if code == close::PROTOCOL_ERROR => close_frame(
+                        close::BAD_MESSAGE,
+                        &format!("Invalid message received: {reason}"),
+                    ),
                     None => close_frame(code, &reason),
                 };
                 let _ = sink.send(frame).await;
@@ -423,11 +495,15 @@ async fn serve(
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .take();
-                // The legacy protocol ends the stream after its `connection_error` message.
+                // The legacy protocol ends the stream after its `connection_error` message; the
+                // client's input ends early after a protocol violation.
                 let refused = lock(&handshake).refused.clone();
-                let frame = failed.or_else(|| {
-                    refused.map(|(refused_code, refused)| close_frame(refused_code, &refused))
-                });
+                let violation = lock(&running).violation.take();
+                let frame = failed
+                    .or_else(|| {
+                        refused.map(|(refused_code, refused)| close_frame(refused_code, &refused))
+                    })
+                    .or_else(|| violation.map(|(code, reason)| close_frame(code, &reason)));
                 if let Some(frame) = frame {
                     let _ = sink.send(frame).await;
                 }
@@ -443,4 +519,36 @@ async fn serve(
 fn is_ack(text: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(text)
         .is_ok_and(|message| message["type"] == "connection_ack")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_running_subscription_id_cannot_come_again_until_it_completes() {
+        let mut running = RunningSubscriptions::default();
+        let subscribe =
+            br#"{"type":"subscribe","id":"1","payload":{"query":"subscription { x }"}}"#;
+        assert!(running.admit(subscribe));
+        assert!(running.admit(br#"{"type":"subscribe","id":"2","payload":{}}"#));
+        assert!(!running.admit(subscribe));
+        assert_eq!(
+            running.violation,
+            Some((
+                close::DUPLICATE_ID,
+                "Subscriber for 1 already exists".to_owned()
+            ))
+        );
+
+        let mut running = RunningSubscriptions::default();
+        assert!(running.admit(subscribe));
+        assert!(running.admit(br#"{"type":"complete","id":"1"}"#));
+        assert!(running.admit(subscribe));
+        running.completed_by_server(r#"{"type":"complete","id":"1"}"#);
+        assert!(running.admit(subscribe));
+        // What does not parse is left to the protocol's state machine.
+        assert!(running.admit(b"{not json"));
+        assert_eq!(running.violation, None);
+    }
 }
