@@ -13,6 +13,7 @@ mod import;
 mod isolation;
 mod outbox;
 mod privacy;
+mod security;
 mod segments;
 mod subscriptions;
 mod support;
