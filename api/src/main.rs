@@ -338,7 +338,7 @@ async fn main() -> anyhow::Result<()> {
             if summary.unsaved_key_rows > 0 {
                 eprintln!(
                     "warning: the tenant's {} key rows were not saved (no --keys-out); restored \
-                     into another database, its encrypted fields cannot be read",
+                     into another database, its personal data cannot be read",
                     summary.unsaved_key_rows
                 );
             }

@@ -42,9 +42,10 @@ pub const FORMAT: &str = "cdp-tenant-backup";
 /// The version of the file format this code writes and reads.
 pub const VERSION: u64 = 1;
 
-/// The tenant's data key, wrapped by the master key.
+/// The tenant's key, wrapped by the master key (ADR 0007).
 pub const TENANT_KEYS: &str = "tenant_keys";
-/// One wrapped data key per profile; deleting one makes that profile's encrypted data unreadable.
+/// One data key per profile, wrapped under the tenant's key; erasure deletes it, which makes that
+/// profile's sealed data unreadable everywhere.
 pub const PROFILE_KEYS: &str = "profile_keys";
 /// Tables of key material: never in the data file, only in the key file (`--keys-out`), so that
 /// erasing a person (deleting their key) also makes every older data file unreadable for them.
