@@ -346,12 +346,17 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Restore { tenant, file, keys } => {
             let state = api::startup::state(config, Arc::new(SystemClock)).await?;
+            let operator = format!(
+                "operator:{}",
+                std::env::var("USER").unwrap_or_else(|_| "cli".to_owned())
+            );
             let summary = api::cli::restore(
                 &state,
                 backup::RestoreCommand {
                     tenant_slug: &tenant,
                     file: &file,
                     keys: keys.as_deref(),
+                    actor: &operator,
                 },
                 std::io::IsTerminal::is_terminal(&std::io::stderr()),
             )

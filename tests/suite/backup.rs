@@ -470,6 +470,7 @@ async fn restore(
             tenant_slug: slug,
             file,
             keys,
+            actor: "operator:test",
         },
         &NoProgress,
     )
@@ -606,6 +607,7 @@ async fn a_tenant_moved_from_sqlite_to_postgresql_and_back_answers_every_query_a
                 tenant_slug: &source.slug,
                 file: &file,
                 keys: Some(&keys),
+                actor: "operator:test",
             },
             &recorder,
         )
@@ -730,6 +732,16 @@ async fn a_restore_replaces_the_tenants_data_and_leaves_other_tenants_alone() {
             .unwrap();
         assert!(!summary.created_tenant);
         assert!(summary.deleted_rows > summary.rows, "{summary:?}");
+        let audit = shop
+            .gql(
+                "{ auditLog(first: 1) { edges { node { actor action } } } }",
+                json!({}),
+            )
+            .await;
+        assert_eq!(
+            audit["auditLog"]["edges"][0]["node"],
+            json!({"actor": "operator:test", "action": "tenant.restored"})
+        );
         assert_same(
             &view(&shop.server, &token).await,
             &before,
@@ -920,6 +932,7 @@ async fn a_damaged_or_foreign_file_is_refused_with_a_clear_error_and_changes_not
                 tenant_slug: &shop.slug,
                 file: &damaged("letter.jsonl"),
                 keys: None,
+                actor: "operator:test",
             },
             false,
         )

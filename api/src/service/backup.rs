@@ -1012,6 +1012,8 @@ pub struct RestoreCommand<'a> {
     pub file: &'a Path,
     /// The key file written with the data file (`--keys-out`), if any.
     pub keys: Option<&'a Path>,
+    /// Who restores, for the audit log (`operator:$USER` at the command line).
+    pub actor: &'a str,
 }
 
 /// What a restore did.
@@ -1355,7 +1357,7 @@ pub async fn restore(
         state,
         &tx,
         &RequestMeta::default(),
-        "cdp restore",
+        command.actor,
         "tenant.restored",
         Some(&format!("tenant:{}", tenant.id)),
         Some(json!({
