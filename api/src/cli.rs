@@ -1,4 +1,5 @@
-//! Operator commands of the `cdp` binary that do more than call one use case: `cdp import`.
+//! Operator commands of the `cdp` binary that do more than call one use case: `cdp import`,
+//! and the progress bars of `cdp backup` and `cdp restore`.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -7,6 +8,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
+use crate::service::backup;
 use crate::service::ingest::{self, Batch, Outcome, Source};
 use crate::service::{settings, AppState};
 use crate::store;
@@ -157,4 +159,78 @@ pub async fn import(
     }
     progress.finish_and_clear();
     Ok(summary)
+}
+
+/// A progress bar on standard error for the phases of a backup or a restore.
+struct Bar {
+    bar: ProgressBar,
+}
+
+impl Bar {
+    fn new(show: bool) -> Bar {
+        Bar {
+            bar: if show {
+                ProgressBar::new(0)
+            } else {
+                ProgressBar::hidden()
+            },
+        }
+    }
+}
+
+impl backup::Progress for Bar {
+    fn start(&self, phase: backup::Phase, total: u64) {
+        let (template, message) = match phase {
+            backup::Phase::Reading => (
+                "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} rows ({eta}) {msg}",
+                "reading",
+            ),
+            backup::Phase::Verifying => (
+                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta}) {msg}",
+                "verifying",
+            ),
+            backup::Phase::Restoring => (
+                "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} rows ({eta}) {msg}",
+                "restoring",
+            ),
+        };
+        self.bar.set_style(
+            ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        self.bar.set_length(total);
+        self.bar.set_position(0);
+        self.bar.set_message(message);
+    }
+
+    fn set(&self, done: u64) {
+        self.bar.set_position(done);
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// `cdp backup`: writes the tenant's data file (and key file) with a progress bar.
+pub async fn backup(
+    state: &AppState,
+    command: backup::BackupCommand<'_>,
+    show_progress: bool,
+) -> anyhow::Result<backup::BackupSummary> {
+    let bar = Bar::new(show_progress);
+    let result = backup::backup(state, command, &bar).await;
+    bar.bar.finish_and_clear();
+    Ok(result?)
+}
+
+/// `cdp restore`: checks the files, then replaces the tenant's data, with a progress bar.
+pub async fn restore(
+    state: &AppState,
+    command: backup::RestoreCommand<'_>,
+    show_progress: bool,
+) -> anyhow::Result<backup::RestoreSummary> {
+    let bar = Bar::new(show_progress);
+    let result = backup::restore(state, command, &bar).await;
+    bar.bar.finish_and_clear();
+    Ok(result?)
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use api::config::Config;
-use api::service::{accounts, privacy, RequestMeta, SystemClock};
+use api::service::{accounts, backup, privacy, RequestMeta, SystemClock};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -48,6 +48,32 @@ enum Command {
         /// Where to write rejected lines (default: FILE.rejected.jsonl).
         #[arg(long)]
         rejected: Option<std::path::PathBuf>,
+    },
+    /// Write a tenant's data to a portable file (JSON lines with a checksum; gzipped when the
+    /// name ends in .gz) that `cdp restore` loads into SQLite or PostgreSQL.
+    Backup {
+        /// The tenant's slug.
+        #[arg(long)]
+        tenant: String,
+        /// The data file to write.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Also write the tenant's encryption keys to this separate file (keep it apart from the
+        /// data file).
+        #[arg(long = "keys-out")]
+        keys_out: Option<std::path::PathBuf>,
+    },
+    /// Replace a tenant's data with a backup's, creating the tenant if needed. The files are
+    /// checked completely first; a damaged file changes nothing.
+    Restore {
+        /// The tenant's slug, which must be the backup's.
+        #[arg(long)]
+        tenant: String,
+        /// The data file written by `cdp backup`.
+        file: std::path::PathBuf,
+        /// The key file written with it (`--keys-out`).
+        #[arg(long)]
+        keys: Option<std::path::PathBuf>,
     },
 }
 
@@ -277,6 +303,81 @@ async fn main() -> anyhow::Result<()> {
                 rotation.rewrapped,
                 state.vault.master_id()
             );
+            Ok(())
+        }
+        Command::Backup {
+            tenant,
+            out,
+            keys_out,
+        } => {
+            let state = api::startup::state(config, Arc::new(SystemClock)).await?;
+            let summary = api::cli::backup(
+                &state,
+                backup::BackupCommand {
+                    tenant_slug: &tenant,
+                    out: &out,
+                    keys_out: keys_out.as_deref(),
+                },
+                std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            )
+            .await?;
+            println!(
+                "{} rows of {} tables written to {} (sha256 {})",
+                summary.rows,
+                summary.tables.len(),
+                out.display(),
+                summary.sha256
+            );
+            if let Some(keys_out) = &keys_out {
+                println!(
+                    "{} key rows written to {}",
+                    summary.key_rows,
+                    keys_out.display()
+                );
+            }
+            if summary.unsaved_key_rows > 0 {
+                eprintln!(
+                    "warning: the tenant's {} key rows were not saved (no --keys-out); restored \
+                     into another database, its personal data cannot be read",
+                    summary.unsaved_key_rows
+                );
+            }
+            Ok(())
+        }
+        Command::Restore { tenant, file, keys } => {
+            let state = api::startup::state(config, Arc::new(SystemClock)).await?;
+            let operator = format!(
+                "operator:{}",
+                std::env::var("USER").unwrap_or_else(|_| "cli".to_owned())
+            );
+            let summary = api::cli::restore(
+                &state,
+                backup::RestoreCommand {
+                    tenant_slug: &tenant,
+                    file: &file,
+                    keys: keys.as_deref(),
+                    actor: &operator,
+                },
+                std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            )
+            .await?;
+            println!(
+                "tenant {tenant} ({}) {}: {} rows restored, {} rows of erased profiles left out",
+                summary.tenant_id,
+                if summary.created_tenant {
+                    "created"
+                } else {
+                    "replaced"
+                },
+                summary.rows,
+                summary.skipped_erased
+            );
+            if keys.is_some() {
+                println!(
+                    "{} key rows added, {} left out (already present, or their profile is not restored)",
+                    summary.key_rows_inserted, summary.key_rows_left_out
+                );
+            }
             Ok(())
         }
         Command::Schema => Ok(()),

@@ -5,6 +5,7 @@
 mod abuse;
 mod accounts;
 mod analytics;
+mod backup;
 mod bad_input;
 mod campaigns;
 mod collect;

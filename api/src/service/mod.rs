@@ -9,6 +9,7 @@ pub mod accounts;
 pub mod analytics;
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod bus;
 pub mod campaigns;
 pub mod emails;

@@ -11,6 +11,7 @@ mod entity;
 pub mod analytics;
 pub mod api_keys;
 pub mod audit;
+pub mod backup;
 pub mod campaigns;
 pub mod conditions;
 pub mod events;
