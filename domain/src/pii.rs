@@ -21,7 +21,7 @@ pub const BLIND_FIELD: &str = "bi";
 pub const CIPHER_FIELD: &str = "ct";
 
 /// Trait and property keys that hold personal data in every tenant. A tenant adds its own.
-pub const DEFAULT_KEYS: [&str; 12] = [
+pub const DEFAULT_KEYS: [&str; 13] = [
     "email",
     "phone",
     "name",
@@ -34,6 +34,8 @@ pub const DEFAULT_KEYS: [&str; 12] = [
     "username",
     "ip",
     "ssn",
+    // The earlier identifier an alias message names (stored in the alias event's properties).
+    "previousId",
 ];
 
 /// Operators a condition may apply to a personal value: those a blind index can answer.

@@ -282,6 +282,7 @@ async fn no_email_phone_name_or_ip_is_stored_in_plain_text_anywhere_in_the_datab
             FIRST_NAME,
             IP,
             "anon-ada-1",
+            "anon-ada-3",
             "u-ada",
         ] {
             assert!(

@@ -152,6 +152,9 @@ async fn record_failure(
     error: &str,
     permanent: bool,
 ) -> anyhow::Result<()> {
+    // Mail servers repeat the recipient in their answers: masked before it is stored or logged.
+    let masked = domain::pii::mask_free_text(error);
+    let error = masked.as_str();
     let retry_after = backoff(state.config.outbox_backoff_base, row.attempts);
     let tx = state.store.begin_system("outbox: record delivery").await?;
     let status = store::outbox::mark_attempt_failed(

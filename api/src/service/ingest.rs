@@ -112,7 +112,6 @@ pub async fn ingest_with(
     settings: &settings::IngestSettings,
 ) -> ServiceResult<IngestReport> {
     let options = settings.parse_options();
-    let pii = privacy::settings_cached(state, tenant_id).await?.pii_keys();
     let parsed: Vec<Result<Message, Rejection>> = batch
         .messages
         .iter()
@@ -131,7 +130,6 @@ pub async fn ingest_with(
         batch,
         parsed,
         rules: settings.identity_rules.clone(),
-        pii,
         reply: None,
     };
     let grouped = state
@@ -174,8 +172,6 @@ pub struct Pending {
     batch: Batch,
     parsed: Vec<Result<Message, Rejection>>,
     rules: domain::identity::IdentityRules,
-    /// The tenant's personal-data keys, sealed before anything is stored.
-    pii: domain::pii::PiiKeys,
     reply: Option<oneshot::Sender<ServiceResult<IngestReport>>>,
 }
 
@@ -324,7 +320,6 @@ async fn commit_group(
         })
         .collect();
     let rules = &group[0].rules;
-    let pii = &group[0].pii;
     let mut attempt = 0;
     loop {
         let tx = match state.store.begin(tenant_id).await {
@@ -336,7 +331,7 @@ async fn commit_group(
             }
             Err(error) => return Err(error.into()),
         };
-        match apply(state, &tx, rules, pii, &jobs).await {
+        match apply(state, &tx, rules, &jobs).await {
             Ok((reports, notices)) => match tx.commit().await {
                 Ok(()) => {
                     state.bus.publish(notices);
@@ -577,10 +572,17 @@ async fn apply<'a>(
     state: &AppState,
     tx: &TenantTx,
     rules: &'a domain::identity::IdentityRules,
-    pii: &domain::pii::PiiKeys,
     jobs: &[Job<'a>],
 ) -> Result<(Vec<IngestReport>, Vec<super::bus::Notice>), StoreError> {
     let now = state.now();
+    // The tenant's personal keys, read under the segment barrier (shared; a change of the keys
+    // takes it exclusively while it re-seals), so that a batch seals exactly what the committed
+    // settings say, never with keys that changed meanwhile.
+    store::segments::barrier(tx, state.store.backend(), false).await?;
+    let pii = &privacy::settings_in(tx)
+        .await
+        .map_err(|error| StoreError::corrupt(format!("the privacy settings: {error}")))?
+        .pii_keys();
     let all_parsed = || jobs.iter().flat_map(|job| job.parsed.iter());
     let tenant_keys = state.vault.tenant(tx).await?;
     let mut work = Work {
@@ -629,10 +631,6 @@ async fn apply<'a>(
         }
     }
     let keys: Vec<(String, String)> = keys.into_iter().collect();
-    work.suppressed = store::keys::suppressed(tx, &keys)
-        .await?
-        .into_iter()
-        .collect();
     let backend = state.store.backend();
     let mut owned = store::ingest::identities_by_keys(tx, backend, &keys).await?;
     // Identifiers nobody holds yet are locked (on PostgreSQL), so that two batches carrying the
@@ -665,6 +663,11 @@ async fn apply<'a>(
         .collect();
     let owner_list: Vec<Uuid> = owner_ids.iter().copied().collect();
     work.sealer = state.vault.sealer(tx, pii.clone(), &owner_list).await?;
+    // Read after the profiles' locks: an erasure that held them has committed its suppressions.
+    work.suppressed = store::keys::suppressed(tx, &keys)
+        .await?
+        .into_iter()
+        .collect();
     let mut identities_by_profile: HashMap<Uuid, BTreeSet<IdentityKey>> = HashMap::new();
     for (profile_id, kind, lookup) in store::ingest::identity_keys_of(tx, &owner_list).await? {
         identities_by_profile
@@ -1025,10 +1028,21 @@ fn apply_message(
     }
     // A message that names an erased person whose identifiers were suppressed is refused whole:
     // storing its traits under another identifier would bring the person back.
-    if keys.iter().any(|key| {
-        work.suppressed
-            .contains(&(key.kind.clone(), key.value.clone()))
-    }) {
+    // An alias's previous id is checked under both kinds: once its person is erased, nobody
+    // knows it as a user id any more.
+    let previous_suppressed = message.previous_id.as_deref().is_some_and(|previous| {
+        let lookup = work.tenant_keys.identity_lookup(previous);
+        [USER_ID, ANONYMOUS_ID].iter().any(|kind| {
+            work.suppressed
+                .contains(&((*kind).to_owned(), lookup.clone()))
+        })
+    });
+    if previous_suppressed
+        || keys.iter().any(|key| {
+            work.suppressed
+                .contains(&(key.kind.clone(), key.value.clone()))
+        })
+    {
         return Err(Rejection {
             code: "suppressed_identity",
             detail: "an identifier of the message belongs to an erased person and is suppressed"

@@ -2,8 +2,6 @@
 //! event retention), the consent history, export of everything stored about a person, and
 //! verifiable erasure.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use domain::pii::PiiKeys;
 use domain::Permission;
@@ -13,7 +11,6 @@ use uuid::Uuid;
 
 use super::auth::require_permission;
 use super::{audit, AppState, RequestMeta, ServiceError, ServiceResult};
-use crate::auth::cache::TtlCache;
 use crate::auth::Principal;
 use crate::store::{self, TenantTx};
 
@@ -104,27 +101,6 @@ pub async fn settings_in(tx: &TenantTx) -> ServiceResult<PrivacySettings> {
         .cloned()
         .and_then(|value| serde_json::from_value(value).ok())
         .unwrap_or_default())
-}
-
-/// How long the write path reuses a tenant's privacy settings without reading them again.
-const CACHE_TIME_TO_LIVE: Duration = Duration::from_secs(5);
-
-static CACHE: TtlCache<Uuid, PrivacySettings> = TtlCache::new(CACHE_TIME_TO_LIVE);
-
-/// The privacy settings for the write path: from a short-lived cache.
-pub async fn settings_cached(
-    state: &AppState,
-    tenant_id: domain::TenantId,
-) -> ServiceResult<PrivacySettings> {
-    if let Some(settings) = CACHE.get(&tenant_id.as_uuid()) {
-        return Ok(settings);
-    }
-    let ticket = CACHE.ticket();
-    let tx = state.store.read(tenant_id).await?;
-    let settings = settings_in(&tx).await?;
-    drop(tx);
-    CACHE.insert(ticket, tenant_id.as_uuid(), settings.clone());
-    Ok(settings)
 }
 
 pub async fn get_settings(
@@ -230,7 +206,6 @@ pub async fn set_settings(
     )
     .await?;
     tx.commit().await?;
-    CACHE.invalidate(Duration::ZERO);
     for id in rebuild {
         super::segments::build(state, principal.tenant_id, id).await?;
     }
@@ -500,14 +475,38 @@ pub async fn erase_as(
             None => Err(ServiceError::NotFound("profile")),
         };
     };
-    let mut ids = store::profiles::merged_ids(&tx, profile.id).await?;
-    ids.push(profile.id);
-    ids.sort();
-    ids.dedup();
-    let id_set: std::collections::BTreeSet<Uuid> = ids.iter().copied().collect();
     // Locked like a write batch locks them, so that a concurrent batch for this person either
-    // finishes first or finds the person gone.
-    store::profiles::load(&tx, backend, &id_set, true).await?;
+    // finishes first or finds the person gone. A batch that committed while we waited may have
+    // merged another profile into the person, or the person into another: resolve again under
+    // the locks until nothing moves.
+    let mut profile = profile;
+    let mut ids: Vec<Uuid>;
+    let mut rounds = 0;
+    loop {
+        ids = store::profiles::merged_ids(&tx, profile.id).await?;
+        ids.push(profile.id);
+        ids.sort();
+        ids.dedup();
+        let id_set: std::collections::BTreeSet<Uuid> = ids.iter().copied().collect();
+        store::profiles::load(&tx, backend, &id_set, true).await?;
+        let Some(now_resolved) = store::profiles::get_resolved(&tx, profile.id).await? else {
+            return Err(ServiceError::NotFound("profile"));
+        };
+        let mut again = store::profiles::merged_ids(&tx, now_resolved.id).await?;
+        again.push(now_resolved.id);
+        again.sort();
+        again.dedup();
+        if again == ids {
+            break;
+        }
+        rounds += 1;
+        if rounds > 8 {
+            return Err(ServiceError::Conflict(
+                "the person keeps changing under concurrent writes; try again".to_owned(),
+            ));
+        }
+        profile = now_resolved;
+    }
     let mut identifiers_suppressed = 0;
     if suppress {
         let keys: Vec<(String, String)> = store::profiles::identities_of(&tx, &ids)
@@ -686,6 +685,17 @@ pub async fn export_as(
             "eventCount": row.event_count,
             "createdAt": time(row.created_at),
             "stage": states.first().and_then(|state| state.stage.clone()),
+            "stageSince": states.first().and_then(|state| state.stage_since).map(time),
+            // What profiling computed about the person (docs/understand.md).
+            "computed": states.first().map(|state| json!({
+                "totalRevenue": state.total_revenue,
+                "orderCount": state.order_count,
+                "meanGapSeconds": state.mean_gap_seconds,
+                "rfmRecency": state.rfm_recency,
+                "rfmFrequency": state.rfm_frequency,
+                "rfmMonetary": state.rfm_monetary,
+                "churnRisk": state.churn_risk,
+            })),
         })),
         "mergedProfiles": profiles.iter().filter(|row| row.id != profile.id).map(|row| json!({
             "id": row.id,

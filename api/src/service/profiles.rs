@@ -548,7 +548,7 @@ pub async fn events(
         state,
         &tx,
         masks(principal),
-        rows.iter().map(|row| &row.properties),
+        rows.iter().flat_map(|row| [&row.properties, &row.context]),
         [],
     )
     .await?;
@@ -575,7 +575,14 @@ pub async fn event_by_message_id(
     let Some(row) = store::events::by_message_id(&tx, message_id).await? else {
         return Ok(None);
     };
-    let reveal = Reveal::load(state, &tx, masks(principal), [&row.properties], []).await?;
+    let reveal = Reveal::load(
+        state,
+        &tx,
+        masks(principal),
+        [&row.properties, &row.context],
+        [],
+    )
+    .await?;
     Ok(Some(event_from_row(row, &reveal)))
 }
 

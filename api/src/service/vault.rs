@@ -126,17 +126,23 @@ impl Vault {
         if let Some(keys) = self.cached(tenant_id) {
             return Ok(keys);
         }
-        let row = match store::keys::tenant_key(tx).await? {
-            Some(row) => row,
+        let (row, created) = match store::keys::tenant_key(tx).await? {
+            Some(row) => (row, false),
             None => {
                 self.create_tenant_key(tx, chrono::Utc::now()).await?;
-                store::keys::tenant_key(tx)
+                let row = store::keys::tenant_key(tx)
                     .await?
-                    .ok_or_else(|| StoreError::corrupt("the tenant key was not stored"))?
+                    .ok_or_else(|| StoreError::corrupt("the tenant key was not stored"))?;
+                (row, true)
             }
         };
         let key = self.unwrap_tenant_key(tenant_id, &row)?;
         let keys = Arc::new(TenantKeys::from_key(tenant_id.as_uuid(), &key));
+        if created {
+            // Not cached until it is committed: if this transaction rolls back, the next one
+            // creates (and stores) the key afresh instead of sealing under a key nobody stored.
+            return Ok(keys);
+        }
         self.tenants
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -378,7 +384,9 @@ impl Sealer {
     ) -> Map<String, Value> {
         let mut out = Map::with_capacity(object.len());
         for (key, value) in object {
-            if !self.pii.contains(key) || value.is_null() || pii::is_sealed(value) {
+            // An incoming value shaped like a sealed one is sealed all the same: only this code
+            // decides what is sealed.
+            if !self.pii.contains(key) || value.is_null() {
                 out.insert(key.clone(), value.clone());
                 continue;
             }
