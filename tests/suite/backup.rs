@@ -957,28 +957,6 @@ async fn a_damaged_or_foreign_file_is_refused_with_a_clear_error_and_changes_not
     }
 }
 
-/// The tenant tables of a database, found by the test itself in the catalog.
-async fn catalog_tenant_tables(db: &TestDb) -> BTreeSet<String> {
-    let owner = Database::connect(&db.owner_url).await.unwrap();
-    let sql = match db.backend {
-        Backend::Sqlite => {
-            "SELECT m.name FROM sqlite_master m WHERE m.type = 'table'
-             AND EXISTS (SELECT 1 FROM pragma_table_info(m.name) p WHERE p.name = 'tenant_id')"
-        }
-        Backend::Postgres => {
-            "SELECT table_name::text FROM information_schema.columns
-             WHERE table_schema = 'public' AND column_name = 'tenant_id'"
-        }
-    };
-    let rows = owner
-        .query_all_raw(Statement::from_string(owner.get_database_backend(), sql))
-        .await
-        .unwrap();
-    rows.into_iter()
-        .map(|row| row.try_get_by_index::<String>(0).unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn every_tenant_table_is_backed_up_or_left_out_with_a_reason() {
     for backend in backends() {
@@ -999,7 +977,7 @@ async fn every_tenant_table_is_backed_up_or_left_out_with_a_reason() {
         )
         .await;
 
-        let catalog = catalog_tenant_tables(&db).await;
+        let catalog = tables_with_column(&db, "tenant_id").await;
         assert!(catalog.contains("profiles") && catalog.contains("events"));
         let in_data: BTreeSet<String> = header_tables(&data).into_iter().collect();
         let in_keys: BTreeSet<String> = header_tables(&keys).into_iter().collect();
@@ -1115,7 +1093,7 @@ async fn rows_of_profile(
     profile: Uuid,
 ) -> BTreeMap<String, i64> {
     let mut found = BTreeMap::new();
-    for table in catalog_tenant_tables(db).await {
+    for table in tables_with_column(db, "tenant_id").await {
         if table == "erasures" {
             continue;
         }

@@ -1044,21 +1044,7 @@ async fn erasure_knows_every_table_that_holds_rows_of_a_person() {
         .migrate()
         .await
         .unwrap();
-        let connection = Database::connect(&db.owner_url).await.unwrap();
-        let sql = match backend {
-            Backend::Sqlite => "SELECT m.name FROM sqlite_master m JOIN pragma_table_info(m.name) c WHERE m.type = 'table' AND c.name = 'profile_id'",
-            Backend::Postgres => "SELECT table_name::text FROM information_schema.columns WHERE table_schema = 'public' AND column_name = 'profile_id'",
-        };
-        let tables: Vec<String> = connection
-            .query_all_raw(Statement::from_string(
-                connection.get_database_backend(),
-                sql.to_owned(),
-            ))
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| row.try_get_by_index::<String>(0).unwrap())
-            .collect();
+        let tables = tables_with_column(&db, "profile_id").await;
         assert!(tables.len() >= 10, "{tables:?}");
         for table in &tables {
             let erased = api::store::privacy::PERSON_TABLES.contains(&table.as_str());

@@ -769,13 +769,7 @@ impl Default for CampaignSettings {
 }
 
 async fn load_settings(tx: &TenantTx) -> StoreResult<CampaignSettings> {
-    let tenant = store::tenants::get(tx).await?;
-    Ok(tenant
-        .settings
-        .get("campaigns")
-        .cloned()
-        .and_then(|value| serde_json::from_value(value).ok())
-        .unwrap_or_default())
+    store::tenants::settings_section(tx, "campaigns").await
 }
 
 async fn daily_cap(tx: &TenantTx) -> StoreResult<i64> {
@@ -808,15 +802,9 @@ pub async fn update_settings(
         ));
     }
     let tx = state.store.begin(principal.tenant_id).await?;
-    let tenant = store::tenants::get(&tx).await?;
-    let mut document = tenant.settings.clone();
-    if !document.is_object() {
-        document = json!({});
-    }
     let value =
         serde_json::to_value(&settings).map_err(|error| ServiceError::Unexpected(error.into()))?;
-    document["campaigns"] = value.clone();
-    store::tenants::set_settings(&tx, document).await?;
+    store::tenants::set_settings_section(&tx, "campaigns", value.clone()).await?;
     audit::record(
         state,
         &tx,

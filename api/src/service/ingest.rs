@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::vault::{Sealer, TenantKeys};
+use super::vault::Sealer;
 use super::{privacy, settings, AppState, ServiceError, ServiceResult};
 use crate::store::ingest::{
     ConsentRow, EventRow, GroupRow, IdentityRow, LedgerRow, ProfileRow, WriteSet,
@@ -418,7 +418,6 @@ struct Work<'a> {
     tenant_id: Uuid,
     /// Seals personal data under the data key of the profile it lands on.
     sealer: Sealer,
-    tenant_keys: std::sync::Arc<TenantKeys>,
     /// Plain value of each identifier of the batch, by its blind index: sealed into the identity
     /// rows and the ledger, never stored as it is.
     displays: HashMap<String, String>,
@@ -588,7 +587,6 @@ async fn apply<'a>(
     let mut work = Work {
         tenant_id: tx.tenant_id().as_uuid(),
         sealer: state.vault.sealer(tx, pii.clone(), &[]).await?,
-        tenant_keys: tenant_keys.clone(),
         displays: HashMap::new(),
         suppressed: HashSet::new(),
         consent_changes: Vec::new(),
@@ -1010,14 +1008,14 @@ fn apply_message(
         .map(|identity| {
             IdentityKey::new(
                 identity.key.kind.clone(),
-                work.tenant_keys.identity_lookup(&identity.key.value),
+                work.sealer.tenant().identity_lookup(&identity.key.value),
             )
         })
         .collect();
     if let Some(previous) = &message.previous_id {
         if !domain::ingest::is_blocked_identity(previous, &[]) {
             // An alias names an earlier user id when one is known, else an anonymous id.
-            let lookup = work.tenant_keys.identity_lookup(previous);
+            let lookup = work.sealer.tenant().identity_lookup(previous);
             let kind = if known_user_ids.contains(&lookup) {
                 USER_ID
             } else {
@@ -1031,7 +1029,7 @@ fn apply_message(
     // An alias's previous id is checked under both kinds: once its person is erased, nobody
     // knows it as a user id any more.
     let previous_suppressed = message.previous_id.as_deref().is_some_and(|previous| {
-        let lookup = work.tenant_keys.identity_lookup(previous);
+        let lookup = work.sealer.tenant().identity_lookup(previous);
         [USER_ID, ANONYMOUS_ID].iter().any(|kind| {
             work.suppressed
                 .contains(&((*kind).to_owned(), lookup.clone()))
@@ -1216,7 +1214,7 @@ fn apply_message(
         .seal_json(profile_id, &Value::Object(message.context.clone()));
     let blind = |id: &Option<String>| {
         id.as_deref()
-            .map(|value| work.tenant_keys.identity_lookup(value))
+            .map(|value| work.sealer.tenant().identity_lookup(value))
     };
     let (user_id, anonymous_id) = (blind(&message.user_id), blind(&message.anonymous_id));
     let event_id = Uuid::now_v7();

@@ -94,13 +94,7 @@ pub async fn blinder(state: &AppState, tx: &TenantTx) -> ServiceResult<Blinder> 
 
 /// Reads the privacy settings in a transaction of the tenant.
 pub async fn settings_in(tx: &TenantTx) -> ServiceResult<PrivacySettings> {
-    let tenant = store::tenants::get(tx).await?;
-    Ok(tenant
-        .settings
-        .get("privacy")
-        .cloned()
-        .and_then(|value| serde_json::from_value(value).ok())
-        .unwrap_or_default())
+    Ok(store::tenants::settings_section(tx, "privacy").await?)
 }
 
 pub async fn get_settings(
@@ -186,15 +180,9 @@ pub async fn set_settings(
             .collect();
         reseal(state, &tx, &settings.pii_keys(), &changed).await?;
     }
-    let tenant = store::tenants::get(&tx).await?;
-    let mut document = tenant.settings.clone();
-    if !document.is_object() {
-        document = json!({});
-    }
     let value =
         serde_json::to_value(&settings).map_err(|error| ServiceError::Unexpected(error.into()))?;
-    document["privacy"] = value.clone();
-    store::tenants::set_settings(&tx, document).await?;
+    store::tenants::set_settings_section(&tx, "privacy", value.clone()).await?;
     audit::record(
         state,
         &tx,
@@ -620,9 +608,10 @@ pub async fn export_as(
     ids.push(profile.id);
     ids.sort();
     ids.dedup();
-    let profiles = store::privacy::profiles_by_ids(&tx, &ids).await?;
+    let profiles = store::profiles::get_many(&tx, &ids).await?;
     let identities = store::profiles::identities_of(&tx, &ids).await?;
-    let events = store::privacy::events_of(&tx, &ids).await?;
+    // A merge moves every event to the survivor: the live profile holds them all.
+    let events = store::events::all_of(&tx, profile.id).await?;
     let consents = store::profiles::consents_of(&tx, &ids).await?;
     let consent_changes = store::keys::consent_history_of(&tx, &ids).await?;
     let memberships = store::privacy::memberships_of(&tx, &ids).await?;

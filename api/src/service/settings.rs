@@ -8,7 +8,6 @@ use domain::identity::IdentityRules;
 use domain::ingest::ParseOptions;
 use domain::Permission;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use uuid::Uuid;
 
 use super::auth::require_permission;
@@ -58,13 +57,7 @@ impl IngestSettings {
 
 /// Reads the settings in a transaction of the tenant.
 pub async fn load_in(tx: &TenantTx) -> ServiceResult<IngestSettings> {
-    let tenant = store::tenants::get(tx).await?;
-    Ok(tenant
-        .settings
-        .get("ingest")
-        .cloned()
-        .and_then(|value| serde_json::from_value(value).ok())
-        .unwrap_or_default())
+    Ok(store::tenants::settings_section(tx, "ingest").await?)
 }
 
 pub async fn load(state: &AppState, tenant_id: domain::TenantId) -> ServiceResult<IngestSettings> {
@@ -148,15 +141,9 @@ pub async fn update(
         }
     }
     let tx = state.store.begin(principal.tenant_id).await?;
-    let tenant = store::tenants::get(&tx).await?;
-    let mut document = tenant.settings.clone();
-    if !document.is_object() {
-        document = json!({});
-    }
     let value =
         serde_json::to_value(&settings).map_err(|error| ServiceError::Unexpected(error.into()))?;
-    document["ingest"] = value.clone();
-    store::tenants::set_settings(&tx, document).await?;
+    store::tenants::set_settings_section(&tx, "ingest", value.clone()).await?;
     audit::record(
         state,
         &tx,

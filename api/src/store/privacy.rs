@@ -96,27 +96,6 @@ pub async fn erase(tx: &TenantTx, ids: &[Uuid]) -> StoreResult<Deleted> {
     Ok(deleted)
 }
 
-/// Every profile row with these ids, tombstones included.
-pub async fn profiles_by_ids(tx: &TenantTx, ids: &[Uuid]) -> StoreResult<Vec<profiles::Model>> {
-    Ok(profiles::Entity::find()
-        .filter(profiles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
-        .filter(profiles::Column::Id.is_in(ids.iter().copied()))
-        .order_by_asc(profiles::Column::Id)
-        .all(tx.conn())
-        .await?)
-}
-
-/// Every event of these profiles, oldest first.
-pub async fn events_of(tx: &TenantTx, ids: &[Uuid]) -> StoreResult<Vec<events::Model>> {
-    Ok(events::Entity::find()
-        .filter(events::Column::TenantId.eq(tx.tenant_id().as_uuid()))
-        .filter(events::Column::ProfileId.is_in(ids.iter().copied()))
-        .order_by_asc(events::Column::Timestamp)
-        .order_by_asc(events::Column::Id)
-        .all(tx.conn())
-        .await?)
-}
-
 /// The segments these profiles are members of: (segment id, segment name, since).
 pub async fn memberships_of(
     tx: &TenantTx,

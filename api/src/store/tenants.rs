@@ -51,6 +51,35 @@ pub async fn find_by_id(store: &Store, tenant_id: TenantId) -> StoreResult<Optio
         .await?)
 }
 
+/// One section of the tenant's settings document (`ingest`, `campaigns`, `privacy`), or its
+/// default when the section is absent or does not read as `T`.
+pub async fn settings_section<T: serde::de::DeserializeOwned + Default>(
+    tx: &TenantTx,
+    name: &str,
+) -> StoreResult<T> {
+    Ok(get(tx)
+        .await?
+        .settings
+        .get(name)
+        .cloned()
+        .and_then(|value| serde_json::from_value(value).ok())
+        .unwrap_or_default())
+}
+
+/// Replaces one section of the tenant's settings document, leaving the others as they are.
+pub async fn set_settings_section(
+    tx: &TenantTx,
+    name: &str,
+    value: serde_json::Value,
+) -> StoreResult<()> {
+    let mut document = get(tx).await?.settings;
+    if !document.is_object() {
+        document = serde_json::json!({});
+    }
+    document[name] = value;
+    set_settings(tx, document).await
+}
+
 /// Replaces the settings document of this transaction's tenant.
 pub async fn set_settings(tx: &TenantTx, settings: serde_json::Value) -> StoreResult<()> {
     tenants::Entity::update_many()

@@ -424,3 +424,30 @@ pub async fn data_quality(server: &TestServer, token: &str) -> Value {
         .await["dataQuality"]
         .clone()
 }
+
+/// The tables of a database that have a column of this name, read from the catalog as the
+/// owner (tests that check a list of tables against the schema).
+pub async fn tables_with_column(db: &TestDb, column: &str) -> std::collections::BTreeSet<String> {
+    let owner = Database::connect(&db.owner_url).await.unwrap();
+    let sql = match db.backend {
+        Backend::Sqlite => {
+            "SELECT m.name FROM sqlite_master m WHERE m.type = 'table'
+             AND EXISTS (SELECT 1 FROM pragma_table_info(m.name) p WHERE p.name = ?)"
+        }
+        Backend::Postgres => {
+            "SELECT table_name::text FROM information_schema.columns
+             WHERE table_schema = 'public' AND column_name = $1"
+        }
+    };
+    owner
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            owner.get_database_backend(),
+            sql,
+            [column.into()],
+        ))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| row.try_get_by_index::<String>(0).unwrap())
+        .collect()
+}
