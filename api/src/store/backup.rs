@@ -171,11 +171,7 @@ pub async fn begin_snapshot(store: &Store, tenant_id: TenantId) -> StoreResult<T
     };
     let tx = store.db.begin_with_options(options).await?;
     store.bind_tenant(&tx, tenant_id).await?;
-    Ok(TenantTx {
-        tx,
-        tenant_id,
-        origin: store.origin,
-    })
+    Ok(TenantTx::new(tx, tenant_id, store.origin))
 }
 
 fn db_backend(tx: &TenantTx) -> DbBackend {

@@ -221,11 +221,7 @@ impl Store {
             })
             .await?;
         self.bind_tenant(&tx, tenant_id).await?;
-        Ok(TenantTx {
-            tx,
-            tenant_id,
-            origin: self.origin,
-        })
+        Ok(TenantTx::new(tx, tenant_id, self.origin))
     }
 
     /// Opens a read-only transaction bound to one tenant.
@@ -244,11 +240,7 @@ impl Store {
             })
             .await?;
         self.bind_tenant(&tx, tenant_id).await?;
-        Ok(TenantTx {
-            tx,
-            tenant_id,
-            origin: self.origin,
-        })
+        Ok(TenantTx::new(tx, tenant_id, self.origin))
     }
 
     async fn bind_tenant(&self, tx: &DatabaseTransaction, tenant_id: TenantId) -> StoreResult<()> {
@@ -307,11 +299,42 @@ pub struct TenantTx {
     tx: DatabaseTransaction,
     tenant_id: TenantId,
     origin: uuid::Uuid,
+    /// The tenant's segment barrier this transaction holds (`segments::barrier`): held until the
+    /// transaction ends, so asking again for as much is a no-op.
+    barrier: std::sync::atomic::AtomicU8,
 }
 
+pub(crate) const BARRIER_NONE: u8 = 0;
+pub(crate) const BARRIER_SHARED: u8 = 1;
+pub(crate) const BARRIER_EXCLUSIVE: u8 = 2;
+
 impl TenantTx {
+    /// A transaction already bound to `tenant_id` (see `Store::bind_tenant`).
+    pub(crate) fn new(
+        tx: DatabaseTransaction,
+        tenant_id: TenantId,
+        origin: uuid::Uuid,
+    ) -> TenantTx {
+        TenantTx {
+            tx,
+            tenant_id,
+            origin,
+            barrier: std::sync::atomic::AtomicU8::new(BARRIER_NONE),
+        }
+    }
+
     pub fn tenant_id(&self) -> TenantId {
         self.tenant_id
+    }
+
+    /// The segment barrier this transaction holds: `BARRIER_NONE`, `_SHARED` or `_EXCLUSIVE`.
+    pub(crate) fn barrier_held(&self) -> u8 {
+        self.barrier.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn note_barrier(&self, level: u8) {
+        self.barrier
+            .fetch_max(level, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The origin of the store that opened this transaction (see [`Store::origin`]).

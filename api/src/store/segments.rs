@@ -361,6 +361,16 @@ pub async fn barrier(tx: &TenantTx, backend: Backend, exclusive: bool) -> StoreR
     if backend != Backend::Postgres {
         return Ok(());
     }
+    // Advisory transaction locks last until the end of the transaction: a write path that took
+    // the barrier early (ingestion, before reading the privacy settings) does not ask again.
+    let level = if exclusive {
+        super::BARRIER_EXCLUSIVE
+    } else {
+        super::BARRIER_SHARED
+    };
+    if tx.barrier_held() >= level {
+        return Ok(());
+    }
     let bytes = tx.tenant_id().as_uuid();
     let bytes = bytes.as_bytes();
     let key = i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
@@ -376,6 +386,7 @@ pub async fn barrier(tx: &TenantTx, backend: Backend, exclusive: bool) -> StoreR
             [BARRIER_CLASS.into(), key.into()],
         ))
         .await?;
+    tx.note_barrier(level);
     Ok(())
 }
 
