@@ -433,6 +433,7 @@ impl CampaignsSubscription {
                 let Notice::EmailDelivery {
                     delivery_id,
                     campaign_id: Some(campaign_id),
+                    status,
                     ..
                 } = &live.notice
                 else {
@@ -441,7 +442,7 @@ impl CampaignsSubscription {
                 if filter.is_some_and(|wanted| wanted != *campaign_id) {
                     return None;
                 }
-                campaigns::delivery(&state, Some(&principal), *delivery_id)
+                campaigns::announced_delivery(&state, Some(&principal), *delivery_id, status)
                     .await
                     .gql()
                     .transpose()

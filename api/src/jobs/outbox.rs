@@ -99,7 +99,7 @@ async fn deliver(state: &AppState, mailer: &Mailer, row: &OutboxRow) -> anyhow::
                 store::outbox::mark_suppressed(&tx, row, reason, state.now()).await?;
                 tx.commit().await?;
                 tracing::info!(email_id = %row.id, tenant_id = %row.tenant_id, reason, "email suppressed");
-                publish(state, row).await;
+                publish(state, row, store::outbox::SUPPRESSED).await;
                 return Ok(());
             }
             Ok(Prepared::Fail(reason)) => {
@@ -138,7 +138,7 @@ async fn deliver(state: &AppState, mailer: &Mailer, row: &OutboxRow) -> anyhow::
             store::outbox::mark_sent(&tx, row, state.now()).await?;
             tx.commit().await?;
             tracing::info!(email_id = %row.id, tenant_id = %row.tenant_id, kind = %row.kind, "email sent");
-            publish(state, row).await;
+            publish(state, row, store::outbox::SENT).await;
         }
         Err(error) => record_failure(state, row, &error.message, error.permanent).await?,
     }
@@ -169,7 +169,7 @@ async fn record_failure(
     tx.commit().await?;
     tracing::warn!(email_id = %row.id, tenant_id = %row.tenant_id, attempts = row.attempts, status, error = %error, "email not sent");
     if status == store::outbox::FAILED {
-        publish(state, row).await;
+        publish(state, row, store::outbox::FAILED).await;
     }
     Ok(())
 }
@@ -177,7 +177,7 @@ async fn record_failure(
 /// Tells subscribers, after the commit, that a campaign email changed status: this process's on
 /// the bus, other processes' through the fan-out (PostgreSQL), in a small tenant transaction of
 /// its own. A failure to announce is logged; the delivery row stays the durable record.
-async fn publish(state: &AppState, row: &OutboxRow) {
+async fn publish(state: &AppState, row: &OutboxRow, status: &'static str) {
     if row.campaign_id.is_none() {
         return;
     }
@@ -185,6 +185,7 @@ async fn publish(state: &AppState, row: &OutboxRow) {
         tenant_id: TenantId(row.tenant_id),
         delivery_id: row.id,
         campaign_id: row.campaign_id,
+        status,
     };
     let backend = state.store.backend();
     if backend == store::Backend::Postgres {

@@ -56,11 +56,13 @@ pub enum Notice {
         profile_id: Uuid,
         name: Option<String>,
     },
-    /// A queued email changed status (details are read by id).
+    /// A queued email changed status (details are read by id; the status is the one this
+    /// notice announces, which the row may already have left when a subscriber reads it).
     EmailDelivery {
         tenant_id: TenantId,
         delivery_id: Uuid,
         campaign_id: Option<Uuid>,
+        status: &'static str,
     },
     SegmentMembership {
         tenant_id: TenantId,

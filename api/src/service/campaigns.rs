@@ -557,10 +557,13 @@ pub async fn set_status(
                     BROADCAST_NOTICES,
                 )
                 .await?;
-                notices.extend(ids.into_iter().map(|delivery_id| Notice::EmailDelivery {
-                    tenant_id: principal.tenant_id,
-                    delivery_id,
-                    campaign_id: Some(id),
+                notices.extend(ids.into_iter().map(|(delivery_id, status)| {
+                    Notice::EmailDelivery {
+                        tenant_id: principal.tenant_id,
+                        delivery_id,
+                        campaign_id: Some(id),
+                        status,
+                    }
                 }));
             }
         }
@@ -658,6 +661,24 @@ pub async fn delivery(
     Ok(Some(delivery_from_row(row, &reveal)))
 }
 
+/// A campaign email as a notice announced it: the row read now, with the announced status (the
+/// outbox worker may have sent it since a QUEUED notice was published; a subscriber still sees
+/// each status in order). `sentAt` belongs to the SENT status only.
+pub async fn announced_delivery(
+    state: &AppState,
+    principal: Option<&Principal>,
+    id: Uuid,
+    status: &'static str,
+) -> ServiceResult<Option<Delivery>> {
+    Ok(delivery(state, principal, id).await?.map(|mut delivery| {
+        delivery.status = status;
+        if status != crate::store::outbox::SENT {
+            delivery.sent_at = None;
+        }
+        delivery
+    }))
+}
+
 // ---------------- triggers ----------------
 
 /// Queues the campaign emails that `notices` trigger, in the caller's transaction: a segment
@@ -740,11 +761,15 @@ pub async fn trigger(
                 0,
             )
             .await?;
-            out.extend(ids.into_iter().map(|delivery_id| Notice::EmailDelivery {
-                tenant_id,
-                delivery_id,
-                campaign_id: Some(campaign.id),
-            }));
+            out.extend(
+                ids.into_iter()
+                    .map(|(delivery_id, status)| Notice::EmailDelivery {
+                        tenant_id,
+                        delivery_id,
+                        campaign_id: Some(campaign.id),
+                        status,
+                    }),
+            );
         }
     }
     Ok(out)

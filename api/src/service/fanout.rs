@@ -28,7 +28,7 @@ use crate::store::{self, Backend, StoreResult, TenantTx};
 pub const MAX_PAYLOAD: usize = 7000;
 
 /// The version of the payload format; a process ignores payloads of another version.
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// One notice, by id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,9 +45,9 @@ enum Entry {
     /// A stage transition: (profile id, at in microseconds).
     #[serde(rename = "l")]
     Stage(Uuid, i64),
-    /// An email delivery changed status: (delivery id, campaign id).
+    /// An email delivery changed status: (delivery id, campaign id, the status announced).
     #[serde(rename = "d")]
-    Delivery(Uuid, Option<Uuid>),
+    Delivery(Uuid, Option<Uuid>, String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,8 +90,9 @@ fn entry_of(notice: &Notice) -> Option<Entry> {
         Notice::EmailDelivery {
             delivery_id,
             campaign_id,
+            status,
             ..
-        } => Entry::Delivery(*delivery_id, *campaign_id),
+        } => Entry::Delivery(*delivery_id, *campaign_id, (*status).to_owned()),
     })
 }
 
@@ -327,11 +328,14 @@ async fn details(state: &AppState, payload: &Payload) -> StoreResult<Vec<Notice>
                     });
                 }
             }
-            Entry::Delivery(delivery_id, campaign_id) => notices.push(Notice::EmailDelivery {
-                tenant_id,
-                delivery_id: *delivery_id,
-                campaign_id: *campaign_id,
-            }),
+            Entry::Delivery(delivery_id, campaign_id, status) => {
+                notices.push(Notice::EmailDelivery {
+                    tenant_id,
+                    delivery_id: *delivery_id,
+                    campaign_id: *campaign_id,
+                    status: crate::store::campaigns::delivery_status(status),
+                })
+            }
         }
     }
     Ok(notices)

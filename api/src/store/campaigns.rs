@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::conditions::{db_backend, Sql};
 use super::entity::{campaigns, email_outbox};
 use super::outbox::{OutboxRow, FAILED, QUEUED, SENDING, SENT, SUPPRESSED};
-use super::{Backend, StoreError, StoreResult, TenantTx};
+use super::{Backend, StoreResult, TenantTx};
 
 pub use campaigns::Model as CampaignRow;
 
@@ -169,7 +169,7 @@ pub async fn queue(
     daily_cap: i64,
     now: DateTime<Utc>,
     notice_limit: u64,
-) -> StoreResult<Vec<Uuid>> {
+) -> StoreResult<Vec<(Uuid, &'static str)>> {
     let tenant = tx.tenant_id().as_uuid();
     if let Audience::Profiles(ids) = audience {
         if ids.is_empty() {
@@ -277,7 +277,7 @@ pub async fn queue(
         .bind(QUEUED.to_owned());
     match audience {
         Audience::Profiles(_) => {
-            sql.push(" RETURNING id");
+            sql.push(" RETURNING id, status");
             let (text, values) = sql.render(backend);
             let rows = tx
                 .conn()
@@ -288,7 +288,11 @@ pub async fn queue(
                 ))
                 .await?;
             rows.into_iter()
-                .map(|row| row.try_get_by_index::<Uuid>(0).map_err(StoreError::from))
+                .map(|row| {
+                    let id = row.try_get_by_index::<Uuid>(0)?;
+                    let status = row.try_get_by_index::<String>(1)?;
+                    Ok((id, delivery_status(&status)))
+                })
                 .collect()
         }
         Audience::SegmentMembers(_) => {
@@ -304,13 +308,17 @@ pub async fn queue(
             Ok(email_outbox::Entity::find()
                 .select_only()
                 .column(email_outbox::Column::Id)
+                .column(email_outbox::Column::Status)
                 .filter(email_outbox::Column::TenantId.eq(tenant))
                 .filter(email_outbox::Column::CampaignId.eq(campaign.id))
                 .filter(email_outbox::Column::CreatedAt.eq(now))
                 .limit(notice_limit)
-                .into_tuple::<Uuid>()
+                .into_tuple::<(Uuid, String)>()
                 .all(tx.conn())
-                .await?)
+                .await?
+                .into_iter()
+                .map(|(id, status)| (id, delivery_status(&status)))
+                .collect())
         }
     }
 }
