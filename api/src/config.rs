@@ -211,6 +211,14 @@ pub struct Config {
     /// Accept `http://` webhook URLs to localhost and 127.0.0.1 (development and tests only).
     pub webhook_allow_http: bool,
     pub abuse: AbuseLimits,
+    /// With a value, `/metrics` answers only `Authorization: Bearer <value>`.
+    pub metrics_token: Option<String>,
+    /// After SIGTERM: how long readiness answers 503 while requests are still served, so that
+    /// load balancers stop routing to the process before it stops accepting.
+    pub drain_delay: Duration,
+    /// After that: how long in-flight requests, the email being sent and open WebSockets get to
+    /// finish before the process exits anyway.
+    pub shutdown_timeout: Duration,
 }
 
 impl Config {
@@ -348,6 +356,9 @@ impl Config {
                 "30000",
             )?),
             webhook_timeout: Duration::from_secs(parse_var("CDP_WEBHOOK_TIMEOUT_SECS", "10")?),
+            metrics_token: var("CDP_METRICS_TOKEN").filter(|token| !token.is_empty()),
+            drain_delay: Duration::from_secs(parse_var("CDP_DRAIN_DELAY_SECS", "0")?),
+            shutdown_timeout: Duration::from_secs(parse_var("CDP_SHUTDOWN_TIMEOUT_SECS", "20")?),
             webhook_allow_http: parse_var("CDP_WEBHOOK_ALLOW_HTTP", "false")?,
             abuse: AbuseLimits::from_env()?,
         })
@@ -404,6 +415,9 @@ impl Config {
             webhook_timeout: Duration::from_secs(10),
             webhook_allow_http: false,
             abuse: AbuseLimits::for_tests(),
+            metrics_token: None,
+            drain_delay: Duration::ZERO,
+            shutdown_timeout: Duration::from_secs(10),
         }
     }
 

@@ -184,6 +184,16 @@ pub fn open_envelope(tenant_id: Uuid, key: &Key, envelope: &str) -> Result<Vec<u
 }
 
 /// Whether a stored text is a sealed envelope.
+/// Whether two secrets are equal, in a time that depends on their length only.
+pub fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
+    left.len() == right.len()
+        && left
+            .iter()
+            .zip(right)
+            .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+            == 0
+}
+
 pub fn is_envelope(text: &str) -> bool {
     envelope_owner(text).is_some()
 }

@@ -55,6 +55,9 @@ pub async fn state(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppS
             &config.encryption_keys_previous,
         )),
         request_limits: Arc::new(crate::service::limits::RequestLimits::new(&config.abuse)),
+        metrics: Arc::new(crate::metrics::Metrics::new()),
+        draining: Arc::default(),
+        stopping: Arc::new(watch::channel(false).0),
         config: Arc::new(config),
         clock,
         bus: crate::service::bus::Bus::new(),
@@ -68,7 +71,6 @@ pub struct Application {
     /// Whether the listener serves HTTPS.
     tls: bool,
     state: AppState,
-    shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
     jobs: Vec<JoinHandle<()>>,
 }
@@ -92,7 +94,7 @@ pub async fn build_with_clock(
     .context("cannot set up email (CDP_SMTP_URL)")?;
     tracing::info!(mail = %mailer.describe(), "email goes to {}", mailer.describe());
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown_rx = state.stopping.subscribe();
     let mut background = Vec::new();
     for _ in 0..state.config.outbox_workers {
         background.push(tokio::spawn(jobs::outbox::run(
@@ -138,9 +140,15 @@ pub async fn build_with_clock(
                 http::tls::TlsAcceptor::new(acceptor, tls),
                 app,
                 shutdown_rx.clone(),
+                state.config.shutdown_timeout,
             )
         }
-        None => serve(acceptor, app, shutdown_rx.clone()),
+        None => serve(
+            acceptor,
+            app,
+            shutdown_rx.clone(),
+            state.config.shutdown_timeout,
+        ),
     };
     let tls = state.config.tls.is_some();
     tracing::info!(%address, tls, "serving");
@@ -148,7 +156,6 @@ pub async fn build_with_clock(
         address,
         tls,
         state,
-        shutdown: shutdown_tx,
         server,
         jobs: background,
     })
@@ -159,6 +166,7 @@ fn serve<A>(
     acceptor: A,
     app: impl Endpoint + 'static,
     mut shutdown: watch::Receiver<bool>,
+    timeout: Duration,
 ) -> JoinHandle<std::io::Result<()>>
 where
     A: Acceptor + 'static,
@@ -170,7 +178,7 @@ where
                 async move {
                     let _ = shutdown.wait_for(|stop| *stop).await;
                 },
-                Some(Duration::from_secs(10)),
+                Some(timeout),
             )
             .await
     })
@@ -198,13 +206,34 @@ impl Application {
         &self.state
     }
 
-    /// Stops accepting, lets in-flight requests and the email being sent finish, and returns.
+    /// Drains, then stops: readiness answers 503 at once; after `CDP_DRAIN_DELAY_SECS` the
+    /// listener stops accepting, WebSockets are closed (1001), in-flight requests and the email
+    /// being sent finish; whatever still runs after `CDP_SHUTDOWN_TIMEOUT_SECS` is abandoned
+    /// (an email in flight is sent again after its lease: the outbox is at least once).
     pub async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.shutdown.send(true);
-        for job in self.jobs {
-            job.await?;
+        let config = self.state.config.clone();
+        self.state
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.state.metrics.draining.set(1);
+        if !config.drain_delay.is_zero() {
+            tracing::info!(delay = ?config.drain_delay, "draining: readiness answers 503");
+            tokio::time::sleep(config.drain_delay).await;
         }
+        self.state.stopping.send_replace(true);
+        let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+        for job in self.jobs {
+            match tokio::time::timeout_at(deadline, job).await {
+                Ok(joined) => joined?,
+                Err(_) => {
+                    tracing::warn!(timeout = ?config.shutdown_timeout, "a background job did not finish in time; exiting anyway");
+                    break;
+                }
+            }
+        }
+        // The server applies the same timeout to the connections it still holds.
         self.server.await??;
+        tracing::info!("stopped");
         Ok(())
     }
 

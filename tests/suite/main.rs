@@ -12,6 +12,7 @@ mod collect;
 mod http_surface;
 mod import;
 mod isolation;
+mod operate;
 mod outbox;
 mod privacy;
 mod security;

@@ -127,7 +127,16 @@ pub async fn execute(
     schema: &CdpSchema,
     context: RequestContext,
     operations: Operations,
+    metrics: &crate::metrics::Metrics,
 ) -> HttpOutcome {
+    let names: Vec<Option<String>> = match &operations.batch {
+        BatchRequest::Single(request) => vec![request.operation_name.clone()],
+        BatchRequest::Batch(requests) => requests
+            .iter()
+            .map(|request| request.operation_name.clone())
+            .collect(),
+    };
+    let started = std::time::Instant::now();
     // Error messages may echo input (an address that did not parse): masked like data for a
     // principal without PII_READ.
     let masked = context
@@ -142,7 +151,17 @@ pub async fn execute(
             response
         }
     };
-    match schema.execute_batch(operations.batch.data(context)).await {
+    let response = schema.execute_batch(operations.batch.data(context)).await;
+    // The operations of a batch run together: each counts the batch's time.
+    let elapsed = started.elapsed();
+    let oks: Vec<bool> = match &response {
+        BatchResponse::Single(response) => vec![response.is_ok()],
+        BatchResponse::Batch(responses) => responses.iter().map(|r| r.is_ok()).collect(),
+    };
+    for (name, ok) in names.iter().zip(oks) {
+        metrics.graphql_operation(name.as_deref(), ok, elapsed);
+    }
+    match response {
         BatchResponse::Single(response) => json_outcome(200, &finish(response)),
         BatchResponse::Batch(responses) => {
             let responses: Vec<_> = responses.into_iter().map(finish).collect();
@@ -238,6 +257,8 @@ mod close {
     pub const BAD_MESSAGE: u16 = 4400;
     /// A `subscribe` with the id of a subscription still running.
     pub const DUPLICATE_ID: u16 = 4409;
+    /// The server is shutting down (RFC 6455: Going Away).
+    pub const GOING_AWAY: u16 = 1001;
 }
 
 /// How long a socket may stay open without a successful `connection_init`.
@@ -437,6 +458,7 @@ async fn serve(
             move |bytes| futures::future::ready(lock(&running).admit(bytes))
         });
     let handshake = SharedHandshake::default();
+    let mut stopping = state.stopping.subscribe();
     let on_init = {
         let handshake = handshake.clone();
         move |payload| authenticate_socket(state, meta, payload, handshake)
@@ -453,6 +475,11 @@ async fn serve(
             next = messages.next() => next,
             () = tokio::time::sleep_until(deadline) => {
                 let _ = sink.send(close_frame(deadline_code, deadline_reason)).await;
+                break;
+            }
+            // 1001 (going away): clients reconnect, to another replica behind a balancer.
+            () = async { drop(stopping.wait_for(|stop| *stop).await) } => {
+                let _ = sink.send(close_frame(close::GOING_AWAY, "the server is shutting down")).await;
                 break;
             }
         };

@@ -128,7 +128,7 @@ pub async fn post(
             return respond(rate_limited_outcome(retry.seconds));
         }
     }
-    respond(execute(schema, context, operations).await)
+    respond(execute(schema, context, operations, &state.metrics).await)
 }
 
 /// In front of `/graphql/ws`: counts the connect against the client address's rate (429 with

@@ -9,6 +9,7 @@ mod collect;
 mod graphiql;
 mod graphql;
 mod health;
+pub mod observe;
 pub mod ratelimit;
 mod timeout;
 pub mod tls;
@@ -70,6 +71,10 @@ pub fn routes(state: AppState, schema: CdpSchema) -> poem::Route {
         .at("/healthz", get(health::healthz))
         .at("/readyz", get(health::readyz).with(timeout(Shape::Plain)))
         .at(
+            "/metrics",
+            get(observe::metrics).with(timeout(Shape::Plain)),
+        )
+        .at(
             "/unsubscribe",
             get(unsubscribe::show)
                 .post(unsubscribe::confirm)
@@ -98,7 +103,9 @@ pub fn app(
     schema: CdpSchema,
 ) -> poem::endpoint::BoxEndpoint<'static, poem::Response> {
     let limits = std::sync::Arc::new(ratelimit::RateLimits::default());
+    let observed = state.clone();
     routes(state.clone(), schema.clone())
+        .around(move |endpoint, request| observe::around(endpoint, request, observed.clone()))
         .data(state)
         .data(schema)
         .data(limits)

@@ -99,6 +99,7 @@ async fn deliver(state: &AppState, mailer: &Mailer, row: &OutboxRow) -> anyhow::
                 store::outbox::mark_suppressed(&tx, row, reason, state.now()).await?;
                 tx.commit().await?;
                 tracing::info!(email_id = %row.id, tenant_id = %row.tenant_id, reason, "email suppressed");
+                state.metrics.email("suppressed");
                 publish(state, row, store::outbox::SUPPRESSED).await;
                 return Ok(());
             }
@@ -138,6 +139,7 @@ async fn deliver(state: &AppState, mailer: &Mailer, row: &OutboxRow) -> anyhow::
             store::outbox::mark_sent(&tx, row, state.now()).await?;
             tx.commit().await?;
             tracing::info!(email_id = %row.id, tenant_id = %row.tenant_id, kind = %row.kind, "email sent");
+            state.metrics.email("sent");
             publish(state, row, store::outbox::SENT).await;
         }
         Err(error) => record_failure(state, row, &error.message, error.permanent).await?,
@@ -169,7 +171,10 @@ async fn record_failure(
     tx.commit().await?;
     tracing::warn!(email_id = %row.id, tenant_id = %row.tenant_id, attempts = row.attempts, status, error = %error, "email not sent");
     if status == store::outbox::FAILED {
+        state.metrics.email("failed");
         publish(state, row, store::outbox::FAILED).await;
+    } else {
+        state.metrics.email("retried");
     }
     Ok(())
 }

@@ -65,7 +65,13 @@ pub async fn run(state: AppState, mut shutdown: Shutdown) {
         if *shutdown.borrow() {
             return;
         }
-        match tick(&state).await {
+        let started = std::time::Instant::now();
+        let result = tick(&state).await;
+        let finished = state.now().timestamp_millis() as f64 / 1000.0;
+        state
+            .metrics
+            .scheduler_tick(result.is_ok(), started.elapsed(), finished);
+        match result {
             Ok(report) => tracing::debug!(?report, "scheduler tick"),
             Err(error) => tracing::error!(error = ?error, "scheduler tick failed"),
         }

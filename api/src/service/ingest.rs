@@ -136,13 +136,24 @@ pub async fn ingest_with(
         .config
         .ingest_group_commit
         .unwrap_or(state.store.backend() == store::Backend::Sqlite);
-    if grouped {
+    let report = if grouped {
         state.group_commit.submit(state, tenant_id, pending).await
     } else {
         commit_group(state, tenant_id, std::slice::from_ref(&pending))
             .await
             .map(|mut reports| reports.remove(0))
-    }
+    }?;
+    let rejected: Vec<&str> = report
+        .rejected()
+        .filter_map(|message| match &message.outcome {
+            Outcome::Rejected(rejection) => Some(rejection.code),
+            _ => None,
+        })
+        .collect();
+    state
+        .metrics
+        .ingested(report.accepted(), report.duplicates(), &rejected);
+    Ok(report)
 }
 
 /// Per-tenant group commit: one writer task per tenant and process takes every request that is

@@ -17,6 +17,7 @@ pub mod fanout;
 pub mod ingest;
 pub mod lifecycle;
 pub mod limits;
+pub mod observe;
 pub mod pagination;
 pub mod privacy;
 pub mod profiles;
@@ -109,6 +110,20 @@ pub struct AppState {
     pub vault: Arc<vault::Vault>,
     /// Request rates per client address and per tenant.
     pub request_limits: Arc<limits::RequestLimits>,
+    /// This process's counters and gauges, served at `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Set when the process starts shutting down: readiness answers 503 from then on.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Turns true when the process stops: the listener stops accepting, background jobs finish
+    /// what they hold, WebSockets are closed with 1001.
+    pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl AppState {
+    /// Whether the process is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl AppState {

@@ -235,6 +235,19 @@ impl Realtime {
         Ok((permit, receiver))
     }
 
+    /// Open sockets and active subscriptions of every tenant in this process.
+    pub fn totals(&self) -> (usize, usize) {
+        let sum = |kind| {
+            self.inner
+                .counts(kind)
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+                .sum()
+        };
+        (sum(Kind::Socket), sum(Kind::Subscription))
+    }
+
     /// Active subscriptions of a tenant in this process.
     pub fn subscriptions_of(&self, tenant_id: TenantId) -> usize {
         self.inner

@@ -65,6 +65,20 @@ pub async fn enqueue(
     .await?)
 }
 
+/// How many emails of every tenant wait to be sent (QUEUED or SENDING) and when the oldest of
+/// them was created.
+pub async fn backlog(tx: &SystemTx) -> StoreResult<(i64, Option<DateTime<Utc>>)> {
+    Ok(email_outbox::Entity::find()
+        .select_only()
+        .column_as(email_outbox::Column::Id.count(), "n")
+        .column_as(email_outbox::Column::CreatedAt.min(), "oldest")
+        .filter(email_outbox::Column::Status.is_in([QUEUED, SENDING]))
+        .into_tuple::<(i64, Option<DateTime<Utc>>)>()
+        .one(tx.conn())
+        .await?
+        .unwrap_or((0, None)))
+}
+
 /// Claims up to `limit` due emails of any tenant: queued ones whose time has come, and ones whose
 /// previous claim expired (the claiming process died). A claim is a lease until `lease_until`.
 pub async fn claim_due(

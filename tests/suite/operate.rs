@@ -1,0 +1,265 @@
+//! Operating the service: metrics, request ids, draining and shutdown.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::*;
+
+async fn metrics_text(server: &TestServer) -> String {
+    let response = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    response.text().await.unwrap()
+}
+
+/// The value of one sample line (`name{labels} value`), if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_requests_operations_messages_and_the_outbox() {
+    for backend in backends() {
+        let smtp = SmtpSink::start().await;
+        let server = TestServer::start(backend, &smtp).await;
+        let owner = new_tenant(&server, &smtp, &slug("metrics"), "owner@metrics.example").await;
+        let key = write_key(&server, &owner, "site", "WEB").await;
+        let (status, _) = collect(
+            &server,
+            "/v1/batch",
+            &key,
+            &json!({"batch": [
+                {"type": "identify", "userId": "m-1", "traits": {"plan": "pro"}},
+                {"type": "track", "userId": "m-1", "event": "Signed In"},
+                {"type": "track", "userId": "m-1"}
+            ]}),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let me = server
+            .client
+            .post(server.url("/graphql"))
+            .bearer_auth(&owner.access_token)
+            .json(&json!({"query": "query Me { me { user { email } } }", "operationName": "Me"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(me.status(), 200);
+
+        // The outbox records a sent email just after the SMTP conversation: wait for it.
+        let mails = smtp.received().len() as f64;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let text = loop {
+            let text = metrics_text(&server).await;
+            if sample(&text, "cdp_emails_total{result=\"sent\"}") == Some(mails)
+                && sample(&text, "cdp_outbox_depth") == Some(0.0)
+            {
+                break text;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "[{backend:?}] {text}"
+            );
+            tokio::task::yield_now().await;
+        };
+        let at = |series: &str| sample(&text, series);
+        assert_eq!(
+            at("cdp_ingest_messages_total{outcome=\"accepted\"}"),
+            Some(2.0),
+            "[{backend:?}] {text}"
+        );
+        assert_eq!(
+            at("cdp_ingest_messages_total{outcome=\"rejected\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            at("cdp_ingest_rejected_total{reason=\"missing_event\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            at("cdp_http_requests_total{method=\"POST\",route=\"/v1/batch\",status=\"200\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            at("cdp_graphql_operations_total{operation=\"Me\",outcome=\"ok\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            at("cdp_http_request_duration_seconds_count{route=\"/v1/batch\"}"),
+            Some(1.0)
+        );
+        assert_eq!(at("cdp_outbox_oldest_age_seconds"), Some(0.0));
+        assert_eq!(at("cdp_websockets_open"), Some(0.0));
+        assert_eq!(at("cdp_draining"), Some(0.0));
+        // No tenant, person or id is ever a label.
+        assert!(!text.contains(&owner.tenant_id));
+        assert!(!text.contains("m-1"));
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_can_require_a_bearer_token() {
+    let smtp = SmtpSink::start().await;
+    let db = TestDb::create(Backend::Sqlite).await;
+    let server = TestServer::start_on(db, Some(&smtp), |config| {
+        config.metrics_token = Some("scrape-secret".to_owned());
+    })
+    .await;
+    let anonymous = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let wrong = server
+        .client
+        .get(server.url("/metrics"))
+        .bearer_auth("scrape-secreT")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let scraper = server
+        .client
+        .get(server.url("/metrics"))
+        .bearer_auth("scrape-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scraper.status(), 200);
+    assert!(scraper
+        .text()
+        .await
+        .unwrap()
+        .contains("cdp_http_requests_total"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn every_response_carries_a_request_id() {
+    let smtp = SmtpSink::start().await;
+    let server = TestServer::start(Backend::Sqlite, &smtp).await;
+    let get = |id: Option<&'static str>| {
+        let mut request = server.client.get(server.url("/healthz"));
+        if let Some(id) = id {
+            request = request.header("x-request-id", id);
+        }
+        request.send()
+    };
+    let first = get(None).await.unwrap();
+    let second = get(None).await.unwrap();
+    let id = |response: &reqwest::Response| {
+        response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (one, two) = (id(&first), id(&second));
+    assert_eq!(one.len(), 32, "{one}");
+    assert!(one.bytes().all(|byte| byte.is_ascii_hexdigit()));
+    assert_ne!(one, two, "each request gets its own id");
+    // A proxy's id is kept; one that could forge log lines is replaced.
+    assert_eq!(id(&get(Some("lb-7f3a.2")).await.unwrap()), "lb-7f3a.2");
+    let replaced = id(&get(Some("two words")).await.unwrap());
+    assert_ne!(replaced, "two words");
+    assert_eq!(replaced.len(), 32);
+    // Errors carry it too.
+    let missing = server
+        .client
+        .get(server.url("/no-such-path"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert!(missing.headers().contains_key("x-request-id"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn draining_turns_readiness_off_then_closes_sockets_with_going_away() {
+    let smtp = SmtpSink::start().await;
+    let db = TestDb::create(Backend::Sqlite).await;
+    let server = TestServer::start_on(db, Some(&smtp), |config| {
+        config.drain_delay = Duration::from_secs(3);
+    })
+    .await;
+    let owner = new_tenant(&server, &smtp, &slug("drain"), "owner@drain.example").await;
+
+    let mut request = server
+        .url("/graphql/ws")
+        .replace("http://", "ws://")
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    socket
+        .send(Message::text(
+            json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {}", owner.access_token)}})
+                .to_string(),
+        ))
+        .await
+        .unwrap();
+    let ack = tokio::time::timeout(WAIT, socket.next()).await.unwrap();
+    assert!(
+        matches!(&ack, Some(Ok(Message::Text(text))) if text.contains("connection_ack")),
+        "{ack:?}"
+    );
+
+    let client = server.client.clone();
+    let ready = server.url("/readyz");
+    let health = server.url("/healthz");
+    assert_eq!(client.get(&ready).send().await.unwrap().status(), 200);
+    let stopping = tokio::spawn(server.stop());
+    // Readiness turns 503 while requests are still served.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = client.get(&ready).send().await.unwrap().status();
+        if status == 503 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readiness never turned 503"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(client.get(&health).send().await.unwrap().status(), 200);
+
+    // Then the socket is closed with 1001 and the process stops.
+    let close = loop {
+        match tokio::time::timeout(WAIT, socket.next()).await.unwrap() {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => break other,
+        }
+    };
+    match close {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("expected a close frame with 1001, got {other:?}"),
+    }
+    tokio::time::timeout(WAIT, stopping)
+        .await
+        .expect("the server stops in time")
+        .unwrap();
+    assert!(
+        client.get(&health).send().await.is_err(),
+        "nothing listens any more"
+    );
+}
