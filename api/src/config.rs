@@ -32,6 +32,12 @@ pub struct GraphqlLimits {
     pub max_body_bytes: usize,
     /// Most operations in one batched request (`CDP_GRAPHQL_MAX_BATCH`, default 10).
     pub max_batch: usize,
+    /// Automatic persisted queries remembered per process (`CDP_GRAPHQL_APQ_CAPACITY`, default
+    /// 1000; 0 turns them off).
+    pub apq_capacity: usize,
+    /// `Cache-Control: private, max-age=…` of a successful GET query
+    /// (`CDP_GRAPHQL_GET_MAX_AGE_SECS`, default 5; 0: `no-cache`).
+    pub get_max_age: Duration,
 }
 
 /// Protections against abuse (`docs/configuration.md`, "Abuse limits"): request rates per client
@@ -303,6 +309,8 @@ impl Config {
                 max_complexity: parse_var("CDP_GRAPHQL_MAX_COMPLEXITY", "5000")?,
                 max_body_bytes: parse_var("CDP_GRAPHQL_MAX_BODY_BYTES", "1048576")?,
                 max_batch: parse_var("CDP_GRAPHQL_MAX_BATCH", "10")?,
+                apq_capacity: parse_var("CDP_GRAPHQL_APQ_CAPACITY", "1000")?,
+                get_max_age: Duration::from_secs(parse_var("CDP_GRAPHQL_GET_MAX_AGE_SECS", "5")?),
             },
             ingest_max_body_bytes: parse_var("CDP_INGEST_MAX_BODY_BYTES", "16777216")?,
             ingest_group_commit: match var("CDP_INGEST_GROUP_COMMIT").as_deref() {
@@ -387,6 +395,8 @@ impl Config {
                 max_complexity: 5000,
                 max_body_bytes: 1024 * 1024,
                 max_batch: 10,
+                apq_capacity: 1000,
+                get_max_age: Duration::from_secs(5),
             },
             ingest_max_body_bytes: 16 * 1024 * 1024,
             ingest_group_commit: None,

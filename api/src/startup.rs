@@ -56,6 +56,9 @@ pub async fn state(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppS
         )),
         request_limits: Arc::new(crate::service::limits::RequestLimits::new(&config.abuse)),
         metrics: Arc::new(crate::metrics::Metrics::new()),
+        persisted_queries: Arc::new(crate::graphql::persisted::PersistedQueries::new(
+            config.graphql.apq_capacity,
+        )),
         draining: Arc::default(),
         stopping: Arc::new(watch::channel(false).0),
         config: Arc::new(config),

@@ -263,3 +263,173 @@ async fn draining_turns_readiness_off_then_closes_sockets_with_going_away() {
         "nothing listens any more"
     );
 }
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+#[tokio::test]
+async fn persisted_queries_work_over_post_and_cacheable_get() {
+    for backend in backends() {
+        let smtp = SmtpSink::start().await;
+        let server = TestServer::start(backend, &smtp).await;
+        let owner = new_tenant(&server, &smtp, &slug("apq"), "owner@apq.example").await;
+        let query = "query Me { me { user { email } tenant { slug } } }";
+        let hash = sha256_hex(query);
+        let extensions = json!({"persistedQuery": {"version": 1, "sha256Hash": hash}});
+        let post = |body: serde_json::Value| {
+            server
+                .client
+                .post(server.url("/graphql"))
+                .bearer_auth(&owner.access_token)
+                .json(&body)
+                .send()
+        };
+
+        // The hash alone is unknown at first: the protocol's answer, 200.
+        let unknown = post(json!({"extensions": extensions})).await.unwrap();
+        assert_eq!(unknown.status(), 200);
+        let body: serde_json::Value = unknown.json().await.unwrap();
+        assert_eq!(body["errors"][0]["message"], "PersistedQueryNotFound");
+        assert_eq!(
+            body["errors"][0]["extensions"]["code"],
+            "PERSISTED_QUERY_NOT_FOUND"
+        );
+        // A hash that is not the query's is refused and remembers nothing.
+        let forged = post(json!({
+            "query": "{ me { user { id } } }",
+            "extensions": extensions
+        }))
+        .await
+        .unwrap();
+        assert_eq!(forged.status(), 400);
+        // Hash and query together: run and remembered.
+        let registered: serde_json::Value = post(json!({"query": query, "extensions": extensions}))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            registered["data"]["me"]["user"]["email"],
+            "owner@apq.example"
+        );
+        // Then the hash alone, by POST…
+        let by_hash: serde_json::Value = post(json!({"extensions": extensions}))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(by_hash["data"], registered["data"]);
+        // …and by GET, with headers a browser cache may use.
+        let url = format!(
+            "{}?operationName=Me&extensions={}",
+            server.url("/graphql"),
+            urlencode(&extensions.to_string())
+        );
+        let get = server
+            .client
+            .get(&url)
+            .bearer_auth(&owner.access_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(get.status(), 200);
+        assert_eq!(get.headers()["cache-control"], "private, max-age=5");
+        assert_eq!(get.headers()["vary"], "authorization, accept-encoding");
+        assert!(!get.headers().contains_key("etag"));
+        let got: serde_json::Value = get.json().await.unwrap();
+        assert_eq!(got["data"], registered["data"]);
+        // A GET that fails is not to be kept.
+        let anonymous = server.client.get(&url).send().await.unwrap();
+        assert_eq!(anonymous.headers()["cache-control"], "no-store");
+        // Mutations never go by GET.
+        let mutation = server
+            .client
+            .get(format!(
+                "{}?query={}",
+                server.url("/graphql"),
+                urlencode("mutation { logout }")
+            ))
+            .bearer_auth(&owner.access_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(mutation.status(), 405);
+        // POST answers are never cached.
+        let plain = post(json!({"query": query})).await.unwrap();
+        assert_eq!(plain.headers()["cache-control"], "no-store");
+        // Without a query, GET is still the GraphiQL page.
+        let page = server
+            .client
+            .get(server.url("/graphql"))
+            .send()
+            .await
+            .unwrap();
+        assert!(page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
+        server.stop().await;
+    }
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (byte as char).to_string()
+            }
+            _ => format!("%{byte:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn large_graphql_answers_are_gzipped_for_clients_that_accept_it() {
+    let smtp = SmtpSink::start().await;
+    let server = TestServer::start(Backend::Sqlite, &smtp).await;
+    let owner = new_tenant(&server, &smtp, &slug("gzip"), "owner@gzip.example").await;
+    let query = json!({"query": "{ __schema { types { name description } } }"});
+    let send = |encoding: Option<&'static str>| {
+        let mut request = server
+            .client
+            .post(server.url("/graphql"))
+            .bearer_auth(&owner.access_token)
+            .json(&query);
+        if let Some(encoding) = encoding {
+            request = request.header("accept-encoding", encoding);
+        }
+        request.send()
+    };
+    let plain = send(None).await.unwrap();
+    assert!(!plain.headers().contains_key("content-encoding"));
+    let plain = plain.bytes().await.unwrap();
+    assert!(plain.len() > 1024, "a large answer: {} bytes", plain.len());
+
+    let compressed = send(Some("br;q=1.0, gzip;q=0.8")).await.unwrap();
+    assert_eq!(compressed.headers()["content-encoding"], "gzip");
+    let bytes = compressed.bytes().await.unwrap();
+    assert!(
+        bytes.len() < plain.len() / 2,
+        "{} of {}",
+        bytes.len(),
+        plain.len()
+    );
+    let mut decoded = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(bytes.as_ref()),
+        &mut decoded,
+    )
+    .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&decoded).unwrap(),
+        serde_json::from_slice::<serde_json::Value>(&plain).unwrap()
+    );
+    // gzip refused with q=0: sent as it is.
+    let refused = send(Some("gzip;q=0")).await.unwrap();
+    assert!(!refused.headers().contains_key("content-encoding"));
+    server.stop().await;
+}

@@ -10,6 +10,7 @@ mod campaigns;
 mod customers;
 mod document;
 pub mod limits;
+pub mod persisted;
 mod privacy;
 mod segments;
 mod subscriptions;

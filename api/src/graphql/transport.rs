@@ -16,6 +16,7 @@ use poem::web::websocket::{Message, WebSocket, WebSocketConfig, WebSocketStream}
 use poem::{Endpoint, FromRequest, IntoResponse, Request, Response, Result};
 
 use super::limits::FieldLimits;
+use super::persisted::{PersistedQueries, Refusal, NOT_FOUND};
 use super::subscriptions::SocketSession;
 use super::{
     ensure_error_codes, error_response, mask_error_messages, rate_limited_error, CdpSchema,
@@ -80,14 +81,81 @@ pub fn parse_operations(
     body: &[u8],
     max_batch: usize,
     limits: FieldLimits,
+    persisted: &PersistedQueries,
 ) -> Result<Operations, HttpOutcome> {
-    let mut batch: BatchRequest = serde_json::from_slice(body).map_err(|error| {
+    let batch: BatchRequest = serde_json::from_slice(body).map_err(|error| {
         error_outcome(
             400,
             &format!("the body is not a GraphQL request: {error}"),
             "BAD_USER_INPUT",
         )
     })?;
+    check_operations(batch, max_batch, limits, persisted)
+}
+
+/// Reads a GraphQL GET request (`query`, `operationName`, `variables`, `extensions` in the query
+/// string): one query, never a mutation (405, as GraphQL over HTTP requires: a GET must be safe
+/// to repeat and to cache).
+pub fn parse_get(
+    query_string: &str,
+    limits: FieldLimits,
+    persisted: &PersistedQueries,
+) -> Result<Operations, HttpOutcome> {
+    let request = async_graphql::http::parse_query_string(query_string).map_err(|error| {
+        error_outcome(
+            400,
+            &format!("the query string is not a GraphQL request: {error}"),
+            "BAD_USER_INPUT",
+        )
+    })?;
+    let mut operations = check_operations(BatchRequest::Single(request), 1, limits, persisted)?;
+    if let BatchRequest::Single(request) = &mut operations.batch {
+        let name = request.operation_name.clone();
+        if let Ok(document) = request.parsed_query() {
+            use async_graphql::parser::types::{DocumentOperations, OperationType};
+            let kind = match &document.operations {
+                DocumentOperations::Single(operation) => Some(operation.node.ty),
+                DocumentOperations::Multiple(operations) => name
+                    .as_deref()
+                    .and_then(|name| operations.get(name))
+                    .map(|operation| operation.node.ty),
+            };
+            if matches!(
+                kind,
+                Some(OperationType::Mutation | OperationType::Subscription)
+            ) {
+                return Err(error_outcome(
+                    405,
+                    "only queries can be sent with GET; send mutations with POST",
+                    "BAD_USER_INPUT",
+                ));
+            }
+        }
+    }
+    Ok(operations)
+}
+
+/// The checks of [`parse_operations`] and [`parse_get`]: persisted queries resolved first (so
+/// that the limits below see the real queries), then the batch's size and account mutations.
+fn check_operations(
+    mut batch: BatchRequest,
+    max_batch: usize,
+    limits: FieldLimits,
+    persisted: &PersistedQueries,
+) -> Result<Operations, HttpOutcome> {
+    for request in batch.iter_mut() {
+        match persisted.resolve(request) {
+            Ok(()) => {}
+            // The protocol's answer: 200 with this error, which clients take as "send the
+            // query with the hash".
+            Err(Refusal::NotFound) => {
+                return Err(error_outcome(200, NOT_FOUND.0, NOT_FOUND.1));
+            }
+            Err(Refusal::Invalid(message)) => {
+                return Err(error_outcome(400, &message, "BAD_USER_INPUT"));
+            }
+        }
+    }
     let size = batch.iter().count();
     if size == 0 || size > max_batch {
         return Err(error_outcome(

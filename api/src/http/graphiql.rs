@@ -7,8 +7,8 @@ use poem::{handler, IntoResponse, Response};
 
 const INDEX: &str = include_str!("../../assets/graphiql/index.html");
 
-#[handler]
-pub fn page() -> Response {
+/// The GraphiQL page (`GET /graphql` without a query).
+pub fn page_response() -> Response {
     Response::builder()
         .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
         .header(header::CACHE_CONTROL, "no-cache")

@@ -7,14 +7,16 @@
 //! anything runs; the address is counted before the credentials cost a database round trip.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use poem::http::{header, StatusCode};
+use poem::http::{header, HeaderValue, StatusCode};
 use poem::web::Data;
 use poem::{handler, Body, Endpoint, IntoResponse, Request, Response};
 
 use super::client;
 use crate::graphql::transport::{
-    error_outcome, execute, parse_operations, rate_limited_outcome, HttpOutcome,
+    error_outcome, execute, parse_get, parse_operations, rate_limited_outcome, HttpOutcome,
+    Operations,
 };
 use crate::graphql::{field_limits, CdpSchema, RequestContext};
 use crate::service::{self, AppState, RequestMeta, ServiceError};
@@ -22,11 +24,86 @@ use crate::service::{self, AppState, RequestMeta, ServiceError};
 fn respond(outcome: HttpOutcome) -> Response {
     let mut response = Response::builder()
         .status(StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
-        .header(header::CONTENT_TYPE, "application/json");
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-store");
     if let Some(seconds) = outcome.retry_after {
         response = response.header(header::RETRY_AFTER, seconds);
     }
     response.body(outcome.body)
+}
+
+/// Bodies smaller than this are sent as they are: compressing them saves less than it costs.
+const COMPRESS_FROM_BYTES: usize = 1024;
+
+/// The answer to a GraphQL request over HTTP: gzip when the client accepts it and the body is
+/// worth it; for a GET query answered without errors, `Cache-Control: private, max-age=…` (the
+/// answer depends on the credentials, so only the client's own cache may keep it), else
+/// `no-store`.
+fn answer(request: &Request, mut outcome: HttpOutcome, cacheable: Option<Duration>) -> Response {
+    let succeeded = outcome.status == 200 && !has_errors(&outcome.body);
+    let mut gzipped = false;
+    if outcome.body.len() >= COMPRESS_FROM_BYTES && accepts_gzip(request) {
+        if let Ok(compressed) = gzip_bytes(&outcome.body) {
+            outcome.body = compressed;
+            gzipped = true;
+        }
+    }
+    let mut response = respond(outcome);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::VARY,
+        HeaderValue::from_static("authorization, accept-encoding"),
+    );
+    if gzipped {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    if let (Some(max_age), true) = (cacheable, succeeded) {
+        let value = if max_age.is_zero() {
+            "private, no-cache".to_owned()
+        } else {
+            format!("private, max-age={}", max_age.as_secs())
+        };
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(header::CACHE_CONTROL, value);
+        }
+    }
+    response
+}
+
+fn has_errors(body: &[u8]) -> bool {
+    // A GraphQL answer names `"errors"` only when it has some (bodies are compact JSON).
+    body.windows(9).any(|window| window == b"\"errors\":")
+}
+
+/// Whether `Accept-Encoding` admits gzip (`gzip` or `*` without `q=0`).
+pub fn accepts_gzip(request: &Request) -> bool {
+    request
+        .headers()
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let coding = parts.next().unwrap_or_default();
+            let refused = parts.any(|parameter| {
+                parameter
+                    .strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
+        })
+}
+
+pub fn gzip_bytes(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(bytes.len() / 4),
+        flate2::Compression::fast(),
+    );
+    encoder.write_all(bytes)?;
+    encoder.finish()
 }
 
 /// The facts about a request that the audit log records: the client address, resolved through
@@ -75,10 +152,57 @@ pub async fn post(
         &bytes,
         state.config.graphql.max_batch,
         field_limits(&state.config.abuse),
+        &state.persisted_queries,
     ) {
         Ok(operations) => operations,
-        Err(outcome) => return respond(outcome),
+        Err(outcome) => return answer(request, outcome, None),
     };
+    run(request, state, schema, operations, client_ip, None).await
+}
+
+/// `GET /graphql`: the GraphiQL page, or, with `query` or `extensions` in the query string, a
+/// GraphQL query (a persisted query's hash alone makes a short, cacheable URL).
+#[handler]
+pub async fn get(
+    request: &Request,
+    Data(state): Data<&AppState>,
+    Data(schema): Data<&CdpSchema>,
+) -> Response {
+    let query_string = request.uri().query().unwrap_or_default();
+    let is_graphql = query_string.split('&').any(|pair| {
+        let key = pair.split('=').next().unwrap_or_default();
+        key == "query" || key == "extensions"
+    });
+    if !is_graphql {
+        return super::graphiql::page_response();
+    }
+    let client_ip = client::client_ip(request, &state.config.abuse.trusted_proxies);
+    if let Some(address) = client_ip {
+        if let Err(retry) = state.request_limits.graphql_from_ip(address, 1) {
+            return respond(rate_limited_outcome(retry.seconds));
+        }
+    }
+    let operations = match parse_get(
+        query_string,
+        field_limits(&state.config.abuse),
+        &state.persisted_queries,
+    ) {
+        Ok(operations) => operations,
+        Err(outcome) => return answer(request, outcome, None),
+    };
+    let max_age = state.config.graphql.get_max_age;
+    run(request, state, schema, operations, client_ip, Some(max_age)).await
+}
+
+/// Authenticates the request, counts its operations against the tenant's rate and runs them.
+async fn run(
+    request: &Request,
+    state: &AppState,
+    schema: &CdpSchema,
+    operations: Operations,
+    client_ip: Option<std::net::IpAddr>,
+    cacheable: Option<Duration>,
+) -> Response {
     if let (Some(address), true) = (client_ip, operations.len() > 1) {
         if let Err(retry) = state
             .request_limits
@@ -128,7 +252,11 @@ pub async fn post(
             return respond(rate_limited_outcome(retry.seconds));
         }
     }
-    respond(execute(schema, context, operations, &state.metrics).await)
+    answer(
+        request,
+        execute(schema, context, operations, &state.metrics).await,
+        cacheable,
+    )
 }
 
 /// In front of `/graphql/ws`: counts the connect against the client address's rate (429 with

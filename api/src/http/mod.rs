@@ -33,7 +33,7 @@ pub fn routes(state: AppState, schema: CdpSchema) -> poem::Route {
     let graphql_routes = Route::new()
         .at(
             "/",
-            get(graphiql::page)
+            get(graphql::get)
                 .post(graphql::post)
                 .with(timeout(Shape::Graphql)),
         )
