@@ -749,3 +749,62 @@ async fn a_merge_takes_the_merged_profile_out_and_every_change_is_published_afte
         env.server.stop().await;
     }
 }
+
+#[tokio::test]
+async fn two_processes_scheduler_loops_tick_a_tenant_once_per_interval_and_a_forced_tick_always_runs(
+) {
+    for backend in backends() {
+        let smtp = SmtpSink::start().await;
+        let clock = Arc::new(ManualClock::new(start_time()));
+        let db = TestDb::create(backend).await;
+        // Two servers on one database, as two replicas (on SQLite, in one process: the claims
+        // mean the same there).
+        let one =
+            TestServer::start_with_clock(db.clone(), Some(&smtp), |_| {}, clock.clone()).await;
+        let two = TestServer::start_with_clock(db, Some(&smtp), |_| {}, clock.clone()).await;
+        new_tenant(&one, &smtp, &slug("ticks"), "owner@ticks.example").await;
+        let every = std::time::Duration::from_secs(60);
+        let claimed = |server: &TestServer| {
+            let state = server.app.as_ref().unwrap().state().clone();
+            async move {
+                let report = api::jobs::scheduler::tick_claimed(&state, every)
+                    .await
+                    .unwrap();
+                assert_eq!(report.failed_tenants, 0, "{report:?}");
+                assert_eq!(report.tenants, 1, "{report:?}");
+                (report.tenants_ticked, report.tenants_skipped)
+            }
+        };
+
+        assert_eq!(
+            claimed(&one).await,
+            (1, 0),
+            "[{backend:?}] the first claim runs"
+        );
+        assert_eq!(
+            claimed(&two).await,
+            (0, 1),
+            "[{backend:?}] the other process skips"
+        );
+        assert_eq!(
+            claimed(&one).await,
+            (0, 1),
+            "[{backend:?}] and so does the first"
+        );
+        // Less than 90 % of the interval later, still nothing; from then on, one of them.
+        clock.advance(Duration::seconds(53));
+        assert_eq!(claimed(&two).await, (0, 1), "[{backend:?}]");
+        clock.advance(Duration::seconds(1));
+        assert_eq!(claimed(&two).await, (1, 0), "[{backend:?}]");
+        assert_eq!(claimed(&one).await, (0, 1), "[{backend:?}]");
+
+        // A forced tick (tests, tools) runs whatever the claims say, and counts as a run.
+        let state = one.app.as_ref().unwrap().state().clone();
+        let forced = api::jobs::scheduler::tick(&state).await.unwrap();
+        assert_eq!((forced.tenants_ticked, forced.tenants_skipped), (1, 0));
+        clock.advance(Duration::seconds(54));
+        assert_eq!(claimed(&one).await, (1, 0), "[{backend:?}]");
+        one.stop().await;
+        two.stop().await;
+    }
+}

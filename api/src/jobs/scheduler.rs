@@ -4,10 +4,19 @@
 //! "active in the last 7 days" within one tick of the boundary), takes the day's segment sizes,
 //! and publishes what changed.
 //!
+//! Several processes on one database tick each tenant once per interval between them: before it
+//! ticks a tenant, the loop ([`run`]) claims the tenant's tick in the database
+//! (`store::scheduler::claim`, a conditional upsert of the tenant's `scheduler_ticks` row that
+//! succeeds only when the last tick started at least 90 % of an interval ago), and skips the tenant
+//! when another process claimed it. Tenants are claimed one by one, so replicas share the tenants
+//! of a slow tick. [`tick`], which tests and tools call, is forced: it ticks every tenant whatever
+//! the claims say, and records its runs like the loop does.
+//!
 //! Guarantees: work is done in bounded batches, one transaction each; every change locks the
-//! profiles it touches and decides again under the lock, so ticks running on several replicas at
-//! once, or beside ingestion, never record a change that is not true. A failing tenant is logged
-//! and skipped; the next tick retries it.
+//! profiles it touches and decides again under the lock, so ticks that do overlap (a forced tick
+//! beside the loop, a tick slower than the interval, replicas whose clocks disagree by more than a
+//! tenth of the interval), or run beside ingestion, never record a change that is not true. A
+//! failing tenant is logged and skipped; the next tick retries it.
 
 use std::time::Duration;
 
@@ -26,7 +35,12 @@ const TENANT_PAGE: u64 = 100;
 /// What one tick did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TickReport {
+    /// Tenants in the registry when the tick ran.
     pub tenants: usize,
+    /// Tenants this tick claimed and ticked (every tenant, when forced).
+    pub tenants_ticked: usize,
+    /// Tenants left alone because another process ticked them within the interval.
+    pub tenants_skipped: usize,
     pub segments_built: usize,
     pub membership_changes: usize,
     pub stage_changes: usize,
@@ -36,6 +50,11 @@ pub struct TickReport {
 }
 
 impl TickReport {
+    /// Whether this tick did the work of at least one tenant (it may have skipped others).
+    pub fn ran(&self) -> bool {
+        self.tenants_ticked > 0
+    }
+
     /// Counts the membership changes and stage transitions among published notices (the
     /// emails and other notices they triggered are not counted).
     fn count(&mut self, notices: &[Notice]) {
@@ -49,7 +68,9 @@ impl TickReport {
     }
 }
 
-/// Runs ticks until shutdown; does nothing when the tick is zero.
+/// Runs ticks until shutdown; does nothing when the tick is zero. Each tick claims every tenant
+/// before ticking it, so that several processes on one database tick each tenant once per
+/// interval between them.
 pub async fn run(state: AppState, mut shutdown: Shutdown) {
     let every = state.config.scheduler_tick;
     if every == Duration::ZERO {
@@ -66,21 +87,58 @@ pub async fn run(state: AppState, mut shutdown: Shutdown) {
             return;
         }
         let started = std::time::Instant::now();
-        let result = tick(&state).await;
+        let result = tick_claimed(&state, every).await;
         let finished = state.now().timestamp_millis() as f64 / 1000.0;
         state
             .metrics
             .scheduler_tick(result.is_ok(), started.elapsed(), finished);
         match result {
-            Ok(report) => tracing::debug!(?report, "scheduler tick"),
+            Ok(report) if report.ran() => tracing::info!(
+                ticked = report.tenants_ticked,
+                skipped = report.tenants_skipped,
+                failed = report.failed_tenants,
+                segments_built = report.segments_built,
+                membership_changes = report.membership_changes,
+                stage_changes = report.stage_changes,
+                events_purged = report.events_purged,
+                "scheduler tick ran"
+            ),
+            Ok(report) => tracing::debug!(
+                tenants = report.tenants,
+                skipped = report.tenants_skipped,
+                failed = report.failed_tenants,
+                "scheduler tick skipped: every tenant was ticked by another process within the interval"
+            ),
             Err(error) => tracing::error!(error = ?error, "scheduler tick failed"),
         }
     }
 }
 
-/// One tick over every tenant, at the state's current time.
+/// One forced tick over every tenant, at the state's current time: no claim is asked for (tests
+/// drive ticks with a manual clock, and a tool may want a tick now), but each tenant's run is
+/// recorded in its claim row, so that the loops of other processes count it.
 pub async fn tick(state: &AppState) -> anyhow::Result<TickReport> {
+    run_tick(state, None).await
+}
+
+/// One tick over every tenant that no process ticked in the last 90 % of `every`, claiming each
+/// before ticking it (what [`run`] does every `every`).
+pub async fn tick_claimed(state: &AppState, every: Duration) -> anyhow::Result<TickReport> {
+    run_tick(state, Some(every)).await
+}
+
+/// A tenant whose last tick started less than this share of an interval ago is skipped: the
+/// slack absorbs the drift of the loops' timers and small differences between the processes'
+/// clocks, and still lets one tick per interval through.
+const CLAIM_SHARE: f64 = 0.9;
+
+async fn run_tick(state: &AppState, every: Option<Duration>) -> anyhow::Result<TickReport> {
     let now = state.now();
+    let unless_started_after = every
+        .map(|every| chrono::Duration::from_std(every.mul_f64(CLAIM_SHARE)))
+        .transpose()?
+        .map(|margin| now - margin);
+    let holder = state.store.origin().to_string();
     let mut report = TickReport::default();
     let mut after = None;
     loop {
@@ -90,13 +148,50 @@ pub async fn tick(state: &AppState) -> anyhow::Result<TickReport> {
         };
         for tenant in tenants {
             report.tenants += 1;
-            if let Err(error) = tick_tenant(state, tenant, now, &mut report).await {
-                report.failed_tenants += 1;
-                tracing::error!(%tenant, error = ?error, "scheduler: tenant failed");
+            let outcome = async {
+                if !claim(state, tenant, &holder, now, unless_started_after).await? {
+                    return Ok(false);
+                }
+                tick_tenant(state, tenant, now, &mut report).await?;
+                anyhow::Ok(true)
+            }
+            .await;
+            match outcome {
+                Ok(true) => report.tenants_ticked += 1,
+                Ok(false) => {
+                    report.tenants_skipped += 1;
+                    tracing::debug!(%tenant, "scheduler: tenant ticked by another process");
+                }
+                Err(error) => {
+                    report.failed_tenants += 1;
+                    tracing::error!(%tenant, error = ?error, "scheduler: tenant failed");
+                }
             }
         }
         after = Some(last);
     }
+}
+
+/// Claims the tenant's tick in a transaction of its own, committed before the work starts, so
+/// that other processes see the claim at once.
+async fn claim(
+    state: &AppState,
+    tenant: TenantId,
+    holder: &str,
+    now: DateTime<Utc>,
+    unless_started_after: Option<DateTime<Utc>>,
+) -> anyhow::Result<bool> {
+    let tx = state.store.begin(tenant).await?;
+    let claimed = store::scheduler::claim(
+        &tx,
+        store::scheduler::TICK,
+        holder,
+        now,
+        unless_started_after,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(claimed)
 }
 
 /// One tick of one tenant.

@@ -24,6 +24,7 @@ pub mod outbox;
 pub mod privacy;
 pub mod profiles;
 pub mod roles;
+pub mod scheduler;
 pub mod segments;
 pub mod sessions;
 pub mod tenants;
