@@ -8,6 +8,7 @@ mod analytics;
 mod backup;
 mod bad_input;
 mod campaigns;
+mod citus;
 mod collect;
 mod http_surface;
 mod import;
