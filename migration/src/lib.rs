@@ -14,6 +14,8 @@ mod m20261128_000010_ingest_tuning;
 mod m20261128_000012_campaigns;
 mod m20261128_000013_webhooks;
 mod m20261128_000014_protect;
+mod m20261128_000015_scale;
+pub mod partitions;
 pub mod tenancy;
 
 pub struct Migrator;
@@ -29,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000012_campaigns::Migration),
             Box::new(m20261128_000013_webhooks::Migration),
             Box::new(m20261128_000014_protect::Migration),
+            Box::new(m20261128_000015_scale::Migration),
         ]
     }
 }

@@ -14,6 +14,7 @@ mod http_surface;
 mod import;
 mod isolation;
 mod outbox;
+mod partitions;
 mod privacy;
 mod security;
 mod segments;
