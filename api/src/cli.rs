@@ -1,5 +1,5 @@
 //! Operator commands of the `cdp` binary that do more than call one use case: `cdp import`,
-//! and the progress bars of `cdp backup` and `cdp restore`.
+//! `cdp events partition`, and the progress bars of `cdp backup` and `cdp restore`.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -12,6 +12,24 @@ use crate::service::backup;
 use crate::service::ingest::{self, Batch, Outcome, Source};
 use crate::service::{settings, AppState};
 use crate::store;
+
+/// Migrates the database if needed, then converts its events table into a table partitioned by
+/// event time (ADR 0011). Connects with `CDP_DATABASE_URL`, which must name the owner of the
+/// tables here, as for `cdp migrate`.
+pub async fn partition_events(
+    config: &crate::config::Config,
+    interval: &str,
+) -> anyhow::Result<store::partitions::Conversion> {
+    let interval = store::partitions::Interval::parse(interval)
+        .with_context(|| format!("unknown interval {interval:?}: day, week or month"))?;
+    let store = store::Store::connect(&store::StoreOptions {
+        url: config.database_url.clone(),
+        max_connections: 2,
+    })
+    .await?;
+    store.migrate().await?;
+    Ok(store::partitions::convert(&store, interval).await?)
+}
 
 /// Messages sent to the write path at once.
 const IMPORT_BATCH: usize = 500;

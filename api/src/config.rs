@@ -198,6 +198,11 @@ pub struct Config {
     pub scheduler_tick: Duration,
     /// Profiles the scheduler changes per transaction.
     pub scheduler_batch: u64,
+    /// The platform-wide longest retention of events in days (`CDP_EVENTS_RETENTION_DAYS`;
+    /// unset keeps events forever). With a partitioned events table the scheduler drops each
+    /// partition whose whole range is older than this; tenants' own `eventRetentionDays` keep
+    /// deleting rows for tenants that retain less.
+    pub events_retention_days: Option<u32>,
     /// How long `createSegment`/`updateSegment` wait for the build before answering with the
     /// segment still building (the build goes on).
     pub segment_build_wait: Duration,
@@ -290,6 +295,9 @@ impl Config {
         Ok(Config {
             database_url,
             database_max_connections: parse_var("CDP_DATABASE_MAX_CONNECTIONS", "10")?,
+            events_retention_days: var("CDP_EVENTS_RETENTION_DAYS")
+                .map(|_| parse_var::<u32>("CDP_EVENTS_RETENTION_DAYS", ""))
+                .transpose()?,
             data_dir,
             listen,
             tls,
@@ -377,6 +385,7 @@ impl Config {
         Config {
             database_url: database_url.to_owned(),
             database_max_connections: 5,
+            events_retention_days: None,
             data_dir: data_dir.to_path_buf(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             tls: None,

@@ -49,6 +49,11 @@ enum Command {
         #[arg(long)]
         rejected: Option<std::path::PathBuf>,
     },
+    /// Manage the events table (PostgreSQL).
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
     /// Write a tenant's data to a portable file (JSON lines with a checksum; gzipped when the
     /// name ends in .gz) that `cdp restore` loads into SQLite or PostgreSQL.
     Backup {
@@ -74,6 +79,18 @@ enum Command {
         /// The key file written with it (`--keys-out`).
         #[arg(long)]
         keys: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Convert the events table, in one transaction, into a table partitioned by event time
+    /// (PostgreSQL only; run as the owner of the tables, like `cdp migrate`). The scheduler then
+    /// creates partitions ahead and drops those past CDP_EVENTS_RETENTION_DAYS.
+    Partition {
+        /// The width of one partition: day, week or month.
+        #[arg(long, default_value = "month")]
+        interval: String,
     },
 }
 
@@ -221,6 +238,16 @@ async fn main() -> anyhow::Result<()> {
             if let Some(path) = summary.rejected_file {
                 println!("rejected lines and their reasons: {}", path.display());
             }
+            Ok(())
+        }
+        Command::Events {
+            command: EventsCommand::Partition { interval },
+        } => {
+            let conversion = api::cli::partition_events(&config, &interval).await?;
+            println!(
+                "events partitioned by {interval}: {} events in {} partitions",
+                conversion.events, conversion.partitions
+            );
             Ok(())
         }
         Command::Privacy { command } => {

@@ -14,7 +14,9 @@ mod m20261128_000010_ingest_tuning;
 mod m20261128_000012_campaigns;
 mod m20261128_000013_webhooks;
 mod m20261128_000014_protect;
+mod m20261128_000015_scale;
 mod m20261128_000016_replicas;
+pub mod partitions;
 pub mod tenancy;
 
 pub struct Migrator;
@@ -30,6 +32,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000012_campaigns::Migration),
             Box::new(m20261128_000013_webhooks::Migration),
             Box::new(m20261128_000014_protect::Migration),
+            Box::new(m20261128_000015_scale::Migration),
             Box::new(m20261128_000016_replicas::Migration),
         ]
     }

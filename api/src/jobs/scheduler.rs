@@ -2,7 +2,8 @@
 //! pages), it finishes segments left building, recomputes the customer attributes (RFM, churn
 //! risk), brings stages and time-dependent segments in line with the clock (a profile leaves
 //! "active in the last 7 days" within one tick of the boundary), takes the day's segment sizes,
-//! and publishes what changed.
+//! and publishes what changed. Before the tenants, on PostgreSQL with a partitioned events table,
+//! one replica creates the partitions ahead and retires those past the platform's retention.
 //!
 //! Several processes on one database tick each tenant once per interval between them: before it
 //! ticks a tenant, the loop ([`run`]) claims the tenant's tick in the database
@@ -44,8 +45,12 @@ pub struct TickReport {
     pub segments_built: usize,
     pub membership_changes: usize,
     pub stage_changes: usize,
-    /// Events deleted by the tenants' retention periods.
+    /// Events deleted by the tenants' retention periods and by the platform's (partitions).
     pub events_purged: u64,
+    /// Partitions of the events table created ahead by this tick.
+    pub event_partitions_created: usize,
+    /// Partitions of the events table dropped whole by this tick.
+    pub event_partitions_dropped: usize,
     pub failed_tenants: usize,
 }
 
@@ -140,6 +145,9 @@ async fn run_tick(state: &AppState, every: Option<Duration>) -> anyhow::Result<T
         .map(|margin| now - margin);
     let holder = state.store.origin().to_string();
     let mut report = TickReport::default();
+    if let Err(error) = partition_upkeep(state, now, &mut report).await {
+        tracing::error!(error = ?error, "scheduler: events partitions upkeep failed");
+    }
     let mut after = None;
     loop {
         let tenants = store::tenants::ids_page(&state.store, after, TENANT_PAGE).await?;
@@ -314,6 +322,50 @@ async fn purge_expired_events(
     .await?;
     report.count(&notices);
     state.bus.publish(notices);
+    Ok(())
+}
+
+/// On a partitioned events table: creates the partitions ahead and drops those whose whole range
+/// is older than `CDP_EVENTS_RETENTION_DAYS` (one replica per tick, see `store::partitions`),
+/// then lets the segments on events follow for the profiles that lost events, as the tenants'
+/// own retention does.
+async fn partition_upkeep(
+    state: &AppState,
+    now: DateTime<Utc>,
+    report: &mut TickReport,
+) -> anyhow::Result<()> {
+    let cutoff = state
+        .config
+        .events_retention_days
+        .map(|days| now - chrono::Duration::days(i64::from(days)));
+    let Some(upkeep) = store::partitions::upkeep(&state.store, now, cutoff).await? else {
+        return Ok(());
+    };
+    report.event_partitions_created += usize::try_from(upkeep.created).unwrap_or_default();
+    report.event_partitions_dropped += upkeep.dropped.len();
+    if !upkeep.dropped.is_empty() {
+        tracing::info!(dropped = ?upkeep.dropped, "retention: events partitions dropped");
+    }
+    let mut by_tenant: std::collections::BTreeMap<uuid::Uuid, Vec<uuid::Uuid>> = Default::default();
+    for (tenant, profile, removed) in upkeep.lost {
+        report.events_purged += u64::try_from(removed).unwrap_or_default();
+        by_tenant.entry(tenant).or_default().push(profile);
+    }
+    let batch = state.config.scheduler_batch.max(1);
+    for (tenant, ids) in by_tenant {
+        let notices = understand::resync_profiles(
+            &state.store,
+            TenantId(tenant),
+            &ids,
+            now,
+            batch,
+            "events purged (platform retention)",
+            |segment| segment.deps.any_event || !segment.deps.event_names.is_empty(),
+        )
+        .await?;
+        report.count(&notices);
+        state.bus.publish(notices);
+    }
     Ok(())
 }
 

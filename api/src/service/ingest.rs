@@ -666,10 +666,11 @@ async fn apply<'a>(
         .flatten()
         .map(|message| message.message_id.clone())
         .collect();
-    let stored: HashSet<String> = store::events::existing_message_ids(tx, &message_ids)
-        .await?
-        .into_iter()
-        .collect();
+    let stored: HashSet<String> =
+        store::events::existing_message_ids(tx, state.store.events_partitioned(), &message_ids)
+            .await?
+            .into_iter()
+            .collect();
     let owner_list: Vec<Uuid> = owner_ids.iter().copied().collect();
     work.sealer = state.vault.sealer(tx, pii.clone(), &owner_list).await?;
     // Read after the profiles' locks: an erasure that held them has committed its suppressions.

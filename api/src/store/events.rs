@@ -11,11 +11,17 @@ use super::{StoreResult, TenantTx};
 
 pub use events::Model as EventRow;
 
-/// Which of these message ids are already stored.
+/// Which of these message ids are already stored. When the events table is partitioned the
+/// register of message ids answers (one primary-key lookup each, whatever the number of
+/// partitions); otherwise the unique index of `events`.
 pub async fn existing_message_ids(
     tx: &TenantTx,
+    partitioned: bool,
     message_ids: &[String],
 ) -> StoreResult<Vec<String>> {
+    if partitioned {
+        return super::partitions::existing_message_ids(tx, message_ids).await;
+    }
     let mut found = Vec::new();
     for chunk in message_ids.chunks(500) {
         let rows: Vec<String> = events::Entity::find()

@@ -21,6 +21,7 @@ pub mod ingest;
 pub mod keys;
 pub mod lifecycle;
 pub mod outbox;
+pub mod partitions;
 pub mod privacy;
 pub mod profiles;
 pub mod roles;
@@ -105,6 +106,10 @@ pub struct Store {
     /// A random id of this pool, which tells this process's notifications from other
     /// processes' (see `fanout`).
     origin: uuid::Uuid,
+    /// Whether `events` was a partitioned table when the pool connected (PostgreSQL only; see
+    /// `partitions`). Read once: converting the table while the service runs is safe (duplicate
+    /// detection then still reads `events`, only slower) and picked up at the next start.
+    events_partitioned: bool,
 }
 
 /// Options for opening the store.
@@ -159,15 +164,22 @@ impl Store {
                 ))))
             }
         };
+        let events_partitioned = migration::partitions::is_partitioned(&db).await?;
         Ok(Store {
             db,
             backend,
             origin: uuid::Uuid::new_v4(),
+            events_partitioned,
         })
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// True when `events` is partitioned by time (seen when the pool connected).
+    pub fn events_partitioned(&self) -> bool {
+        self.events_partitioned
     }
 
     /// On SQLite, copies the write-ahead log into the database file and truncates it, so that

@@ -103,6 +103,18 @@ impl TestDb {
                 .await
                 .expect("connect as owner");
                 store.migrate().await.expect("migrate");
+                // `CDP_TEST_PARTITION_EVENTS=month` (or week, day) runs the suite on a
+                // partitioned events table, as `cdp events partition` makes it.
+                if let Some(interval) = std::env::var("CDP_TEST_PARTITION_EVENTS")
+                    .ok()
+                    .filter(|value| !value.is_empty())
+                {
+                    let interval = api::store::partitions::Interval::parse(&interval)
+                        .expect("CDP_TEST_PARTITION_EVENTS is day, week or month");
+                    api::store::partitions::convert(&store, interval)
+                        .await
+                        .expect("partition the events table");
+                }
                 admin
                     .execute_unprepared(&format!(
                         "DO $$ BEGIN
@@ -434,9 +446,13 @@ pub async fn tables_with_column(db: &TestDb, column: &str) -> std::collections::
             "SELECT m.name FROM sqlite_master m WHERE m.type = 'table'
              AND EXISTS (SELECT 1 FROM pragma_table_info(m.name) p WHERE p.name = ?)"
         }
+        // Partitions (of a partitioned events table) are not tables of the schema of their own.
         Backend::Postgres => {
-            "SELECT table_name::text FROM information_schema.columns
-             WHERE table_schema = 'public' AND column_name = $1"
+            "SELECT c.relname::text FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             JOIN pg_attribute a ON a.attrelid = c.oid AND NOT a.attisdropped
+             WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+               AND a.attname = $1"
         }
     };
     owner
