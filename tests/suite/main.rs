@@ -7,6 +7,7 @@ mod accounts;
 mod analytics;
 mod backup;
 mod bad_input;
+mod browser;
 mod campaigns;
 mod citus;
 mod collect;

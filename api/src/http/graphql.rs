@@ -160,8 +160,9 @@ pub async fn post(
     run(request, state, schema, operations, client_ip, None).await
 }
 
-/// `GET /graphql`: the GraphiQL page, or, with `query` or `extensions` in the query string, a
-/// GraphQL query (a persisted query's hash alone makes a short, cacheable URL).
+/// `GET /graphql`: the GraphiQL page (for a browser, or without a query), or, with `query` or
+/// `extensions` in the query string, a GraphQL query (a persisted query's hash alone makes a
+/// short, cacheable URL).
 #[handler]
 pub async fn get(
     request: &Request,
@@ -169,11 +170,18 @@ pub async fn get(
     Data(schema): Data<&CdpSchema>,
 ) -> Response {
     let query_string = request.uri().query().unwrap_or_default();
-    let is_graphql = query_string.split('&').any(|pair| {
+    let has_operation = query_string.split('&').any(|pair| {
         let key = pair.split('=').next().unwrap_or_default();
         key == "query" || key == "extensions"
     });
-    if !is_graphql {
+    // A browser navigating to the address asks for HTML: the page, which opens with the query
+    // of the URL in its editor (a shareable link). GraphQL clients ask for JSON.
+    let wants_page = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"));
+    if !has_operation || wants_page {
         return super::graphiql::page_response();
     }
     let client_ip = client::client_ip(request, &state.config.abuse.trusted_proxies);
