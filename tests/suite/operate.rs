@@ -433,3 +433,17 @@ async fn large_graphql_answers_are_gzipped_for_clients_that_accept_it() {
     assert!(!refused.headers().contains_key("content-encoding"));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_unreachable_database_stops_the_start_at_once_with_the_reason() {
+    let data = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1.
+    let config = api::config::Config::for_tests(data.path(), "postgres://postgres@127.0.0.1:1/cdp");
+    let error = match api::startup::build(config).await {
+        Ok(_) => panic!("a server without its database must not start"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(error.contains("CDP_DATABASE_URL"), "{error}");
+    // The reason, not the pool's "timed out" after its acquire timeout.
+    assert!(error.contains("refused"), "{error}");
+}

@@ -154,6 +154,28 @@ impl Store {
             .map_sqlx_postgres_opts(|options| {
                 options.options([("plan_cache_mode", "force_custom_plan")])
             });
+        // The pool reports an unreachable server only as "pool timed out" after its acquire
+        // timeout: one plain connection first says why (refused, unknown host, bad password,
+        // no such database), at once.
+        if options.url.starts_with("postgres") {
+            use sea_orm::sqlx::Connection;
+            let probe = tokio::time::timeout(
+                Duration::from_secs(10),
+                sea_orm::sqlx::PgConnection::connect(&options.url),
+            )
+            .await;
+            match probe {
+                Err(_) => {
+                    return Err(StoreError::Db(DbErr::Custom(
+                        "the database did not answer within 10 s".to_owned(),
+                    )))
+                }
+                Ok(Err(error)) => return Err(StoreError::Db(DbErr::Custom(error.to_string()))),
+                Ok(Ok(connection)) => {
+                    let _ = connection.close().await;
+                }
+            }
+        }
         let db = Database::connect(connect).await?;
         let backend = match db.get_database_backend() {
             DbBackend::Postgres => Backend::Postgres,
