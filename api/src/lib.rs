@@ -18,3 +18,5 @@ pub mod metrics;
 pub mod service;
 pub mod startup;
 pub mod store;
+#[cfg(feature = "otel")]
+pub mod telemetry;

@@ -153,13 +153,17 @@ fn init_tracing() {
         .unwrap_or_else(|| "info".to_owned());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let registry = tracing_subscriber::registry().with(filter);
+    // With the `otel` feature, spans are exported too when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[cfg(feature = "otel")]
+    let registry = registry.with(api::telemetry::layer());
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if std::env::var("CDP_LOG_FORMAT").is_ok_and(|format| format == "json") {
-        builder.json().init();
+        registry.with(lines.json()).init();
     } else {
-        builder.init();
+        registry.with(lines).init();
     }
 }
 
@@ -181,7 +185,10 @@ async fn main() -> anyhow::Result<()> {
                 application.scheme(),
                 application.address()
             );
-            application.run_until_signal().await
+            let stopped = application.run_until_signal().await;
+            #[cfg(feature = "otel")]
+            api::telemetry::shutdown();
+            stopped
         }
         Command::Migrate => {
             api::startup::state(config, Arc::new(SystemClock)).await?;
