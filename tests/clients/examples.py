@@ -109,6 +109,14 @@ def main(argv):
         return 2
     _, url, access_token, write_key, node_dir = argv
     env = dict(os.environ, CDP_URL=url)
+
+    # Every example file must be run here: a new one fails this script until it is added.
+    on_disk = {f"python/{f}" for f in os.listdir(PYTHON_EXAMPLES) if f.endswith(".py")}
+    on_disk |= {f"node/{f}" for f in os.listdir(os.path.join(ROOT, "docs", "examples", "node")) if f.endswith(".mjs")}
+    known = {name for name, _, _ in INGESTION} | {"node/subscriber.mjs", "node/apollo_persisted.mjs"}
+    if on_disk != known:
+        print(f"FAIL examples not run by examples.py: {sorted(on_disk - known)}; missing: {sorted(known - on_disk)}", file=sys.stderr)
+        return 1
     passed, failed = 0, 0
 
     def result(name, check):
