@@ -3,8 +3,8 @@
 // then knows it by its hash, and GET answers may be cached by the browser (docs/api.md,
 // "GET, persisted queries and compression").
 //
-// Run (Node 18 or later):
-//   npm install @apollo/client@4.3.8 graphql@17.1.0 rxjs@7.8.2
+// Run (Node 20 or later):
+//   npm install @apollo/client@4.3.8 graphql@16.15.0 rxjs@7.8.2
 //   CDP_URL=http://127.0.0.1:8080 CDP_TOKEN=... node apollo_persisted.mjs
 //
 // Environment:

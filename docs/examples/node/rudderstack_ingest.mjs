@@ -1,6 +1,6 @@
 // Sends a person and an order to the CDP with RudderStack's Node library.
 //
-// Run (Node 18 or later):
+// Run (Node 20 or later):
 //   npm install @rudderstack/rudder-sdk-node@3.0.13
 //   CDP_URL=http://127.0.0.1:8080 WRITE_KEY=cdp_wk_... node rudderstack_ingest.mjs
 //

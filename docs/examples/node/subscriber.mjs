@@ -1,8 +1,8 @@
 // Watches the CDP in real time over GraphQL subscriptions (graphql-ws, protocol
 // graphql-transport-ws): prints one line per stored event and per segment entry or exit.
 //
-// Run (Node 18 or later; Node 22 has a WebSocket of its own, older ones use the ws package):
-//   npm install graphql-ws@6.4.2 ws@8.23.0
+// Run (Node 20 or later; Node 22 has a WebSocket of its own, older ones use the ws package):
+//   npm install graphql-ws@5.16.2 ws@8.23.0
 //   CDP_URL=http://127.0.0.1:8080 CDP_TOKEN=... node subscriber.mjs
 // Stop it with Ctrl-C.
 //
