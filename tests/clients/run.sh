@@ -6,10 +6,16 @@
 # segment-analytics-python, rudder-sdk-python, @segment/analytics-node and
 # @rudderstack/rudder-sdk-node (send.py, send.mjs), then checks the profiles, events and
 # data-quality counts through GraphQL (verify.py).
+# Then runs the examples of docs/examples against the same server (examples.py: the Python
+# and Node ingestion examples, the graphql-ws subscriber in the background, Apollo Client with
+# persisted queries) and follows docs/quickstart.md with its own GraphQL blocks in a tenant
+# of its own (quickstart.py).
 #
-# Needs: cargo, python3 (with pip), node >= 18 and npm. Installs the pinned libraries when
-# missing: requirements.txt with pip, node/package-lock.json with npm ci.
-# Prints `clients: 4 passed, 0 failed` and exits 0 on success.
+# Needs: python3 (with pip), node >= 18 and npm, and cargo unless CDP_BIN names a built
+# `cdp` binary to use instead of building one. Installs the pinned libraries when missing:
+# requirements.txt with pip, node/package-lock.json with npm ci.
+# Prints `clients: 4 passed, 0 failed`, `examples: 7 passed, 0 failed`,
+# `quickstart: 12 blocks passed` and finally `clients: all passed`, and exits 0 on success.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,21 +30,31 @@ fail() {
   exit 1
 }
 
-for tool in cargo python3 node npm; do
+for tool in python3 node npm; do
   command -v "$tool" >/dev/null || fail "$tool is required"
 done
 node_major="$(node -p 'process.versions.node.split(".")[0]')"
 [ "$node_major" -ge 18 ] || fail "node >= 18 is required (found $(node --version))"
 
-echo "clients: building cdp"
-cargo build --quiet --bin cdp
-cdp="${CARGO_TARGET_DIR:-$root/target}/debug/cdp"
+if [ -n "${CDP_BIN:-}" ]; then
+  cdp="$CDP_BIN"
+  echo "clients: using $cdp (CDP_BIN)"
+else
+  command -v cargo >/dev/null || fail "cargo is required (or set CDP_BIN to a built cdp binary)"
+  echo "clients: building cdp"
+  cargo build --quiet --bin cdp
+  cdp="${CARGO_TARGET_DIR:-$root/target}/debug/cdp"
+fi
 [ -x "$cdp" ] || fail "no binary at $cdp"
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/cdp-clients.XXXXXX")"
+# Node resolves packages from a script's own folder, so the Node examples run as copies
+# next to node/node_modules.
+examples_dir="$here/node/.examples"
 server_pid=""
 cleanup() {
   status=$?
+  rm -rf "$examples_dir"
   if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
     kill "$server_pid" 2>/dev/null || true
     wait "$server_pid" 2>/dev/null || true
@@ -85,6 +101,7 @@ key_segment_python="$(python3 "$here/gql.py" api-key "$url" "$access_token" segm
 key_rudder_python="$(python3 "$here/gql.py" api-key "$url" "$access_token" rudder-python SERVER)"
 key_segment_node="$(python3 "$here/gql.py" api-key "$url" "$access_token" segment-node SERVER)"
 key_rudder_node="$(python3 "$here/gql.py" api-key "$url" "$access_token" rudder-node SERVER)"
+key_examples="$(python3 "$here/gql.py" api-key "$url" "$access_token" examples SERVER)"
 
 # The Python libraries, pinned in requirements.txt, installed when missing or at another version.
 if ! python3 - "$here/requirements.txt" <<'EOF'
@@ -122,4 +139,16 @@ timeout 180 node "$here/send.mjs" "$url" "$key_segment_node" "$key_rudder_node" 
 verified=0
 python3 "$here/verify.py" "$url" "$access_token" "$manifest" "$libraries" || verified=1
 
-[ "$sent" -eq 0 ] && [ "$verified" -eq 0 ] || exit 1
+# The examples of docs/examples, as a newcomer runs them, against the same server.
+rm -rf "$examples_dir"
+mkdir -p "$examples_dir"
+cp "$root"/docs/examples/node/*.mjs "$examples_dir/"
+examples=0
+timeout 300 python3 "$here/examples.py" "$url" "$access_token" "$key_examples" "$examples_dir" || examples=1
+
+# docs/quickstart.md, block by block, in a tenant of its own (mail in $tmp/mail).
+quickstart=0
+timeout 300 python3 "$here/quickstart.py" "$url" "$tmp/mail" || quickstart=1
+
+[ "$sent" -eq 0 ] && [ "$verified" -eq 0 ] && [ "$examples" -eq 0 ] && [ "$quickstart" -eq 0 ] || exit 1
+echo "clients: all passed"
