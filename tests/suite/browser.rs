@@ -79,8 +79,15 @@ impl Session {
     }
 }
 
-#[tokio::test]
-async fn graphiql_runs_a_query_in_a_real_browser() {
+/// A headless Chromium session; the browser and its driver end when it is dropped.
+struct Browser {
+    session: Session,
+    _driver: Driver,
+}
+
+/// Starts ChromeDriver and a headless Chromium, or returns `None` (saying why) when they are
+/// not installed.
+async fn start_browser() -> Option<Browser> {
     let (Some(chromedriver), Some(chromium)) = (
         executable("CDP_TEST_CHROMEDRIVER", "/usr/bin/chromedriver"),
         executable("CDP_TEST_CHROMIUM", "/usr/bin/chromium"),
@@ -92,17 +99,15 @@ async fn graphiql_runs_a_query_in_a_real_browser() {
         eprintln!(
             "browser test skipped: install Debian's chromium and chromium-driver (CI does) to run it"
         );
-        return;
+        return None;
     };
-    let smtp = SmtpSink::start().await;
-    let server = TestServer::start(Backend::Sqlite, &smtp).await;
 
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let _driver = Driver(
+    let driver_process = Driver(
         Command::new(chromedriver)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -150,10 +155,69 @@ async fn graphiql_runs_a_query_in_a_real_browser() {
         .as_str()
         .unwrap_or_else(|| panic!("a WebDriver session: {created}"))
         .to_owned();
-    let session = Session {
-        client: client.clone(),
-        base: format!("{driver}/session/{session_id}"),
+    Some(Browser {
+        session: Session {
+            client: client.clone(),
+            base: format!("{driver}/session/{session_id}"),
+        },
+        _driver: driver_process,
+    })
+}
+
+impl Session {
+    /// The WebDriver id of the element `selector` matches.
+    async fn element(&self, selector: &str) -> String {
+        let found = self
+            .call(
+                reqwest::Method::POST,
+                "/element",
+                json!({"using": "css selector", "value": selector}),
+            )
+            .await;
+        found[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {selector}: {found}"))
+            .to_owned()
+    }
+
+    async fn click(&self, selector: &str) {
+        let element = self.element(selector).await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{element}/click"),
+            json!({}),
+        )
+        .await;
+    }
+
+    async fn type_into(&self, selector: &str, text: &str) {
+        let element = self.element(selector).await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{element}/value"),
+            json!({"text": text}),
+        )
+        .await;
+    }
+
+    async fn open(&self, url: &str) {
+        self.call(reqwest::Method::POST, "/url", json!({"url": url}))
+            .await;
+    }
+
+    async fn close(&self) {
+        self.call(reqwest::Method::DELETE, "", json!({})).await;
+    }
+}
+
+#[tokio::test]
+async fn graphiql_runs_a_query_in_a_real_browser() {
+    let Some(browser) = start_browser().await else {
+        return;
     };
+    let session = &browser.session;
+    let smtp = SmtpSink::start().await;
+    let server = TestServer::start(Backend::Sqlite, &smtp).await;
 
     // The page opens with the query of its URL in the editor.
     let query = "query Probe { __typename }";
@@ -165,9 +229,7 @@ async fn graphiql_runs_a_query_in_a_real_browser() {
             .replace('{', "%7B")
             .replace('}', "%7D")
     );
-    session
-        .call(reqwest::Method::POST, "/url", json!({"url": url}))
-        .await;
+    session.open(&url).await;
     // Every asset came from the server: GraphiQL rendered its editor.
     session
         .wait_for_text(
@@ -175,21 +237,7 @@ async fn graphiql_runs_a_query_in_a_real_browser() {
             "Probe",
         )
         .await;
-    let button = session
-        .call(
-            reqwest::Method::POST,
-            "/element",
-            json!({"using": "css selector", "value": ".graphiql-execute-button"}),
-        )
-        .await;
-    let button = button[ELEMENT].as_str().expect("the run button").to_owned();
-    session
-        .call(
-            reqwest::Method::POST,
-            &format!("/element/{button}/click"),
-            json!({}),
-        )
-        .await;
+    session.click(".graphiql-execute-button").await;
     let shown = session
         .wait_for_text(
             "var e = document.querySelector('.graphiql-response'); return e ? e.innerText : '';",
@@ -204,6 +252,88 @@ async fn graphiql_runs_a_query_in_a_real_browser() {
         )
         .await;
     assert_eq!(foreign, json!([]), "resources from other origins");
-    session.call(reqwest::Method::DELETE, "", json!({})).await;
+    session.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_activation_link_of_the_email_opens_a_page_that_activates_the_account() {
+    let Some(browser) = start_browser().await else {
+        return;
+    };
+    let session = &browser.session;
+    let smtp = SmtpSink::start().await;
+    let server = TestServer::start(Backend::Sqlite, &smtp).await;
+    let slug = slug("page");
+    server
+        .gql_ok(
+            None,
+            SIGN_UP,
+            json!({"input": {"tenantName": "Page Inc", "tenantSlug": slug, "email": "owner@page.example"}}),
+        )
+        .await;
+    let mail = mail_to(&smtp, 1, "owner@page.example").await;
+    let token = token_from_link(&mail.text(), "/activate");
+
+    session
+        .open(&server.url(&format!("/activate?token={token}")))
+        .await;
+    session
+        .wait_for_text(
+            "return document.getElementById('title').innerText;",
+            "Activate your account",
+        )
+        .await;
+    // Two different passwords are caught on the page.
+    session.type_into("#password", PASSWORD).await;
+    session
+        .type_into("#confirm", "something else entirely")
+        .await;
+    session.click("#submit").await;
+    session
+        .wait_for_text(
+            "return document.getElementById('outcome').innerText;",
+            "differ",
+        )
+        .await;
+    let confirm = session.element("#confirm").await;
+    session
+        .call(
+            reqwest::Method::POST,
+            &format!("/element/{confirm}/clear"),
+            json!({}),
+        )
+        .await;
+    session.type_into("#confirm", PASSWORD).await;
+    session.click("#submit").await;
+    session
+        .wait_for_text(
+            "return document.getElementById('outcome').innerText;",
+            "Account activated for owner@page.example",
+        )
+        .await;
+    // The password chosen on the page signs in; the link is spent.
+    let login = server
+        .gql_ok(
+            None,
+            LOGIN,
+            json!({"slug": slug, "email": "owner@page.example", "password": PASSWORD}),
+        )
+        .await;
+    assert_eq!(login["login"]["user"]["status"], "ACTIVE");
+    session
+        .open(&server.url(&format!("/activate?token={token}")))
+        .await;
+    session.type_into("#password", PASSWORD).await;
+    session.type_into("#confirm", PASSWORD).await;
+    session.click("#submit").await;
+    let shown = session
+        .wait_for_text(
+            "var o = document.getElementById('outcome'); return o.className + ': ' + o.innerText;",
+            "failed: ",
+        )
+        .await;
+    assert!(shown.len() > "failed: ".len(), "the page says why: {shown}");
+    session.close().await;
     server.stop().await;
 }

@@ -4,6 +4,7 @@
 //! are checked before any operation runs; every error body carries a contract error code; every
 //! route but `/graphql/ws` answers within the request timeout.
 
+mod account;
 mod client;
 mod collect;
 mod graphiql;
@@ -69,6 +70,11 @@ pub fn routes(state: AppState, schema: CdpSchema) -> poem::Route {
         .nest("/v1", collection)
         .nest("/graphql", graphql_routes)
         .at("/healthz", get(health::healthz))
+        .at("/activate", get(account::page).with(timeout(Shape::Plain)))
+        .at(
+            "/reset-password",
+            get(account::page).with(timeout(Shape::Plain)),
+        )
         .at("/readyz", get(health::readyz).with(timeout(Shape::Plain)))
         .at(
             "/metrics",

@@ -97,6 +97,8 @@ fn route_label(path: &str) -> &'static str {
         "/readyz",
         "/metrics",
         "/unsubscribe",
+        "/activate",
+        "/reset-password",
     ];
     let trimmed = match path.trim_end_matches('/') {
         "" => "/",
