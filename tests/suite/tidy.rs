@@ -138,3 +138,85 @@ fn tenant_data_is_reached_only_through_tenant_or_system_transactions() {
         Vec::<String>::new()
     );
 }
+
+/// Every `"CDP_…"` name in `text`.
+fn variable_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.split("\"CDP_")
+        .skip(1)
+        .filter_map(|rest| {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            rest[name.len()..]
+                .starts_with('"')
+                .then(|| format!("CDP_{name}"))
+        })
+        .collect()
+}
+
+/// The configuration reference (docs/configuration.md) is held to the code: every variable the
+/// service reads is in it, every variable in it is read, and each default the code parses is
+/// the default the reference gives.
+#[test]
+fn the_configuration_reference_matches_the_code() {
+    let root = workspace();
+    let mut read = std::collections::BTreeSet::new();
+    for file in rust_files(&root.join("api/src")) {
+        // The benchmark tool and the test harness have their own variables.
+        if file
+            .components()
+            .any(|part| part.as_os_str() == "cdp-bench")
+        {
+            continue;
+        }
+        read.extend(variable_names(&std::fs::read_to_string(&file).unwrap()));
+    }
+    read.retain(|name| !name.starts_with("CDP_TEST_"));
+    let reference = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
+    let mut documented = std::collections::BTreeMap::new();
+    for line in reference.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cells.len() > 3 && cells[1].starts_with("`CDP_") {
+            documented.insert(cells[1].trim_matches('`').to_owned(), cells[2].to_owned());
+        }
+    }
+    let missing: Vec<_> = read
+        .iter()
+        .filter(|name| !documented.contains_key(*name))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "read by the code but not in docs/configuration.md: {missing:?}"
+    );
+    let stale: Vec<_> = documented
+        .keys()
+        .filter(|name| !read.contains(*name))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "in docs/configuration.md but read nowhere: {stale:?}"
+    );
+
+    let config = std::fs::read_to_string(root.join("api/src/config.rs")).unwrap();
+    let mut checked = 0;
+    for call in config.split("parse_var(").skip(1) {
+        let mut quoted = call.split('"').skip(1).step_by(2);
+        let (Some(name), Some(default)) = (quoted.next(), quoted.next()) else {
+            continue;
+        };
+        if !name.starts_with("CDP_") {
+            continue;
+        }
+        let cell = &documented[name];
+        assert!(
+            cell.contains(&format!("`{default}`")),
+            "{name}: the code's default is {default:?}, docs/configuration.md says {cell:?}"
+        );
+        checked += 1;
+    }
+    assert!(
+        checked > 30,
+        "only {checked} parsed defaults found: did parse_var change?"
+    );
+}
