@@ -155,7 +155,7 @@ fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::Registry::default().with(filter);
     // With the `otel` feature, spans are exported too when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     #[cfg(feature = "otel")]
     let registry = registry.with(api::telemetry::layer());
