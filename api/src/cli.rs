@@ -1,5 +1,8 @@
 //! Operator commands of the `cdp` binary that do more than call one use case: `cdp import`,
-//! `cdp events partition`, and the progress bars of `cdp backup` and `cdp restore`.
+//! `cdp events partition`, and the progress bars of `cdp backup` and `cdp restore`; the account
+//! commands (`cdp tenant`, `cdp user`, `cdp apikey`) are in `accounts`.
+
+pub mod accounts;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;

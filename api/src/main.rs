@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use api::config::Config;
-use api::service::{accounts, backup, privacy, RequestMeta, SystemClock};
+use api::service::{backup, privacy, RequestMeta, SystemClock};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -20,11 +20,8 @@ enum Command {
     Serve,
     /// Apply pending migrations and exit.
     Migrate,
-    /// Manage tenants.
-    Tenant {
-        #[command(subcommand)]
-        command: TenantCommand,
-    },
+    #[command(flatten)]
+    Accounts(api::cli::accounts::AccountCommand),
     /// Print the GraphQL schema (SDL).
     Schema,
     /// Export or erase a person's data (GDPR access and erasure).
@@ -130,19 +127,6 @@ enum KeysCommand {
     Rotate,
 }
 
-#[derive(Subcommand)]
-enum TenantCommand {
-    /// Create a tenant and its owner; prints the owner's activation link.
-    Create {
-        #[arg(long)]
-        slug: String,
-        #[arg(long)]
-        name: String,
-        #[arg(long = "owner-email")]
-        owner_email: String,
-    },
-}
-
 /// Logs go to standard error, filtered by `CDP_LOG` (default `info`), as text or, with
 /// `CDP_LOG_FORMAT=json`, JSON lines. Set up before the configuration is read, so that its
 /// warnings (a generated secret, for example) are seen.
@@ -195,34 +179,11 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("database is up to date");
             Ok(())
         }
-        Command::Tenant {
-            command:
-                TenantCommand::Create {
-                    slug,
-                    name,
-                    owner_email,
-                },
-        } => {
-            let public_url = config.public_url.clone();
+        Command::Accounts(command) => {
             let state = api::startup::state(config, Arc::new(SystemClock)).await?;
-            let (tenant, user, token) = accounts::sign_up(
-                &state,
-                &RequestMeta::default(),
-                accounts::SignUpCommand {
-                    tenant_name: name,
-                    tenant_slug: slug,
-                    email: owner_email,
-                },
-            )
-            .await
-            .map_err(|error| anyhow::anyhow!("{error}"))
-            .context("cannot create the tenant")?;
-            println!(
-                "tenant {} ({}) created; owner {} is pending",
-                tenant.slug, tenant.id, user.email
-            );
-            println!("activation link: {public_url}/activate?token={token}");
-            Ok(())
+            let invocation = api::cli::accounts::Invocation::from_env();
+            let mut out = std::io::stdout().lock();
+            api::cli::accounts::run(&state, &invocation, command, &mut out).await
         }
         Command::Import {
             tenant,
@@ -273,10 +234,7 @@ async fn main() -> anyhow::Result<()> {
             let tenant_id = domain::TenantId(tenant.id);
             let profile_id = uuid::Uuid::parse_str(profile.trim())
                 .with_context(|| format!("{profile:?} is not a profile id"))?;
-            let operator = format!(
-                "operator:{}",
-                std::env::var("USER").unwrap_or_else(|_| "cli".to_owned())
-            );
+            let operator = format!("operator:{}", api::cli::accounts::operator_name());
             match command {
                 PrivacyCommand::Export { out, .. } => {
                     let document = privacy::export_as(
@@ -380,10 +338,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Restore { tenant, file, keys } => {
             let state = api::startup::state(config, Arc::new(SystemClock)).await?;
-            let operator = format!(
-                "operator:{}",
-                std::env::var("USER").unwrap_or_else(|_| "cli".to_owned())
-            );
+            let operator = format!("operator:{}", api::cli::accounts::operator_name());
             let summary = api::cli::restore(
                 &state,
                 backup::RestoreCommand {

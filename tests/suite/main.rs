@@ -15,6 +15,7 @@ mod http_surface;
 mod import;
 mod isolation;
 mod operate;
+mod operator;
 mod outbox;
 mod partitions;
 mod privacy;

@@ -94,6 +94,52 @@ pub struct Me {
     pub permissions: Vec<Permission>,
 }
 
+/// The operator at the command line (`cdp user …`, `cdp apikey …`), acting in one tenant with
+/// every right of an owner. The audit log names them `operator:NAME`.
+#[derive(Debug, Clone)]
+pub struct Operator {
+    pub tenant_id: TenantId,
+    /// Who runs the command (the login name of the shell, or `cli`).
+    pub name: String,
+}
+
+impl Operator {
+    fn actor(&self) -> String {
+        format!("operator:{}", self.name)
+    }
+}
+
+/// Who manages accounts in a use case: a user principal whose permission the caller checked, or
+/// the operator at the command line. Both go through the same use case.
+#[derive(Clone, Copy)]
+enum Manager<'a> {
+    User(&'a Principal),
+    Operator(&'a Operator),
+}
+
+impl Manager<'_> {
+    fn tenant_id(&self) -> TenantId {
+        match self {
+            Manager::User(principal) => principal.tenant_id,
+            Manager::Operator(operator) => operator.tenant_id,
+        }
+    }
+
+    fn actor(&self) -> String {
+        match self {
+            Manager::User(principal) => principal.actor(),
+            Manager::Operator(operator) => operator.actor(),
+        }
+    }
+
+    fn user_id(&self) -> Option<UserId> {
+        match self {
+            Manager::User(principal) => principal.user_id(),
+            Manager::Operator(_) => None,
+        }
+    }
+}
+
 pub struct SignUpCommand {
     pub tenant_name: String,
     pub tenant_slug: String,
@@ -527,11 +573,11 @@ pub async fn reset_password(
     Ok(session)
 }
 
-/// Checks role names against the tenant's roles and the principal's right to grant them: only an
-/// owner may grant or take away the owner role.
+/// Checks role names against the tenant's roles and the manager's right to grant them: only an
+/// owner (or the operator) may grant or take away the owner role.
 async fn checked_roles(
     tx: &TenantTx,
-    principal: &Principal,
+    manager: Manager<'_>,
     roles: &[String],
 ) -> ServiceResult<Vec<String>> {
     let mut names = BTreeSet::new();
@@ -548,13 +594,16 @@ async fn checked_roles(
         names.insert(name.as_str().to_owned());
     }
     if names.contains(BuiltInRole::Owner.name()) {
-        require_owner(tx, principal).await?;
+        require_owner(tx, manager).await?;
     }
     Ok(names.into_iter().collect())
 }
 
-async fn require_owner(tx: &TenantTx, principal: &Principal) -> ServiceResult<()> {
-    let is_owner = match principal.user_id() {
+async fn require_owner(tx: &TenantTx, manager: Manager<'_>) -> ServiceResult<()> {
+    if let Manager::Operator(_) = manager {
+        return Ok(());
+    }
+    let is_owner = match manager.user_id() {
         Some(user_id) => store::users::roles_of(tx, user_id)
             .await?
             .iter()
@@ -592,10 +641,35 @@ pub async fn invite_user(
     roles: &[String],
 ) -> ServiceResult<User> {
     let principal = require_account_manager(principal, Permission::UsersManage)?;
+    let (user, _token) = invite(state, Manager::User(principal), meta, email, roles).await?;
+    Ok(user)
+}
+
+/// `invite_user` for the operator; also returns the activation token, for the command line to
+/// print as `cdp tenant create` does.
+#[tracing::instrument(skip_all, fields(tenant_id = %operator.tenant_id))]
+pub async fn invite_user_as(
+    state: &AppState,
+    operator: &Operator,
+    meta: &RequestMeta,
+    email: &str,
+    roles: &[String],
+) -> ServiceResult<(User, String)> {
+    invite(state, Manager::Operator(operator), meta, email, roles).await
+}
+
+/// Creates a pending user with roles and queues the activation email, in one transaction.
+async fn invite(
+    state: &AppState,
+    manager: Manager<'_>,
+    meta: &RequestMeta,
+    email: &str,
+    roles: &[String],
+) -> ServiceResult<(User, String)> {
     let email = Email::parse(email)?;
     let now = state.now();
-    let tx = state.store.begin(principal.tenant_id).await?;
-    let roles = checked_roles(&tx, principal, roles).await?;
+    let tx = state.store.begin(manager.tenant_id()).await?;
+    let roles = checked_roles(&tx, manager, roles).await?;
     let user_id = UserId(Uuid::now_v7());
     let row = store::users::insert(&tx, user_id, &email, UserStatus::Pending, now).await?;
     store::users::set_roles(&tx, user_id, &roles).await?;
@@ -606,14 +680,14 @@ pub async fn invite_user(
         state,
         &tx,
         meta,
-        &principal.actor(),
+        &manager.actor(),
         "user.invite",
         Some(&format!("user:{user_id}")),
         Some(json!({"email": email.as_str(), "roles": roles})),
     )
     .await?;
     tx.commit().await?;
-    Ok(user_from_row(row, roles))
+    Ok((user_from_row(row, roles), token))
 }
 
 #[tracing::instrument(skip_all, fields(tenant_id = ?principal.map(|p| p.tenant_id)))]
@@ -626,16 +700,38 @@ pub async fn set_user_roles(
 ) -> ServiceResult<User> {
     let principal = require_account_manager(principal, Permission::UsersManage)?;
     let user_id = parse_id(user_id, "userId", "user").map(UserId)?;
-    let tx = state.store.begin(principal.tenant_id).await?;
+    set_roles(state, Manager::User(principal), meta, user_id, roles).await
+}
+
+/// `set_user_roles` for the operator.
+#[tracing::instrument(skip_all, fields(tenant_id = %operator.tenant_id))]
+pub async fn set_user_roles_as(
+    state: &AppState,
+    operator: &Operator,
+    meta: &RequestMeta,
+    user_id: UserId,
+    roles: &[String],
+) -> ServiceResult<User> {
+    set_roles(state, Manager::Operator(operator), meta, user_id, roles).await
+}
+
+async fn set_roles(
+    state: &AppState,
+    manager: Manager<'_>,
+    meta: &RequestMeta,
+    user_id: UserId,
+    roles: &[String],
+) -> ServiceResult<User> {
+    let tx = state.store.begin(manager.tenant_id()).await?;
     let before = load_user(&tx, user_id).await?;
-    let roles = checked_roles(&tx, principal, roles).await?;
+    let roles = checked_roles(&tx, manager, roles).await?;
     let had_owner = before
         .roles
         .iter()
         .any(|role| role == BuiltInRole::Owner.name());
     let keeps_owner = roles.iter().any(|role| role == BuiltInRole::Owner.name());
     if had_owner && !keeps_owner {
-        require_owner(&tx, principal).await?;
+        require_owner(&tx, manager).await?;
     }
     store::users::set_roles(&tx, user_id, &roles).await?;
     ensure_an_active_owner(&tx).await?;
@@ -643,7 +739,7 @@ pub async fn set_user_roles(
         state,
         &tx,
         meta,
-        &principal.actor(),
+        &manager.actor(),
         "user.set_roles",
         Some(&format!("user:{user_id}")),
         Some(json!({"before": before.roles, "after": roles})),
@@ -671,15 +767,37 @@ pub async fn deactivate_user(
 ) -> ServiceResult<User> {
     let principal = require_account_manager(principal, Permission::UsersManage)?;
     let user_id = parse_id(user_id, "userId", "user").map(UserId)?;
+    deactivate(state, Manager::User(principal), meta, user_id).await
+}
+
+/// `deactivate_user` for the operator.
+#[tracing::instrument(skip_all, fields(tenant_id = %operator.tenant_id))]
+pub async fn deactivate_user_as(
+    state: &AppState,
+    operator: &Operator,
+    meta: &RequestMeta,
+    user_id: UserId,
+) -> ServiceResult<User> {
+    deactivate(state, Manager::Operator(operator), meta, user_id).await
+}
+
+/// Deactivates a user: they cannot sign in, every session of theirs is revoked (an access token
+/// stops working at its next request, which checks the user) and their unused links are retired.
+async fn deactivate(
+    state: &AppState,
+    manager: Manager<'_>,
+    meta: &RequestMeta,
+    user_id: UserId,
+) -> ServiceResult<User> {
     let now = state.now();
-    let tx = state.store.begin(principal.tenant_id).await?;
+    let tx = state.store.begin(manager.tenant_id()).await?;
     let user = load_user(&tx, user_id).await?;
     if user
         .roles
         .iter()
         .any(|role| role == BuiltInRole::Owner.name())
     {
-        require_owner(&tx, principal).await?;
+        require_owner(&tx, manager).await?;
     }
     store::users::set_status(&tx, user_id, UserStatus::Deactivated, now).await?;
     store::sessions::revoke_all_of_user(&tx, user_id, now).await?;
@@ -690,7 +808,7 @@ pub async fn deactivate_user(
         state,
         &tx,
         meta,
-        &principal.actor(),
+        &manager.actor(),
         "user.deactivate",
         Some(&format!("user:{user_id}")),
         None,
@@ -700,6 +818,73 @@ pub async fn deactivate_user(
     Ok(User {
         status: UserStatus::Deactivated,
         ..user
+    })
+}
+
+/// What reactivating a user did.
+#[derive(Debug, Clone)]
+pub struct Reactivation {
+    pub user: User,
+    /// A new activation token, when the user never set a password (they were deactivated while
+    /// pending): they are pending again and were emailed a new link.
+    pub activation_token: Option<String>,
+}
+
+/// Lets a deactivated user back in (operator only: the GraphQL API has no such mutation). A user
+/// with a password is active again and signs in with it; one who never activated is pending
+/// again and gets a new activation email, since deactivation retired their link.
+#[tracing::instrument(skip_all, fields(tenant_id = %operator.tenant_id))]
+pub async fn reactivate_user_as(
+    state: &AppState,
+    operator: &Operator,
+    meta: &RequestMeta,
+    user_id: UserId,
+) -> ServiceResult<Reactivation> {
+    let now = state.now();
+    let tx = state.store.begin(operator.tenant_id).await?;
+    let row = store::users::get(&tx, user_id)
+        .await
+        .map_err(|error| match error {
+            store::StoreError::NotFound => ServiceError::NotFound("user"),
+            other => other.into(),
+        })?;
+    if row.status != UserStatus::Deactivated.as_str() {
+        return Err(ServiceError::Conflict(format!(
+            "{} is not deactivated (status {})",
+            row.email, row.status
+        )));
+    }
+    let email = Email::parse(&row.email)?;
+    let has_password = row.password_hash.is_some();
+    let status = if has_password {
+        UserStatus::Active
+    } else {
+        UserStatus::Pending
+    };
+    store::users::set_status(&tx, user_id, status, now).await?;
+    let activation_token = if has_password {
+        None
+    } else {
+        let tenant = store::tenants::get(&tx).await?;
+        let token = issue_one_time_token(state, &tx, user_id, PURPOSE_ACTIVATION, now).await?;
+        emails::queue_activation(state, &tx, &email, &tenant.name, &token).await?;
+        Some(token)
+    };
+    audit::record(
+        state,
+        &tx,
+        meta,
+        &operator.actor(),
+        "user.reactivate",
+        Some(&format!("user:{user_id}")),
+        Some(json!({"status": status.as_str()})),
+    )
+    .await?;
+    let user = load_user(&tx, user_id).await?;
+    tx.commit().await?;
+    Ok(Reactivation {
+        user,
+        activation_token,
     })
 }
 
@@ -801,6 +986,38 @@ pub async fn create_api_key(
     channel: domain::ingest::Channel,
 ) -> ServiceResult<(ApiKey, String)> {
     let principal = require_account_manager(principal, Permission::ApiKeysManage)?;
+    create_key(state, Manager::User(principal), meta, name, scope, channel).await
+}
+
+/// `create_api_key` for the operator.
+#[tracing::instrument(skip_all, fields(tenant_id = %operator.tenant_id))]
+pub async fn create_api_key_as(
+    state: &AppState,
+    operator: &Operator,
+    meta: &RequestMeta,
+    name: &str,
+    scope: ApiKeyScope,
+    channel: domain::ingest::Channel,
+) -> ServiceResult<(ApiKey, String)> {
+    create_key(
+        state,
+        Manager::Operator(operator),
+        meta,
+        name,
+        scope,
+        channel,
+    )
+    .await
+}
+
+async fn create_key(
+    state: &AppState,
+    manager: Manager<'_>,
+    meta: &RequestMeta,
+    name: &str,
+    scope: ApiKeyScope,
+    channel: domain::ingest::Channel,
+) -> ServiceResult<(ApiKey, String)> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
         return Err(ServiceError::bad_input(
@@ -809,12 +1026,13 @@ pub async fn create_api_key(
         ));
     }
     let now = state.now();
-    let tx = state.store.begin(principal.tenant_id).await?;
+    let tenant_id = manager.tenant_id();
+    let tx = state.store.begin(tenant_id).await?;
     let prefix = match scope {
         ApiKeyScope::Write => WRITE_KEY_PREFIX,
         ApiKeyScope::Secret => SECRET_KEY_PREFIX,
     };
-    let secret = secrets::generate(prefix, principal.tenant_id);
+    let secret = secrets::generate(prefix, tenant_id);
     let id = ApiKeyId(Uuid::now_v7());
     let visible = secrets::visible_prefix(&secret.secret);
     let row = store::api_keys::insert(
@@ -825,7 +1043,7 @@ pub async fn create_api_key(
             scope: scope.as_str(),
             prefix: &visible,
             key_hash: &secret.hash,
-            created_by: principal.user_id().map(|id| id.as_uuid()),
+            created_by: manager.user_id().map(|id| id.as_uuid()),
             channel: channel.as_str(),
         },
         now,
@@ -835,7 +1053,7 @@ pub async fn create_api_key(
         state,
         &tx,
         meta,
-        &principal.actor(),
+        &manager.actor(),
         "api_key.create",
         Some(&format!("api_key:{id}")),
         Some(json!({"name": name, "scope": scope.as_str(), "prefix": visible})),
@@ -854,8 +1072,28 @@ pub async fn revoke_api_key(
 ) -> ServiceResult<ApiKey> {
     let principal = require_account_manager(principal, Permission::ApiKeysManage)?;
     let id = parse_id(id, "id", "api key").map(ApiKeyId)?;
+    revoke_key(state, Manager::User(principal), meta, id).await
+}
+
+/// `revoke_api_key` for the operator.
+#[tracing::instrument(skip_all, fields(tenant_id = %operator.tenant_id))]
+pub async fn revoke_api_key_as(
+    state: &AppState,
+    operator: &Operator,
+    meta: &RequestMeta,
+    id: ApiKeyId,
+) -> ServiceResult<ApiKey> {
+    revoke_key(state, Manager::Operator(operator), meta, id).await
+}
+
+async fn revoke_key(
+    state: &AppState,
+    manager: Manager<'_>,
+    meta: &RequestMeta,
+    id: ApiKeyId,
+) -> ServiceResult<ApiKey> {
     let now = state.now();
-    let tx = state.store.begin(principal.tenant_id).await?;
+    let tx = state.store.begin(manager.tenant_id()).await?;
     store::api_keys::get(&tx, id)
         .await
         .map_err(|error| match error {
@@ -871,7 +1109,7 @@ pub async fn revoke_api_key(
         state,
         &tx,
         meta,
-        &principal.actor(),
+        &manager.actor(),
         "api_key.revoke",
         Some(&format!("api_key:{id}")),
         None,
@@ -886,7 +1124,16 @@ pub async fn api_keys(
     principal: Option<&Principal>,
 ) -> ServiceResult<Vec<ApiKey>> {
     let principal = require_account_manager(principal, Permission::ApiKeysManage)?;
-    let tx = state.store.read(principal.tenant_id).await?;
+    list_keys(state, principal.tenant_id).await
+}
+
+/// `api_keys` for the operator.
+pub async fn api_keys_as(state: &AppState, operator: &Operator) -> ServiceResult<Vec<ApiKey>> {
+    list_keys(state, operator.tenant_id).await
+}
+
+async fn list_keys(state: &AppState, tenant_id: TenantId) -> ServiceResult<Vec<ApiKey>> {
+    let tx = state.store.read(tenant_id).await?;
     Ok(store::api_keys::list(&tx)
         .await?
         .into_iter()
@@ -926,9 +1173,28 @@ pub async fn users(
     after: Option<&str>,
 ) -> ServiceResult<Page<User>> {
     let principal = require_permission(principal, Permission::UsersManage)?;
+    users_page(state, principal.tenant_id, first, after).await
+}
+
+/// `users` for the operator.
+pub async fn users_as(
+    state: &AppState,
+    operator: &Operator,
+    first: Option<i32>,
+    after: Option<&str>,
+) -> ServiceResult<Page<User>> {
+    users_page(state, operator.tenant_id, first, after).await
+}
+
+async fn users_page(
+    state: &AppState,
+    tenant_id: TenantId,
+    first: Option<i32>,
+    after: Option<&str>,
+) -> ServiceResult<Page<User>> {
     let limit = page_size(first)?;
     let after = decode_cursor(after)?;
-    let tx = state.store.read(principal.tenant_id).await?;
+    let tx = state.store.read(tenant_id).await?;
     let (rows, total) = store::users::page(&tx, after, limit + 1).await?;
     let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
     let role_pairs = store::users::roles_of_many(&tx, &ids).await?;
@@ -946,6 +1212,61 @@ pub async fn users(
             user_from_row(row, roles)
         },
     ))
+}
+
+/// The user with this email, for the operator (who names users by email).
+pub async fn user_by_email_as(
+    state: &AppState,
+    operator: &Operator,
+    email: &str,
+) -> ServiceResult<User> {
+    let email = Email::parse(email)?;
+    let tx = state.store.read(operator.tenant_id).await?;
+    let row = store::users::find_by_email(&tx, &email)
+        .await?
+        .ok_or(ServiceError::NotFound("user"))?;
+    load_user(&tx, UserId(row.id)).await
+}
+
+/// One tenant as the operator sees it in `cdp tenant list` and `cdp tenant show`.
+#[derive(Debug, Clone)]
+pub struct TenantOverview {
+    pub tenant: Tenant,
+    pub users: u64,
+    /// Live profiles (merged tombstones are not counted).
+    pub profiles: u64,
+}
+
+/// Every tenant, by slug, with its counts of users and profiles (each counted in a read of its
+/// own tenant). For the operator only: no principal sees more than its tenant.
+pub async fn tenants_overview(state: &AppState) -> ServiceResult<Vec<TenantOverview>> {
+    let mut overviews = Vec::new();
+    for row in store::tenants::list(&state.store).await? {
+        overviews.push(overview_of(state, row).await?);
+    }
+    Ok(overviews)
+}
+
+/// One tenant by slug, with its counts; `NotFound("tenant")` when there is none.
+pub async fn tenant_overview(state: &AppState, slug: &str) -> ServiceResult<TenantOverview> {
+    let row = store::tenants::find_by_slug(&state.store, slug.trim())
+        .await?
+        .ok_or(ServiceError::NotFound("tenant"))?;
+    overview_of(state, row).await
+}
+
+async fn overview_of(
+    state: &AppState,
+    row: store::tenants::TenantRow,
+) -> ServiceResult<TenantOverview> {
+    let tx = state.store.read(TenantId(row.id)).await?;
+    let users = store::users::count(&tx).await?;
+    let profiles = store::profiles::count_live(&tx).await?;
+    Ok(TenantOverview {
+        tenant: tenant_from_row(row),
+        users,
+        profiles,
+    })
 }
 
 pub async fn roles(state: &AppState, principal: Option<&Principal>) -> ServiceResult<Vec<Role>> {

@@ -222,6 +222,15 @@ fn filtered(
     query
 }
 
+/// How many live profiles the tenant has (merged tombstones are not counted).
+pub async fn count_live(tx: &TenantTx) -> StoreResult<u64> {
+    Ok(profiles::Entity::find()
+        .filter(profiles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(profiles::Column::MergedInto.is_null())
+        .count(tx.conn())
+        .await?)
+}
+
 /// One page of live profiles in creation order.
 pub async fn page(
     tx: &TenantTx,

@@ -51,6 +51,15 @@ pub async fn find_by_id(store: &Store, tenant_id: TenantId) -> StoreResult<Optio
         .await?)
 }
 
+/// Every tenant, by slug (the operator's `cdp tenant list`).
+pub async fn list(store: &Store) -> StoreResult<Vec<TenantRow>> {
+    use sea_orm::QueryOrder;
+    Ok(tenants::Entity::find()
+        .order_by_asc(tenants::Column::Slug)
+        .all(store.registry())
+        .await?)
+}
+
 /// One section of the tenant's settings document (`ingest`, `campaigns`, `privacy`), or its
 /// default when the section is absent or does not read as `T`.
 pub async fn settings_section<T: serde::de::DeserializeOwned + Default>(

@@ -52,6 +52,14 @@ pub async fn find_by_email(tx: &TenantTx, email: &Email) -> StoreResult<Option<U
         .await?)
 }
 
+/// How many users the tenant has, whatever their status.
+pub async fn count(tx: &TenantTx) -> StoreResult<u64> {
+    Ok(users::Entity::find()
+        .filter(users::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .count(tx.conn())
+        .await?)
+}
+
 /// One page of users in creation order (ids are time-ordered), after the cursor id.
 pub async fn page(
     tx: &TenantTx,
