@@ -23,7 +23,8 @@ A subscription block is opened over /graphql/ws (graphql-transport-ws) and must 
 `next` without errors once the following runnable block has run.
 A ```json block preceded by `<!-- batch -->` is POSTed to /v1/batch with the saved WRITE_KEY
 (and triggers the open subscriptions like a runnable block).
-Prints `api guide: N blocks passed` and exits 0. With API_GUIDE_SHOW=1 it also prints every real
+Every field of Query, Mutation and Subscription in `CDP_BIN schema` must be the root field of some
+runnable block. Prints `api guide: N blocks passed` and exits 0. With API_GUIDE_SHOW=1 it also prints every real
 answer as a JSON line {"step": k, "answer": …} on stderr (k counts the runnable blocks from 0).
 """
 
@@ -309,12 +310,63 @@ def check_subscriptions(pending):
             same_shape(shown, message["payload"])
 
 
+def root_fields(binary):
+    """The field names of Query, Mutation and Subscription in the served schema."""
+    sdl = subprocess.run([binary, "schema"], capture_output=True, text=True, check=True).stdout
+    sdl = re.sub(r'"""(.*?)"""', "", sdl, flags=re.S)
+    names = []
+    for kind in ("Query", "Mutation", "Subscription"):
+        body = re.search(r"^type " + kind + r" \{(.*?)^\}", sdl, re.S | re.M).group(1)
+        names += [f"{kind}.{name}" for name in re.findall(r"^\s+(\w+)\s*[(:]", body, re.M)]
+    return names
+
+
+def uncovered(names, page_steps):
+    """The root fields that no runnable block selects at its top level."""
+    selected = set()
+    for step in page_steps:
+        if step["kind"] != "run":
+            continue
+        query = re.sub(r"#[^\n]*", "", step["query"])
+        operation = "Subscription" if query.lstrip().startswith("subscription") else (
+            "Mutation" if query.lstrip().startswith("mutation") else "Query")
+        depth, start = 0, None
+        for i, char in enumerate(query):
+            if char == "{":
+                depth += 1
+                if depth == 1:
+                    start = i
+            elif char == "}":
+                depth -= 1
+        # the top-level selection: the text at depth 1, without nested selections and arguments
+        top, depth, paren = [], 0, 0
+        for char in query[start:]:
+            if char == "{":
+                depth += 1
+                continue
+            if char == "}":
+                depth -= 1
+                continue
+            if char == "(":
+                paren += 1
+            elif char == ")":
+                paren -= 1
+            elif depth == 1 and paren == 0:
+                top.append(char)
+        for name in re.findall(r"(?:(\w+)\s*:\s*)?(\w+)", "".join(top)):
+            selected.add(f"{operation}.{name[1]}")
+    return [name for name in names if name not in selected]
+
+
 def main(argv):
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
     with open(PAGE, encoding="utf-8") as file:
         page_steps = steps(parse(file.read()))
+    missing = uncovered(root_fields(argv[1]), page_steps)
+    if missing:
+        raise Failed(f"no runnable example of {', '.join(missing)}")
     data_dir = tempfile.mkdtemp(prefix="cdp-api-guide.")
     process = None
     try:

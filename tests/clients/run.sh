@@ -10,12 +10,14 @@
 # and Node ingestion examples, the graphql-ws subscriber in the background, Apollo Client with
 # persisted queries) and follows docs/quickstart.md with its own GraphQL blocks in a tenant
 # of its own (quickstart.py).
+# Finally runs every runnable example of docs/api.md on a second, fresh server of the same
+# binary that api_guide.py starts itself.
 #
 # Needs: python3 (with pip), node >= 18 and npm, and cargo unless CDP_BIN names a built
 # `cdp` binary to use instead of building one. Installs the pinned libraries when missing:
 # requirements.txt with pip, node/package-lock.json with npm ci.
 # Prints `clients: 4 passed, 0 failed`, `examples: 7 passed, 0 failed`,
-# `quickstart: 12 blocks passed` and finally `clients: all passed`, and exits 0 on success.
+# `quickstart: 12 blocks passed`, `api guide: N blocks passed` and finally `clients: all passed`, and exits 0 on success.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -150,5 +152,10 @@ timeout 300 python3 "$here/examples.py" "$url" "$access_token" "$key_examples" "
 quickstart=0
 timeout 300 python3 "$here/quickstart.py" "$url" "$tmp/mail" || quickstart=1
 
-[ "$sent" -eq 0 ] && [ "$verified" -eq 0 ] && [ "$examples" -eq 0 ] && [ "$quickstart" -eq 0 ] || exit 1
+# docs/api.md, every block marked <!-- run -->, on a fresh server of its own (the examples
+# sign up the tenant `acme`, which quickstart.py already took here).
+api_guide=0
+timeout 300 python3 "$here/api_guide.py" "$cdp" || api_guide=1
+
+[ "$sent" -eq 0 ] && [ "$verified" -eq 0 ] && [ "$examples" -eq 0 ] && [ "$quickstart" -eq 0 ] && [ "$api_guide" -eq 0 ] || exit 1
 echo "clients: all passed"
