@@ -217,14 +217,14 @@ impl Profile {
         after: Option<String>,
     ) -> Result<EventConnection> {
         let env = Env::of(ctx)?;
-        let id = self.inner.id.to_string();
         profiles::events(
             env.state,
             env.principal()?,
-            Some(&id),
+            profiles::EventOwner::Resolved(self.inner.id),
             None,
             first,
             after.as_deref(),
+            event_page_wants(ctx),
         )
         .await
         .gql()
@@ -266,6 +266,20 @@ impl From<profiles::Event> for Event {
             channel: event.channel,
             source_id: event.source_id.map(|id| ID(id.to_string())),
         }
+    }
+}
+
+/// What the selection of an `EventConnection` field reads: the total only when `totalCount` is
+/// asked, the contexts only when `context` is (the selection is known before resolving).
+fn event_page_wants(ctx: &Context<'_>) -> profiles::EventPageWants {
+    let selection = ctx.look_ahead();
+    profiles::EventPageWants {
+        total_count: selection.field("totalCount").exists(),
+        context: selection
+            .field("edges")
+            .field("node")
+            .field("context")
+            .exists(),
     }
 }
 
@@ -529,10 +543,19 @@ impl CustomersQuery {
             seen_after: filter.seen_after,
             seen_before: filter.seen_before,
         };
-        profiles::list(env.state, env.principal()?, filter, first, after.as_deref())
-            .await
-            .gql()
-            .map(ProfileConnection::from)
+        // The total is counted only when asked: it reads every matching profile of the tenant.
+        let count_total = ctx.look_ahead().field("totalCount").exists();
+        profiles::list(
+            env.state,
+            env.principal()?,
+            filter,
+            first,
+            after.as_deref(),
+            count_total,
+        )
+        .await
+        .gql()
+        .map(ProfileConnection::from)
     }
 
     async fn events(
@@ -544,13 +567,18 @@ impl CustomersQuery {
         after: Option<String>,
     ) -> Result<EventConnection> {
         let env = Env::of(ctx)?;
+        let owner = match &profile_id {
+            Some(id) => profiles::EventOwner::Id(id.as_str()),
+            None => profiles::EventOwner::Anyone,
+        };
         profiles::events(
             env.state,
             env.principal()?,
-            profile_id.as_ref().map(|id| id.as_str()),
+            owner,
             name,
             first,
             after.as_deref(),
+            event_page_wants(ctx),
         )
         .await
         .gql()
