@@ -40,6 +40,8 @@ pub struct Outcome {
     /// Answers that were not 200, not JSON, or failed the shape check, and requests not sent.
     pub failures: u64,
     pub first_failure: Option<String>,
+    /// Requests sent before the clock started (closed loop only).
+    pub warmups: u64,
     latencies: Vec<Duration>,
 }
 
@@ -219,6 +221,7 @@ pub async fn closed(target: &Target, connections: usize, duration: Duration) -> 
         }
     }
     total.elapsed = started.elapsed();
+    total.warmups = connections as u64 * 5;
     total
 }
 

@@ -17,7 +17,9 @@
 //!   (see `realtime.rs`).
 //! - `read`: GraphQL `profile(id)` and `profiles` pages under load against a plain JSON handler
 //!   reading the same database (see `read.rs`).
-//! - `all`: every scenario above in turn, each with its own sizes (`--quick`: each one's quick
+//! - `growth`: ingest events/s and `profile(id)` requests/s and p99 at 10,000, 100,000 and
+//!   1,000,000 profiles, each compared with the first size (see `growth.rs`).
+//! - `all`: every scenario above but `growth` in turn, each with its own sizes (`--quick`: each one's quick
 //!   sizes), each against its baseline measured in the same run.
 //!
 //! Every JSON line carries `scenario`, `backend`, `figure` (what `value` measures), `value`,
@@ -37,6 +39,7 @@
 //! `run`, one variant in [`Scenario`], one arm in [`Scenario::run`].
 
 mod email;
+mod growth;
 mod harness;
 mod ingest;
 mod load;
@@ -62,6 +65,8 @@ struct Cli {
 enum Scenario {
     /// Every scenario in turn (ingest, segments, realtime, email, read), each with its baseline.
     All(AllArgs),
+    /// Ingest and read costs at 10,000, 100,000 and 1,000,000 profiles (one line per size).
+    Growth(growth::GrowthArgs),
     /// Campaign email throughput through the outbox with several workers, lost and duplicates.
     Email(email::EmailArgs),
     /// Collection API throughput (POST /v1/batch) against plain multi-row INSERTs.
@@ -79,6 +84,7 @@ impl Scenario {
         match self {
             Scenario::All(args) => all(args).await,
             Scenario::Email(args) => email::run(args).await,
+            Scenario::Growth(args) => growth::run(args).await,
             Scenario::Ingest(args) => ingest::run(args).await,
             Scenario::Read(args) => read::run(args).await,
             Scenario::Realtime(args) => realtime::run(args).await,

@@ -113,6 +113,8 @@ struct Pair {
     graphql: Figures,
     plain: Figures,
     ratio: f64,
+    /// SQL statements the server ran per GraphQL request, authentication included.
+    statements_per_request: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -204,17 +206,20 @@ pub struct Measured {
     pub profile: (load::Outcome, load::Outcome),
     pub page: (load::Outcome, load::Outcome),
     pub at_rate: (load::Outcome, load::Outcome),
+    /// Statements the server ran per GraphQL request: profile, page.
+    pub statements: (f64, f64),
 }
 
 impl Measured {
     fn into_result(self, label: &'static str, settings: &Settings) -> ReadResult {
-        let pair = |(graphql, plain): &(load::Outcome, load::Outcome)| Pair {
+        let pair = |(graphql, plain): &(load::Outcome, load::Outcome), statements: f64| Pair {
+            statements_per_request: statements,
             ratio: harness::round(graphql.per_second() / plain.per_second().max(1e-9), 3),
             graphql: graphql.figures(),
             plain: plain.figures(),
         };
-        let profile = pair(&self.profile);
-        let page = pair(&self.page);
+        let profile = pair(&self.profile, self.statements.0);
+        let page = pair(&self.page, self.statements.1);
         let at_rate = AtRate {
             rate_per_s: settings.rate,
             graphql: self.at_rate.0.figures(),
@@ -297,22 +302,30 @@ pub async fn measure(
     };
 
     let c = settings.connections;
+    let store = server.app.state().store.clone();
     let plain_closed = load::closed(&plain_profile, c, settings.duration).await;
     timed("plain profile, closed loop", &plain_closed);
+    let before = store.statements_executed();
     let graphql_closed = load::closed(&graphql_profile, c, settings.duration).await;
+    let profile_statements = per_request(store.statements_executed() - before, &graphql_closed);
     timed("GraphQL profile, closed loop", &graphql_closed);
 
     let starts: Vec<Uuid> = ids.iter().step_by(50).copied().collect();
     let starts = Arc::new(starts);
     let plain_pages = load::closed(&plain.page_target(starts.clone()), c, settings.duration).await;
     timed("plain profiles page, closed loop", &plain_pages);
+    let before = store.statements_executed();
     let graphql_pages = load::closed(
         &graphql_page_target(server, token, starts.clone()),
         c,
         settings.duration,
     )
     .await;
+    let page_statements = per_request(store.statements_executed() - before, &graphql_pages);
     timed("GraphQL profiles page, closed loop", &graphql_pages);
+    eprintln!(
+        "[{label}] statements per GraphQL request (authentication included): profile {profile_statements}, page {page_statements}"
+    );
 
     let plain_open = load::open(&plain_profile, settings.rate, settings.duration).await;
     timed("plain profile, open loop", &plain_open);
@@ -323,7 +336,14 @@ pub async fn measure(
         profile: (graphql_closed, plain_closed),
         page: (graphql_pages, plain_pages),
         at_rate: (graphql_open, plain_open),
+        statements: (profile_statements, page_statements),
     })
+}
+
+/// Statements the server ran per request of a closed loop (its warm-up requests included).
+fn per_request(statements: u64, outcome: &load::Outcome) -> f64 {
+    let requests = outcome.requests + outcome.warmups;
+    harness::round(statements as f64 / requests.max(1) as f64, 1)
 }
 
 /// The `n`-th id of a run: a fixed pseudo-random walk over the list.

@@ -298,7 +298,7 @@ fn sqlite_instant(instant: DateTime<Utc>) -> String {
     instant.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
 }
 
-async fn generate(
+pub async fn generate(
     admin: &DatabaseConnection,
     label: &str,
     tenant: Uuid,
