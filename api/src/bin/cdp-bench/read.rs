@@ -456,7 +456,7 @@ pub fn person_messages(n: usize, base: DateTime<Utc>) -> Vec<Value> {
             "signup_source": "bench",
             "language": "en",
             "timezone": "Europe/Berlin",
-            "newsletter": n % 2 == 0,
+            "newsletter": n.is_multiple_of(2),
         },
     }));
     for k in 0..TRACKS {
