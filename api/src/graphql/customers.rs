@@ -217,14 +217,14 @@ impl Profile {
         after: Option<String>,
     ) -> Result<EventConnection> {
         let env = Env::of(ctx)?;
-        let id = self.inner.id.to_string();
         profiles::events(
             env.state,
             env.principal()?,
-            Some(&id),
+            profiles::EventOwner::Resolved(self.inner.id),
             None,
             first,
             after.as_deref(),
+            event_page_wants(ctx),
         )
         .await
         .gql()
@@ -266,6 +266,20 @@ impl From<profiles::Event> for Event {
             channel: event.channel,
             source_id: event.source_id.map(|id| ID(id.to_string())),
         }
+    }
+}
+
+/// What the selection of an `EventConnection` field reads: the total only when `totalCount` is
+/// asked, the contexts only when `context` is (the selection is known before resolving).
+fn event_page_wants(ctx: &Context<'_>) -> profiles::EventPageWants {
+    let selection = ctx.look_ahead();
+    profiles::EventPageWants {
+        total_count: selection.field("totalCount").exists(),
+        context: selection
+            .field("edges")
+            .field("node")
+            .field("context")
+            .exists(),
     }
 }
 
@@ -529,10 +543,19 @@ impl CustomersQuery {
             seen_after: filter.seen_after,
             seen_before: filter.seen_before,
         };
-        profiles::list(env.state, env.principal()?, filter, first, after.as_deref())
-            .await
-            .gql()
-            .map(ProfileConnection::from)
+        // The total is counted only when asked: it reads every matching profile of the tenant.
+        let count_total = ctx.look_ahead().field("totalCount").exists();
+        profiles::list(
+            env.state,
+            env.principal()?,
+            filter,
+            first,
+            after.as_deref(),
+            count_total,
+        )
+        .await
+        .gql()
+        .map(ProfileConnection::from)
     }
 
     async fn events(
@@ -544,13 +567,18 @@ impl CustomersQuery {
         after: Option<String>,
     ) -> Result<EventConnection> {
         let env = Env::of(ctx)?;
+        let owner = match &profile_id {
+            Some(id) => profiles::EventOwner::Id(id.as_str()),
+            None => profiles::EventOwner::Anyone,
+        };
         profiles::events(
             env.state,
             env.principal()?,
-            profile_id.as_ref().map(|id| id.as_str()),
+            owner,
             name,
             first,
             after.as_deref(),
+            event_page_wants(ctx),
         )
         .await
         .gql()
@@ -784,5 +812,89 @@ impl CustomersMutation {
             .await
             .gql()
             .map(IngestSettings::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Statement counts of the read path, from the store's own counter: a page of profiles must
+    //! cost the same statements whatever its size (no query per profile).
+
+    use std::sync::Arc;
+
+    use async_graphql::Request;
+
+    use crate::config::Config;
+    use crate::graphql::{build_schema, RequestContext};
+    use crate::service::{accounts, auth, RequestMeta, SystemClock};
+
+    /// The fields `cdp-bench read` asks of a page.
+    const PAGE: &str = "{ profiles(first: 50) { edges { node { id traits eventCount lastSeenAt \
+        firstSeenAt channels } } pageInfo { hasNextPage endCursor } } }";
+
+    /// Statements of one `profiles` page of a tenant holding `profiles` profiles (the fewest of
+    /// three runs, so that nothing else the process does is counted).
+    async fn statements_of_a_page(profiles: usize) -> u64 {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("cdp.db").display());
+        let state =
+            crate::startup::state(Config::for_tests(dir.path(), &url), Arc::new(SystemClock))
+                .await
+                .expect("the state");
+        let schema = build_schema(state.clone(), &state.config.graphql, &state.config.abuse);
+        let meta = RequestMeta::default();
+        let (_tenant, _user, token) = accounts::sign_up(
+            &state,
+            &meta,
+            accounts::SignUpCommand {
+                tenant_name: "Counting Inc".to_owned(),
+                tenant_slug: "counting".to_owned(),
+                email: "owner@counting.example".to_owned(),
+            },
+        )
+        .await
+        .expect("sign-up");
+        let session =
+            accounts::activate_account(&state, &meta, &token, "correct horse battery staple")
+                .await
+                .expect("activation");
+        let principal = auth::authenticate_bearer(&state, &session.access_token)
+            .await
+            .expect("a principal");
+        let context = || RequestContext {
+            principal: Some(principal.clone()),
+            auth_error: None,
+            meta: RequestMeta::default(),
+        };
+        for n in 0..profiles {
+            let identify = format!(
+                r#"mutation {{ identify(input: {{userId: "u{n}", traits: {{plan: "pro", score: {n}, email: "u{n}@example.com"}}}}) {{ id }} }}"#
+            );
+            let response = schema.execute(Request::new(identify).data(context())).await;
+            assert!(response.errors.is_empty(), "{:?}", response.errors);
+        }
+        let mut fewest = u64::MAX;
+        for _ in 0..3 {
+            let before = state.store.statements_executed();
+            let response = schema.execute(Request::new(PAGE).data(context())).await;
+            let counted = state.store.statements_executed() - before;
+            assert!(response.errors.is_empty(), "{:?}", response.errors);
+            let data = response.data.into_json().expect("JSON data");
+            let edges = data["profiles"]["edges"].as_array().map_or(0, Vec::len);
+            assert_eq!(edges, profiles);
+            fewest = fewest.min(counted);
+        }
+        fewest
+    }
+
+    #[tokio::test]
+    async fn a_profiles_page_runs_as_many_statements_for_thirty_profiles_as_for_three() {
+        let three = statements_of_a_page(3).await;
+        let thirty = statements_of_a_page(30).await;
+        assert!(three > 0, "the counter counts nothing");
+        assert_eq!(
+            three, thirty,
+            "a page of 30 ran {thirty} statements, a page of 3 ran {three}"
+        );
     }
 }

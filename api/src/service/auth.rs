@@ -103,11 +103,9 @@ pub async fn permissions_of_user(
     tx: &TenantTx,
     user_id: UserId,
 ) -> ServiceResult<BTreeSet<Permission>> {
-    let role_names = store::users::roles_of(tx, user_id).await?;
-    let roles = store::roles::list(tx).await?;
+    let roles = store::roles::of_user(tx, user_id.as_uuid()).await?;
     Ok(roles
         .iter()
-        .filter(|role| role_names.contains(&role.name))
         .flat_map(store::roles::permission_names)
         .filter_map(|name| name.parse::<Permission>().ok())
         .collect())

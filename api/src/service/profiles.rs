@@ -285,6 +285,7 @@ pub async fn list(
     filter: ProfileFilter,
     first: Option<i32>,
     after: Option<&str>,
+    count_total: bool,
 ) -> ServiceResult<Page<Profile>> {
     let principal = require_permission(principal, Permission::ProfilesRead)?;
     let limit = page_size(first)?;
@@ -345,8 +346,15 @@ pub async fn list(
         }
     }
     store_filter.stage = filter.stage.clone();
-    let (rows, total) =
-        store::profiles::page(&tx, state.store.backend(), &store_filter, after, limit + 1).await?;
+    let (rows, total) = store::profiles::page(
+        &tx,
+        state.store.backend(),
+        &store_filter,
+        after,
+        limit + 1,
+        count_total,
+    )
+    .await?;
     let reveal = Reveal::load(
         state,
         &tx,
@@ -510,21 +518,53 @@ fn decode_event_cursor(
 }
 
 /// Events, newest first, optionally of one profile (a merged id counts as its survivor) and name.
+/// What a reader of an event page uses, so that nothing else is computed: the total count (a
+/// `COUNT(*)` over the filter) and the opened contexts (key reads and decryption).
+#[derive(Debug, Clone, Copy)]
+pub struct EventPageWants {
+    pub total_count: bool,
+    pub context: bool,
+}
+
+impl Default for EventPageWants {
+    fn default() -> Self {
+        EventPageWants {
+            total_count: true,
+            context: true,
+        }
+    }
+}
+
+/// Whose events a page lists.
+#[derive(Debug, Clone, Copy)]
+pub enum EventOwner<'a> {
+    /// Every profile's.
+    Anyone,
+    /// A profile id as a client sent it; a merged id resolves to its survivor.
+    Id(&'a str),
+    /// A profile already read (so already resolved) in this request.
+    Resolved(Uuid),
+}
+
+/// A page of events, newest first. `total_count` is 0 and contexts are null when `wants` says
+/// they are not used.
 pub async fn events(
     state: &AppState,
     principal: Option<&Principal>,
-    profile_id: Option<&str>,
+    owner: EventOwner<'_>,
     name: Option<String>,
     first: Option<i32>,
     after: Option<&str>,
+    wants: EventPageWants,
 ) -> ServiceResult<Page<Event>> {
     let principal = require_permission(principal, Permission::ProfilesRead)?;
     let limit = page_size(first)?;
     let position = decode_event_cursor(after)?;
     let tx = state.store.read(principal.tenant_id).await?;
-    let profile_id = match profile_id {
-        None => None,
-        Some(id) => match Uuid::parse_str(id.trim()) {
+    let profile_id = match owner {
+        EventOwner::Anyone => None,
+        EventOwner::Resolved(id) => Some(id),
+        EventOwner::Id(id) => match Uuid::parse_str(id.trim()) {
             Ok(id) => Some(
                 store::profiles::get_resolved(&tx, id)
                     .await?
@@ -541,9 +581,15 @@ pub async fn events(
         },
     };
     let filter = store::events::EventFilter { profile_id, name };
-    let (mut rows, total) = store::events::page(&tx, &filter, position, limit + 1).await?;
+    let (mut rows, total) =
+        store::events::page(&tx, &filter, position, limit + 1, wants.total_count).await?;
     let has_next_page = rows.len() as u64 > limit;
     rows.truncate(limit as usize);
+    if !wants.context {
+        for row in &mut rows {
+            row.context = Value::Null;
+        }
+    }
     let reveal = Reveal::load(
         state,
         &tx,

@@ -33,6 +33,8 @@ pub mod tokens;
 pub mod users;
 pub mod webhooks;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use domain::TenantId;
@@ -110,6 +112,9 @@ pub struct Store {
     /// `partitions`). Read once: converting the table while the service runs is safe (duplicate
     /// detection then still reads `events`, only slower) and picked up at the next start.
     events_partitioned: bool,
+    /// Statements this pool has executed (transaction control included), for tests that prove
+    /// a request's statement count does not grow with its page size.
+    statements: Arc<AtomicU64>,
 }
 
 /// Options for opening the store.
@@ -176,7 +181,13 @@ impl Store {
                 }
             }
         }
-        let db = Database::connect(connect).await?;
+        let mut db = Database::connect(connect).await?;
+        // The connection is not shared yet, so the callback covers every statement it runs.
+        let statements = Arc::new(AtomicU64::new(0));
+        let counter = statements.clone();
+        db.set_metric_callback(move |_info| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
         let backend = match db.get_database_backend() {
             DbBackend::Postgres => Backend::Postgres,
             DbBackend::Sqlite => Backend::Sqlite,
@@ -192,7 +203,13 @@ impl Store {
             backend,
             origin: uuid::Uuid::new_v4(),
             events_partitioned,
+            statements,
         })
+    }
+
+    /// How many statements this pool has executed since it was opened.
+    pub fn statements_executed(&self) -> u64 {
+        self.statements.load(Ordering::Relaxed)
     }
 
     pub fn backend(&self) -> Backend {

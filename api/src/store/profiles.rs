@@ -231,15 +231,21 @@ pub async fn count_live(tx: &TenantTx) -> StoreResult<u64> {
         .await?)
 }
 
-/// One page of live profiles in creation order.
+/// One page of live profiles in creation order, with the number of profiles the filter matches
+/// when `with_total` (else 0: counting reads every matching profile of the tenant).
 pub async fn page(
     tx: &TenantTx,
     backend: Backend,
     filter: &ProfileFilter,
     after: Option<Uuid>,
     limit: u64,
+    with_total: bool,
 ) -> StoreResult<(Vec<ProfileRow>, u64)> {
-    let total = filtered(tx, backend, filter).count(tx.conn()).await?;
+    let total = if with_total {
+        filtered(tx, backend, filter).count(tx.conn()).await?
+    } else {
+        0
+    };
     let mut query = filtered(tx, backend, filter)
         .order_by_asc(profiles::Column::Id)
         .limit(limit);

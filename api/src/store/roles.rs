@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
 
-use super::entity::roles;
+use super::entity::{roles, user_roles};
 use super::{StoreError, StoreResult, TenantTx};
 
 pub use roles::Model as RoleRow;
@@ -34,6 +34,25 @@ pub async fn list(tx: &TenantTx) -> StoreResult<Vec<RoleRow>> {
         .order_by_desc(roles::Column::BuiltIn)
         .order_by_asc(roles::Column::CreatedAt)
         .order_by_asc(roles::Column::Name)
+        .all(tx.conn())
+        .await?)
+}
+
+/// The roles a user holds, in one statement (authentication reads them on every request).
+pub async fn of_user(tx: &TenantTx, user_id: uuid::Uuid) -> StoreResult<Vec<RoleRow>> {
+    let tenant_id = tx.tenant_id().as_uuid();
+    Ok(roles::Entity::find()
+        .filter(roles::Column::TenantId.eq(tenant_id))
+        .filter(
+            roles::Column::Name.in_subquery(
+                sea_orm::sea_query::Query::select()
+                    .column(user_roles::Column::RoleName)
+                    .from(user_roles::Entity)
+                    .and_where(user_roles::Column::TenantId.eq(tenant_id))
+                    .and_where(user_roles::Column::UserId.eq(user_id))
+                    .to_owned(),
+            ),
+        )
         .all(tx.conn())
         .await?)
 }

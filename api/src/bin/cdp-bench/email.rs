@@ -7,6 +7,11 @@
 //! clock runs from its start until the listener has N campaign messages. Every Message-ID is
 //! checked: `lost` are queued emails that never arrived, `duplicates` are Message-IDs received
 //! more than once.
+//!
+//! The baseline sends the same number of emails (a subject and a two-part body of the same
+//! size) straight from the bench to a second listener of the same kind with lettre, as many at
+//! once as the workers do (8 per worker), without a database: the floor that SMTP over loopback
+//! sets. `ratio` is the outbox's emails per second over the baseline's.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -47,6 +52,11 @@ struct EmailResult {
     queue_seconds: f64,
     send_seconds: f64,
     emails_per_second: f64,
+    figure: &'static str,
+    value: f64,
+    /// Emails per second sent straight to an SMTP listener, without the outbox.
+    baseline: f64,
+    ratio: f64,
     lost: usize,
     duplicates: usize,
 }
@@ -153,6 +163,9 @@ async fn measure(db: &BenchDb, emails: usize, workers: usize) -> anyhow::Result<
     if arrived < emails {
         eprintln!("warning: only {arrived} of {emails} emails arrived within the time limit");
     }
+    let rate = distinct as f64 / send_seconds;
+    let baseline = baseline(emails, workers * 8).await?;
+    eprintln!("baseline: {emails} emails straight to SMTP, {baseline:.0}/s");
     Ok(EmailResult {
         scenario: "email",
         backend: db.backend.name(),
@@ -160,10 +173,62 @@ async fn measure(db: &BenchDb, emails: usize, workers: usize) -> anyhow::Result<
         workers,
         queue_seconds: harness::round(queue_seconds, 3),
         send_seconds: harness::round(send_seconds, 3),
-        emails_per_second: harness::round(distinct as f64 / send_seconds, 1),
+        emails_per_second: harness::round(rate, 1),
+        figure: "emails/s, outbox over straight SMTP sends",
+        value: harness::round(rate, 1),
+        baseline: harness::round(baseline, 1),
+        ratio: harness::round(rate / baseline.max(1e-9), 3),
         lost: emails.saturating_sub(distinct),
         duplicates: received - distinct,
     })
+}
+
+/// Emails per second sent straight to a fresh sink with lettre, `concurrency` at once over a
+/// pooled transport, until the sink has counted all of them.
+async fn baseline(emails: usize, concurrency: usize) -> anyhow::Result<f64> {
+    use futures::StreamExt;
+    use lettre::message::MultiPart;
+    use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+    let sink = Sink::start().await?;
+    let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
+        .port(sink.port)
+        .pool_config(lettre::transport::smtp::PoolConfig::new().max_size(concurrency as u32))
+        .build();
+    let started = Instant::now();
+    let results: Vec<Result<(), String>> = futures::stream::iter(0..emails)
+        .map(|n| {
+            let transport = transport.clone();
+            async move {
+                let message = Message::builder()
+                    .from("Bench <bench@example.com>".parse().map_err(|e| format!("{e}"))?)
+                    .to(format!("u{n}@bench.example").parse().map_err(|e| format!("{e}"))?)
+                    .message_id(Some(format!("<baseline-{n}@campaign.cdp>")))
+                    .subject(format!("Hello U{n}"))
+                    .multipart(MultiPart::alternative_plain_html(
+                        format!("Hi U{n}, unsubscribe: https://cdp.example/unsubscribe?t={n}"),
+                        format!("<p>Hi U{n}</p><a href=\"https://cdp.example/unsubscribe?t={n}\">unsubscribe</a>"),
+                    ))
+                    .map_err(|error| error.to_string())?;
+                transport
+                    .send(message)
+                    .await
+                    .map(|_| ())
+                    .map_err(|error| error.to_string())
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    if let Some(Err(error)) = results.into_iter().find(Result::is_err) {
+        bail!("a baseline send failed: {error}");
+    }
+    let arrived = sink
+        .wait_for_campaign_mails(emails, Duration::from_secs(60))
+        .await;
+    if arrived < emails {
+        bail!("only {arrived} of {emails} baseline emails arrived");
+    }
+    Ok(emails as f64 / started.elapsed().as_secs_f64())
 }
 
 /// A minimal SMTP server on loopback that accepts every message and counts campaign messages by

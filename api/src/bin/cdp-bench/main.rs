@@ -15,10 +15,21 @@
 //!   process, with a check that none is lost or sent twice (see `email.rs`).
 //! - `realtime`: latency from an ingest request's commit to each of 1,000 WebSocket subscribers
 //!   (see `realtime.rs`).
+//! - `read`: GraphQL `profile(id)` and `profiles` pages under load against a plain JSON handler
+//!   reading the same database (see `read.rs`).
+//! - `growth`: ingest events/s and `profile(id)` requests/s and p99 at 10,000, 100,000 and
+//!   1,000,000 profiles, each compared with the first size (see `growth.rs`).
+//! - `all`: every scenario above but `growth` in turn, each with its own sizes (`--quick`: each one's quick
+//!   sizes), each against its baseline measured in the same run.
+//!
+//! Every JSON line carries `scenario`, `backend`, `figure` (what `value` measures), `value`,
+//! `baseline` (the same figure of the baseline, measured in the same run) and `ratio`
+//! (`value / baseline`), next to the scenario's own fields.
 //!
 //! Run it in release mode:
 //!
 //! ```text
+//! cargo run --release --bin cdp-bench -- all --quick
 //! cargo run --release --bin cdp-bench -- ingest --quick
 //! CDP_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/postgres \
 //!     cargo run --release --bin cdp-bench -- ingest --messages 200000 --concurrency 8
@@ -28,8 +39,11 @@
 //! `run`, one variant in [`Scenario`], one arm in [`Scenario::run`].
 
 mod email;
+mod growth;
 mod harness;
 mod ingest;
+mod load;
+mod read;
 mod realtime;
 mod segments;
 mod workload;
@@ -49,10 +63,16 @@ struct Cli {
 /// What to measure.
 #[derive(Debug, Subcommand)]
 enum Scenario {
+    /// Every scenario in turn (ingest, segments, realtime, email, read), each with its baseline.
+    All(AllArgs),
+    /// Ingest and read costs at 10,000, 100,000 and 1,000,000 profiles (one line per size).
+    Growth(growth::GrowthArgs),
     /// Campaign email throughput through the outbox with several workers, lost and duplicates.
     Email(email::EmailArgs),
     /// Collection API throughput (POST /v1/batch) against plain multi-row INSERTs.
     Ingest(ingest::IngestArgs),
+    /// GraphQL profile(id) and profiles pages under load against a plain JSON handler.
+    Read(read::ReadArgs),
     /// Commit-to-subscriber latency with 1,000 WebSocket subscribers (p50, p99).
     Realtime(realtime::RealtimeArgs),
     /// Segment builds against hand-written SQL on a large tenant, and ingestion with 50 segments.
@@ -62,12 +82,79 @@ enum Scenario {
 impl Scenario {
     async fn run(self) -> anyhow::Result<()> {
         match self {
+            Scenario::All(args) => all(args).await,
             Scenario::Email(args) => email::run(args).await,
+            Scenario::Growth(args) => growth::run(args).await,
             Scenario::Ingest(args) => ingest::run(args).await,
+            Scenario::Read(args) => read::run(args).await,
             Scenario::Realtime(args) => realtime::run(args).await,
             Scenario::Segments(args) => segments::run(args).await,
         }
     }
+}
+
+/// `cdp-bench all`: the performance suite.
+#[derive(Debug, Clone, clap::Args)]
+struct AllArgs {
+    /// Each scenario's quick sizes (about two minutes in release mode on 2 cores).
+    #[arg(long)]
+    quick: bool,
+    #[command(flatten)]
+    backends: harness::BackendArgs,
+}
+
+/// One scenario's arguments as its own command line parses them, so that the defaults stay
+/// where they are defined.
+#[derive(Debug, Parser)]
+struct One<T: clap::Args> {
+    #[command(flatten)]
+    args: T,
+}
+
+fn args_of<T: clap::Args>(all: &AllArgs) -> anyhow::Result<T> {
+    let mut line = vec!["cdp-bench".to_owned()];
+    if all.quick {
+        line.push("--quick".to_owned());
+    }
+    if all.backends.sqlite_only {
+        line.push("--sqlite-only".to_owned());
+    }
+    if let Some(url) = &all.backends.postgres {
+        line.extend(["--postgres".to_owned(), url.clone()]);
+    }
+    Ok(One::<T>::try_parse_from(line)?.args)
+}
+
+/// Runs every scenario, goes on after a failure, and fails at the end if one did.
+async fn all(args: AllArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut failed = Vec::new();
+    let scenarios: [(&str, Scenario); 5] = [
+        ("ingest", Scenario::Ingest(args_of(&args)?)),
+        ("segments", Scenario::Segments(args_of(&args)?)),
+        ("realtime", Scenario::Realtime(args_of(&args)?)),
+        ("email", Scenario::Email(args_of(&args)?)),
+        ("read", Scenario::Read(args_of(&args)?)),
+    ];
+    for (name, scenario) in scenarios {
+        let began = std::time::Instant::now();
+        eprintln!("=== {name} ===");
+        let outcome = Box::pin(scenario.run()).await;
+        eprintln!(
+            "=== {name}: {} in {:.1} s ===",
+            if outcome.is_ok() { "done" } else { "FAILED" },
+            began.elapsed().as_secs_f64()
+        );
+        if let Err(error) = outcome {
+            eprintln!("{name} failed: {error:#}");
+            failed.push(name);
+        }
+    }
+    eprintln!("all: {:.1} s", started.elapsed().as_secs_f64());
+    if !failed.is_empty() {
+        anyhow::bail!("failed scenarios: {}", failed.join(", "));
+    }
+    Ok(())
 }
 
 #[tokio::main]

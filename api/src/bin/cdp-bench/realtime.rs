@@ -50,6 +50,14 @@ pub struct RealtimeArgs {
 struct RealtimeResult {
     scenario: &'static str,
     backend: &'static str,
+    figure: &'static str,
+    value: f64,
+    /// The same p99 through a plain WebSocket fan-out (see [`baseline`]).
+    baseline: f64,
+    /// `value / baseline`: lower is better here.
+    ratio: f64,
+    baseline_p50_ms: f64,
+    baseline_missing: usize,
     subscribers: usize,
     events: usize,
     rate_per_s: u32,
@@ -175,42 +183,30 @@ async fn listen(mut socket: Socket, events: usize, deadline: tokio::time::Instan
     seen
 }
 
-fn percentile(sorted: &[f64], fraction: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let index = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len()) - 1;
-    harness::round(sorted[index], 2)
+/// Latencies in milliseconds, sorted.
+struct Measured {
+    /// From each answer's arrival to each subscriber's message.
+    latencies: Vec<f64>,
+    /// From each request's sending to each subscriber's message.
+    from_sent: Vec<f64>,
+    /// Of the requests themselves.
+    ingest: Vec<f64>,
+    lag_errors: usize,
 }
 
-async fn scenario(
-    db: Arc<BenchDb>,
-    subscribers: usize,
+/// Sends `events` requests at `rate` a second (request `seq` carries `seq`), each on its own
+/// task, while every socket is read; then pairs each arrival with its request's clocks.
+async fn drive<F>(
+    sockets: Vec<Socket>,
+    events: usize,
     rate: u32,
     seconds: u64,
-) -> anyhow::Result<RealtimeResult> {
-    let server = start(&db, subscribers).await?;
-    let owner = server.sign_up("realtime").await?;
-    let key = server.write_key(&owner).await?;
-    let events = (u64::from(rate) * seconds) as usize;
-
-    eprintln!("opening {subscribers} subscribers");
-    let mut sockets = Vec::with_capacity(subscribers);
-    for _ in 0..subscribers {
-        sockets.push(subscriber(&server, &owner.access_token).await?);
-    }
-    let tenant_id = domain::TenantId(owner.tenant_id);
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        server
-            .app
-            .state()
-            .realtime
-            .wait_for_subscriptions(tenant_id, subscribers),
-    )
-    .await
-    .context("the subscriptions did not start")?;
-
+    request: F,
+) -> anyhow::Result<Measured>
+where
+    F: Fn(u64) -> reqwest::RequestBuilder,
+{
+    let subscribers = sockets.len();
     // Readers get until 30 s after the last event is due.
     let deadline =
         tokio::time::Instant::now() + Duration::from_secs(seconds) + Duration::from_secs(30);
@@ -219,35 +215,24 @@ async fn scenario(
         .map(|socket| tokio::spawn(listen(socket, events, deadline)))
         .collect();
 
-    eprintln!("ingesting {events} events at {rate}/s");
+    eprintln!("sending {events} events at {rate}/s");
     let clocks = Arc::new(Mutex::new(Clocks::default()));
     let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut requests = Vec::with_capacity(events);
     for seq in 0..events as u64 {
         ticker.tick().await;
-        let client = server.client.clone();
-        let url = server.url("/v1/batch");
-        let key = key.clone();
+        let pending = request(seq);
         let clocks = clocks.clone();
         // Each request runs on its own, so that a slow answer does not delay the next send.
         requests.push(tokio::spawn(async move {
-            let body = json!({"batch": [{
-                "type": "track", "userId": format!("user-{}", seq % 100), "event": EVENT_NAME,
-                "properties": {"seq": seq}, "messageId": format!("tick-{seq}")
-            }]});
             let sent = Instant::now();
-            let response = client
-                .post(url)
-                .basic_auth(key, Some(""))
-                .json(&body)
-                .send()
-                .await?;
+            let response = pending.send().await?;
             let status = response.status();
             response.bytes().await?;
             let answered = Instant::now();
             if !status.is_success() {
-                bail!("ingest answered {status}");
+                bail!("the request answered {status}");
             }
             let mut clocks = clocks.lock().unwrap_or_else(|e| e.into_inner());
             clocks.sent.insert(seq, sent);
@@ -287,11 +272,194 @@ async fn scenario(
     for values in [&mut latencies, &mut from_sent, &mut ingest] {
         values.sort_by(f64::total_cmp);
     }
-    let deliveries = latencies.len();
+    Ok(Measured {
+        latencies,
+        from_sent,
+        ingest,
+        lag_errors,
+    })
+}
+
+/// The baseline: the same subscribers and the same rate against a plain poem server in this
+/// process, whose `POST /publish` puts the message (in the shape the GraphQL subscription
+/// sends) on a `tokio::sync::broadcast` channel and answers, and whose `/ws` forwards that
+/// channel to each socket. No database, no GraphQL, no authentication: the floor that fan-out
+/// over WebSockets on this machine sets.
+async fn baseline(
+    subscribers: usize,
+    events: usize,
+    rate: u32,
+    seconds: u64,
+) -> anyhow::Result<Measured> {
+    use poem::listener::{Acceptor, Listener, TcpListener};
+    use poem::web::websocket::{Message as WsMessage, WebSocket};
+    use poem::web::{Data, Json};
+    use poem::{get, post, EndpointExt, IntoResponse, Route};
+
+    #[poem::handler]
+    fn fan_out(
+        ws: WebSocket,
+        Data(channel): Data<&tokio::sync::broadcast::Sender<String>>,
+    ) -> impl IntoResponse {
+        let mut receiver = channel.subscribe();
+        ws.on_upgrade(move |socket| async move {
+            let (mut sink, mut stream) = socket.split();
+            loop {
+                tokio::select! {
+                    message = receiver.recv() => match message {
+                        Ok(text) => {
+                            if sink.send(WsMessage::Text(text)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return,
+                    },
+                    incoming = stream.next() => {
+                        if !matches!(incoming, Some(Ok(_))) {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    #[poem::handler]
+    fn publish(
+        Json(body): Json<Value>,
+        Data(channel): Data<&tokio::sync::broadcast::Sender<String>>,
+    ) -> &'static str {
+        let message = json!({"type": "next", "id": "1", "payload": {"data": {"eventIngested": {"properties": body}}}});
+        let _ = channel.send(message.to_string());
+        "ok"
+    }
+
+    let (channel, _) = tokio::sync::broadcast::channel::<String>(4096);
+    let app = Route::new()
+        .at("/ws", get(fan_out))
+        .at("/publish", post(publish))
+        .data(channel.clone());
+    let acceptor = TcpListener::bind("127.0.0.1:0").into_acceptor().await?;
+    let address = acceptor
+        .local_addr()
+        .first()
+        .and_then(|address| address.as_socket_addr().copied())
+        .context("the baseline listener has no address")?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(async move {
+        poem::Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(
+                app,
+                async move {
+                    let _ = stopped.await;
+                },
+                Some(Duration::from_secs(5)),
+            )
+            .await
+    });
+    let mut sockets = Vec::with_capacity(subscribers);
+    for _ in 0..subscribers {
+        let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws")).await?;
+        sockets.push(socket);
+    }
+    let ready = tokio::time::Instant::now() + Duration::from_secs(60);
+    while channel.receiver_count() < subscribers {
+        if tokio::time::Instant::now() > ready {
+            bail!("the baseline's subscribers did not all connect");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let url = format!("http://{address}/publish");
+    let measured = drive(sockets, events, rate, seconds, move |seq| {
+        client.post(&url).json(&json!({"seq": seq}))
+    })
+    .await;
+    let _ = stop.send(());
+    let _ = serving.await;
+    measured
+}
+
+fn percentile(sorted: &[f64], fraction: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len()) - 1;
+    harness::round(sorted[index], 2)
+}
+
+async fn scenario(
+    db: Arc<BenchDb>,
+    subscribers: usize,
+    rate: u32,
+    seconds: u64,
+) -> anyhow::Result<RealtimeResult> {
+    let server = start(&db, subscribers).await?;
+    let owner = server.sign_up("realtime").await?;
+    let key = server.write_key(&owner).await?;
+    let events = (u64::from(rate) * seconds) as usize;
+
+    eprintln!("opening {subscribers} subscribers");
+    let mut sockets = Vec::with_capacity(subscribers);
+    for _ in 0..subscribers {
+        sockets.push(subscriber(&server, &owner.access_token).await?);
+    }
+    let tenant_id = domain::TenantId(owner.tenant_id);
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        server
+            .app
+            .state()
+            .realtime
+            .wait_for_subscriptions(tenant_id, subscribers),
+    )
+    .await
+    .context("the subscriptions did not start")?;
+
+    let client = server.client.clone();
+    let url = server.url("/v1/batch");
+    let measured = drive(sockets, events, rate, seconds, move |seq| {
+        client
+            .post(&url)
+            .basic_auth(&key, Some(""))
+            .json(&json!({"batch": [{
+                "type": "track", "userId": format!("user-{}", seq % 100), "event": EVENT_NAME,
+                "properties": {"seq": seq}, "messageId": format!("tick-{seq}")
+            }]}))
+    })
+    .await?;
     server.stop().await?;
+
+    eprintln!("baseline: {subscribers} subscribers of a plain WebSocket fan-out");
+    let baseline = baseline(subscribers, events, rate, seconds).await?;
+    let baseline_p99 = percentile(&baseline.latencies, 0.99);
+    eprintln!(
+        "baseline: p50 {} ms, p99 {baseline_p99} ms, {} of {} deliveries",
+        percentile(&baseline.latencies, 0.50),
+        baseline.latencies.len(),
+        events * subscribers
+    );
+    let Measured {
+        latencies,
+        from_sent,
+        ingest,
+        lag_errors,
+    } = measured;
+    let deliveries = latencies.len();
+    let p99 = percentile(&latencies, 0.99);
     Ok(RealtimeResult {
         scenario: "realtime",
         backend: db.backend.name(),
+        figure:
+            "p99 ms from commit to subscriber, GraphQL subscription over plain WebSocket fan-out",
+        value: p99,
+        baseline: baseline_p99,
+        ratio: harness::round(p99 / baseline_p99.max(0.01), 3),
+        baseline_p50_ms: percentile(&baseline.latencies, 0.50),
+        baseline_missing: events * subscribers - baseline.latencies.len(),
         subscribers,
         events,
         rate_per_s: rate,
@@ -299,7 +467,7 @@ async fn scenario(
         missing: events * subscribers - deliveries,
         lag_errors,
         p50_ms: percentile(&latencies, 0.50),
-        p99_ms: percentile(&latencies, 0.99),
+        p99_ms: p99,
         max_ms: percentile(&latencies, 1.0),
         p50_from_sent_ms: percentile(&from_sent, 0.50),
         p99_from_sent_ms: percentile(&from_sent, 0.99),

@@ -298,7 +298,7 @@ fn sqlite_instant(instant: DateTime<Utc>) -> String {
     instant.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
 }
 
-async fn generate(
+pub async fn generate(
     admin: &DatabaseConnection,
     label: &str,
     tenant: Uuid,
@@ -702,6 +702,9 @@ async fn measure_segment(
         "scenario": "segments",
         "backend": label,
         "measurement": "build",
+        "figure": "segment build seconds, compiled over hand-written SQL",
+        "value": harness::round(compiled_build, 3),
+        "baseline": harness::round(hand_build, 3),
         "segment": case.key(),
         "condition": serde_json::from_str::<Json>(case.condition)?,
         "profiles": sizes.profiles,
@@ -784,6 +787,9 @@ async fn measure_segment(
         "scenario": "segments",
         "backend": label,
         "measurement": "select",
+        "figure": "segment select seconds, compiled over hand-written SQL",
+        "value": harness::round(compiled_select, 3),
+        "baseline": harness::round(hand_select, 3),
         "segment": case.key(),
         "profiles": sizes.profiles,
         "events": sizes.events,
@@ -1034,6 +1040,9 @@ async fn realtime(
         "scenario": "segments",
         "backend": label,
         "measurement": "realtime",
+        "figure": "ingest events/s with segments over without",
+        "value": rates[1].round() as u64,
+        "baseline": rates[0].round() as u64,
         "messages": count,
         "concurrency": args.concurrency,
         "segments": conditions.len(),
