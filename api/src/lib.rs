@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod config_reference;
 pub mod crypto;
 pub mod graphql;
 pub mod http;

@@ -24,6 +24,9 @@ enum Command {
     Accounts(api::cli::accounts::AccountCommand),
     /// Print the GraphQL schema (SDL).
     Schema,
+    /// Print the reference of every environment variable, with its default and meaning (the
+    /// tables of docs/configuration.md, which are generated from it).
+    Config,
     /// Export or erase a person's data (GDPR access and erasure).
     Privacy {
         #[command(subcommand)]
@@ -154,10 +157,17 @@ fn init_tracing() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::Schema) = cli.command {
-        // Needs neither configuration nor database.
-        print!("{}", api::graphql::sdl());
-        return Ok(());
+    // These two need neither configuration nor database.
+    match cli.command {
+        Some(Command::Schema) => {
+            print!("{}", api::graphql::sdl());
+            return Ok(());
+        }
+        Some(Command::Config) => {
+            print!("{}", api::config_reference::markdown());
+            return Ok(());
+        }
+        _ => {}
     }
     init_tracing();
     let config = Config::from_env()?;
@@ -369,6 +379,6 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Schema => Ok(()),
+        Command::Schema | Command::Config => Ok(()),
     }
 }
