@@ -3,7 +3,6 @@
 
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::*;
@@ -122,25 +121,6 @@ async fn cors_admits_only_the_configured_origins() {
         "https://app.example.com"
     );
     server.stop().await;
-}
-
-async fn open_socket(
-    server: &TestServer,
-    protocol: &str,
-) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
-    let mut request = server
-        .url("/graphql/ws")
-        .replace("http://", "ws://")
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
-    let (socket, response) = tokio_tungstenite::connect_async(request)
-        .await
-        .expect("websocket upgrade");
-    assert_eq!(response.headers()["sec-websocket-protocol"], protocol);
-    socket
 }
 
 /// The next text or close message, with a deadline.

@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::*;
@@ -200,16 +199,7 @@ async fn draining_turns_readiness_off_then_closes_sockets_with_going_away() {
     .await;
     let owner = new_tenant(&server, &smtp, &slug("drain"), "owner@drain.example").await;
 
-    let mut request = server
-        .url("/graphql/ws")
-        .replace("http://", "ws://")
-        .into_client_request()
-        .unwrap();
-    request.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        "graphql-transport-ws".parse().unwrap(),
-    );
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut socket = open_socket(&server, "graphql-transport-ws").await;
     socket
         .send(Message::text(
             json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {}", owner.access_token)}})

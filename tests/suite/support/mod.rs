@@ -467,3 +467,24 @@ pub async fn tables_with_column(db: &TestDb, column: &str) -> std::collections::
         .map(|row| row.try_get_by_index::<String>(0).unwrap())
         .collect()
 }
+
+/// A WebSocket to `/graphql/ws` speaking `protocol` (the server must agree to it).
+pub async fn open_socket(
+    server: &TestServer,
+    protocol: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = server
+        .url("/graphql/ws")
+        .replace("http://", "ws://")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+    let (socket, response) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("websocket upgrade");
+    assert_eq!(response.headers()["sec-websocket-protocol"], protocol);
+    socket
+}
