@@ -144,7 +144,8 @@ pub async fn ingest_with(
             .map(|mut reports| reports.remove(0))
     }?;
     let rejected: Vec<&str> = report
-        .rejected()
+        .messages
+        .iter()
         .filter_map(|message| match &message.outcome {
             Outcome::Rejected(rejection) => Some(rejection.code),
             _ => None,

@@ -11,7 +11,7 @@ pub async fn refresh_gauges(state: &AppState) {
     metrics.websockets.set(sockets as i64);
     metrics.subscriptions.set(subscriptions as i64);
     let backlog = async {
-        let tx = state.store.begin_system("metrics: outbox backlog").await?;
+        let tx = state.store.read_system("metrics: outbox backlog").await?;
         let backlog = store::outbox::backlog(&tx).await?;
         tx.commit().await?;
         Ok::<_, store::StoreError>(backlog)

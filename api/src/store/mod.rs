@@ -312,13 +312,29 @@ impl Store {
     /// Opens a transaction that may see every tenant's rows of the tables that allow system scans
     /// (the email outbox). Every use names its reason, which is logged.
     pub async fn begin_system(&self, reason: &'static str) -> StoreResult<SystemTx> {
-        tracing::debug!(reason, "system transaction");
+        self.system(reason, false).await
+    }
+
+    /// [`Store::begin_system`] for reading only: read-only on PostgreSQL, and on SQLite without
+    /// the write lock, so that a reader (a metrics scrape) never queues behind or blocks writers.
+    pub async fn read_system(&self, reason: &'static str) -> StoreResult<SystemTx> {
+        self.system(reason, true).await
+    }
+
+    async fn system(&self, reason: &'static str, read_only: bool) -> StoreResult<SystemTx> {
+        tracing::debug!(reason, read_only, "system transaction");
+        let (access_mode, sqlite_transaction_mode) = match (read_only, self.backend) {
+            (false, _) => (None, Some(SqliteTransactionMode::Immediate)),
+            (true, Backend::Postgres) => (Some(AccessMode::ReadOnly), None),
+            // SQLite's deferred transactions are read transactions until they write.
+            (true, Backend::Sqlite) => (None, None),
+        };
         let tx = self
             .db
             .begin_with_options(TransactionOptions {
                 isolation_level: None,
-                access_mode: None,
-                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                access_mode,
+                sqlite_transaction_mode,
             })
             .await?;
         if self.backend == Backend::Postgres {

@@ -406,3 +406,68 @@ pub fn round(value: f64, digits: i32) -> f64 {
     let factor = 10f64.powi(digits);
     (value * factor).round() / factor
 }
+
+/// A pool of `connections` on the service's URL, set up as the store sets up its own (WAL and
+/// `synchronous=NORMAL` on SQLite, custom plans on PostgreSQL): for the baselines that read and
+/// write the same database as the server.
+pub async fn service_pool(db: &BenchDb, connections: u32) -> anyhow::Result<DatabaseConnection> {
+    let mut options = ConnectOptions::new(db.service_url.clone());
+    options
+        .max_connections(connections)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(30))
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|options| {
+            options
+                .busy_timeout(Duration::from_secs(30))
+                .journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+        })
+        .map_sqlx_postgres_opts(|options| {
+            options.options([("plan_cache_mode", "force_custom_plan")])
+        });
+    Database::connect(options)
+        .await
+        .context("cannot connect as the service role")
+}
+
+/// A baseline HTTP server on a free loopback port, serving until [`Loopback::stop`].
+pub struct Loopback {
+    pub address: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Loopback {
+    pub async fn start(app: impl poem::Endpoint + 'static) -> anyhow::Result<Loopback> {
+        use poem::listener::{Acceptor, Listener, TcpListener};
+        let acceptor = TcpListener::bind("127.0.0.1:0").into_acceptor().await?;
+        let address = acceptor
+            .local_addr()
+            .first()
+            .and_then(|address| address.as_socket_addr().copied())
+            .context("the baseline listener has no address")?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            poem::Server::new_with_acceptor(acceptor)
+                .run_with_graceful_shutdown(
+                    app,
+                    async move {
+                        let _ = stopped.await;
+                    },
+                    Some(Duration::from_secs(5)),
+                )
+                .await
+        });
+        Ok(Loopback {
+            address,
+            stop,
+            task,
+        })
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}

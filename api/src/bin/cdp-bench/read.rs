@@ -30,15 +30,12 @@ use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
 use poem::web::{Data, Json, Path, Query};
 use poem::{get, EndpointExt, Route};
-use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement,
-    TransactionTrait,
-};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::harness::{self, BackendArgs, BenchDb, Server};
+use crate::harness::{self, BackendArgs, BenchDb, Loopback, Server};
 use crate::load::{self, Figures, Target};
 
 /// Track calls per profile (plus one identify).
@@ -522,8 +519,7 @@ pub async fn post_bodies(
 pub struct PlainServer {
     base: String,
     state: PlainState,
-    shutdown: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    server: Loopback,
 }
 
 #[derive(Clone)]
@@ -535,20 +531,7 @@ struct PlainState {
 impl PlainServer {
     /// Starts it on a free loopback port with a pool of 10 on the service's URL.
     pub async fn start(db: &BenchDb, tenant: Uuid) -> anyhow::Result<PlainServer> {
-        use poem::listener::{Acceptor, Listener, TcpListener};
-        let mut options = ConnectOptions::new(db.service_url.clone());
-        options
-            .max_connections(10)
-            .min_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
-            .sqlx_logging(false)
-            .map_sqlx_sqlite_opts(|options| {
-                options
-                    .busy_timeout(Duration::from_secs(30))
-                    .journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
-                    .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
-            });
-        let pool = Database::connect(options)
+        let pool = harness::service_pool(db, 10)
             .await
             .context("the plain handler cannot connect")?;
         let state = PlainState { pool, tenant };
@@ -556,35 +539,16 @@ impl PlainServer {
             .at("/plain/profile/:id", get(plain_profile_handler))
             .at("/plain/profiles", get(plain_profiles_handler))
             .data(state.clone());
-        let acceptor = TcpListener::bind("127.0.0.1:0").into_acceptor().await?;
-        let address = acceptor
-            .local_addr()
-            .first()
-            .and_then(|address| address.as_socket_addr().copied())
-            .context("the plain listener has no address")?;
-        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            poem::Server::new_with_acceptor(acceptor)
-                .run_with_graceful_shutdown(
-                    app,
-                    async move {
-                        let _ = stop.await;
-                    },
-                    Some(Duration::from_secs(5)),
-                )
-                .await
-        });
+        let server = Loopback::start(app).await?;
         Ok(PlainServer {
-            base: format!("http://{address}"),
+            base: format!("http://{}", server.address),
             state,
-            shutdown,
-            task,
+            server,
         })
     }
 
     pub async fn stop(self) {
-        let _ = self.shutdown.send(());
-        let _ = self.task.await;
+        self.server.stop().await;
         let _ = self.state.pool.close().await;
     }
 

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{self, BackendArgs, BenchDb, Server};
+use crate::harness::{self, BackendArgs, BenchDb, Loopback, Server};
 
 const EVENT_NAME: &str = "Bench Tick";
 
@@ -291,7 +291,6 @@ async fn baseline(
     rate: u32,
     seconds: u64,
 ) -> anyhow::Result<Measured> {
-    use poem::listener::{Acceptor, Listener, TcpListener};
     use poem::web::websocket::{Message as WsMessage, WebSocket};
     use poem::web::{Data, Json};
     use poem::{get, post, EndpointExt, IntoResponse, Route};
@@ -340,24 +339,8 @@ async fn baseline(
         .at("/ws", get(fan_out))
         .at("/publish", post(publish))
         .data(channel.clone());
-    let acceptor = TcpListener::bind("127.0.0.1:0").into_acceptor().await?;
-    let address = acceptor
-        .local_addr()
-        .first()
-        .and_then(|address| address.as_socket_addr().copied())
-        .context("the baseline listener has no address")?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(async move {
-        poem::Server::new_with_acceptor(acceptor)
-            .run_with_graceful_shutdown(
-                app,
-                async move {
-                    let _ = stopped.await;
-                },
-                Some(Duration::from_secs(5)),
-            )
-            .await
-    });
+    let server = Loopback::start(app).await?;
+    let address = server.address;
     let mut sockets = Vec::with_capacity(subscribers);
     for _ in 0..subscribers {
         let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws")).await?;
@@ -378,8 +361,7 @@ async fn baseline(
         client.post(&url).json(&json!({"seq": seq}))
     })
     .await;
-    let _ = stop.send(());
-    let _ = serving.await;
+    server.stop().await;
     measured
 }
 

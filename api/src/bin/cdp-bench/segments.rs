@@ -36,8 +36,8 @@ use chrono::{DateTime, SubsecRound, Utc};
 use domain::condition::Condition;
 use domain::TenantId;
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait, Value,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, SqliteTransactionMode,
+    Statement, TransactionOptions, TransactionTrait, Value,
 };
 use serde_json::{json, Value as Json};
 use uuid::Uuid;
@@ -162,7 +162,7 @@ async fn run_on(db: Arc<BenchDb>, args: &SegmentsArgs) -> anyhow::Result<()> {
     })
     .await
     .context("cannot connect the store")?;
-    let raw = service_pool(&db).await?;
+    let raw = harness::service_pool(&db, 2).await?;
     if db.db_backend == DbBackend::Postgres && harness::bypasses_rls(&raw).await? {
         bail!("the service role bypasses row-level security");
     }
@@ -185,28 +185,6 @@ async fn run_on(db: Arc<BenchDb>, args: &SegmentsArgs) -> anyhow::Result<()> {
 struct Sizes {
     profiles: u64,
     events: u64,
-}
-
-/// A pool on the service's URL, set up as the store sets up its own.
-async fn service_pool(db: &BenchDb) -> anyhow::Result<DatabaseConnection> {
-    let mut options = ConnectOptions::new(db.service_url.clone());
-    options
-        .max_connections(2)
-        .min_connections(1)
-        .acquire_timeout(Duration::from_secs(30))
-        .sqlx_logging(false)
-        .map_sqlx_sqlite_opts(|options| {
-            options
-                .busy_timeout(Duration::from_secs(30))
-                .journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
-                .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
-        })
-        .map_sqlx_postgres_opts(|options| {
-            options.options([("plan_cache_mode", "force_custom_plan")])
-        });
-    Database::connect(options)
-        .await
-        .context("cannot connect as the service role")
 }
 
 /// A transaction bound to `tenant` (as the store binds its own), writing when `write`.
