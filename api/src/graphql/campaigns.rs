@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::accounts::{Env, ServiceResultExt};
 use super::service_error;
-use super::types::PageInfo;
+use super::types::{total_count, PageInfo};
 use crate::service::bus::Notice;
 use crate::service::campaigns;
 use crate::service::pagination::Page;
@@ -237,7 +237,7 @@ impl From<Page<campaigns::Delivery>> for EmailDeliveryConnection {
     fn from(page: Page<campaigns::Delivery>) -> Self {
         let page_info = PageInfo::of(&page);
         EmailDeliveryConnection {
-            total_count: count(page.total_count),
+            total_count: total_count(page.total_count),
             page_info,
             edges: page
                 .items

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
 use super::accounts::{Env, ServiceResultExt};
-use super::types::PageInfo;
+use super::types::{total_count, PageInfo};
 use crate::service::ingest::{self, Outcome};
 use crate::service::pagination::Page;
 use crate::service::{profiles, settings, ServiceError};
@@ -283,10 +283,6 @@ fn event_page_wants(ctx: &Context<'_>) -> profiles::EventPageWants {
     }
 }
 
-fn count(total: u64) -> i32 {
-    i32::try_from(total).unwrap_or(i32::MAX)
-}
-
 #[derive(SimpleObject, Clone, Debug)]
 pub struct EventEdge {
     pub node: Event,
@@ -304,7 +300,7 @@ impl From<Page<profiles::Event>> for EventConnection {
     fn from(page: Page<profiles::Event>) -> Self {
         let page_info = PageInfo::of(&page);
         EventConnection {
-            total_count: count(page.total_count),
+            total_count: total_count(page.total_count),
             edges: page
                 .items
                 .into_iter()
@@ -335,7 +331,7 @@ impl From<Page<profiles::Profile>> for ProfileConnection {
     fn from(page: Page<profiles::Profile>) -> Self {
         let page_info = PageInfo::of(&page);
         ProfileConnection {
-            total_count: count(page.total_count),
+            total_count: total_count(page.total_count),
             edges: page
                 .items
                 .into_iter()

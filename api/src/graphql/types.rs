@@ -301,6 +301,12 @@ fn count(total: u64) -> i32 {
     i32::try_from(total).unwrap_or(i32::MAX)
 }
 
+/// A connection's `totalCount`: a page's total, or 0 when it was not counted (the field was
+/// not selected, so nobody reads it).
+pub fn total_count(total: Option<u64>) -> i32 {
+    total.map(count).unwrap_or(0)
+}
+
 #[derive(SimpleObject, Clone, Debug)]
 pub struct UserEdge {
     pub node: User,
@@ -318,7 +324,7 @@ impl From<Page<accounts::User>> for UserConnection {
     fn from(page: Page<accounts::User>) -> Self {
         let page_info = PageInfo::of(&page);
         UserConnection {
-            total_count: count(page.total_count),
+            total_count: total_count(page.total_count),
             edges: page
                 .items
                 .into_iter()
@@ -361,7 +367,7 @@ impl From<Page<audit::AuditEntry>> for AuditEntryConnection {
     fn from(page: Page<audit::AuditEntry>) -> Self {
         let page_info = PageInfo::of(&page);
         AuditEntryConnection {
-            total_count: count(page.total_count),
+            total_count: total_count(page.total_count),
             edges: page
                 .items
                 .into_iter()

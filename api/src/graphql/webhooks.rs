@@ -166,7 +166,7 @@ impl From<Page<webhooks::Delivery>> for WebhookDeliveryConnection {
     fn from(page: Page<webhooks::Delivery>) -> Self {
         let page_info = PageInfo::of(&page);
         WebhookDeliveryConnection {
-            total_count: i32::try_from(page.total_count).unwrap_or(i32::MAX),
+            total_count: super::types::total_count(page.total_count),
             edges: page
                 .items
                 .into_iter()

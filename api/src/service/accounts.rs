@@ -1201,7 +1201,7 @@ async fn users_page(
     Ok(build_page(
         rows,
         limit,
-        total,
+        Some(total),
         |row| row.id,
         |row| {
             let roles = role_pairs

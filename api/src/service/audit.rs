@@ -75,7 +75,7 @@ pub async fn list(
     Ok(build_page(
         rows,
         limit,
-        total,
+        Some(total),
         |row| row.id,
         |row| AuditEntry {
             id: row.id,

@@ -603,7 +603,7 @@ pub async fn deliveries(
     let empty = || Page {
         items: Vec::new(),
         has_next_page: false,
-        total_count: 0,
+        total_count: Some(0),
     };
     let parse = |id: Option<&str>| match id {
         None => Ok(None),
@@ -630,7 +630,7 @@ pub async fn deliveries(
     Ok(build_page(
         rows,
         limit,
-        total,
+        Some(total),
         |row| row.id,
         |row| delivery_from_row(row, &reveal),
     ))

@@ -15,7 +15,9 @@ pub struct Page<T> {
     /// Each item with its cursor.
     pub items: Vec<(T, String)>,
     pub has_next_page: bool,
-    pub total_count: u64,
+    /// How many items the whole listing holds; `None` when the caller did not ask (counting
+    /// can read every matching row).
+    pub total_count: Option<u64>,
 }
 
 impl<T> Page<T> {
@@ -55,7 +57,7 @@ pub fn decode_cursor(cursor: Option<&str>) -> ServiceResult<Option<Uuid>> {
 pub fn build_page<R, T>(
     mut rows: Vec<R>,
     limit: u64,
-    total_count: u64,
+    total_count: Option<u64>,
     id_of: impl Fn(&R) -> Uuid,
     convert: impl Fn(R) -> T,
 ) -> Page<T> {

@@ -546,7 +546,7 @@ pub enum EventOwner<'a> {
     Resolved(Uuid),
 }
 
-/// A page of events, newest first. `total_count` is 0 and contexts are null when `wants` says
+/// A page of events, newest first. `total_count` is `None` and contexts are null when `wants` says
 /// they are not used.
 pub async fn events(
     state: &AppState,
@@ -575,7 +575,7 @@ pub async fn events(
                 return Ok(Page {
                     items: Vec::new(),
                     has_next_page: false,
-                    total_count: 0,
+                    total_count: Some(0),
                 })
             }
         },

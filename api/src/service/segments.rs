@@ -191,7 +191,7 @@ pub async fn members(
     Ok(build_page(
         rows,
         limit,
-        total,
+        Some(total),
         |row| row.id,
         |row| profiles::profile_from_row(row, &reveal),
     ))

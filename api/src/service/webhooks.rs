@@ -553,7 +553,13 @@ pub async fn deliveries(
     load(&tx, webhook_id).await?;
     let (rows, total) =
         store::webhooks::deliveries_page(&tx, webhook_id, before, limit + 1).await?;
-    Ok(build_page(rows, limit, total, |row| row.id, Delivery::from))
+    Ok(build_page(
+        rows,
+        limit,
+        Some(total),
+        |row| row.id,
+        Delivery::from,
+    ))
 }
 
 /// The JSON body of a delivery: `{"topic", "occurredAt", "data"}`, with ids, names, reasons and

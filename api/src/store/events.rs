@@ -72,18 +72,18 @@ fn filtered(tx: &TenantTx, filter: &EventFilter) -> sea_orm::Select<events::Enti
 }
 
 /// One page of events, newest first (by timestamp, then id), after the cursor position, with
-/// the number of events the filter matches when `with_total` (else 0).
+/// the number of events the filter matches when `with_total`.
 pub async fn page(
     tx: &TenantTx,
     filter: &EventFilter,
     after: Option<EventPosition>,
     limit: u64,
     with_total: bool,
-) -> StoreResult<(Vec<EventRow>, u64)> {
+) -> StoreResult<(Vec<EventRow>, Option<u64>)> {
     let total = if with_total {
-        filtered(tx, filter).count(tx.conn()).await?
+        Some(filtered(tx, filter).count(tx.conn()).await?)
     } else {
-        0
+        None
     };
     let mut query = filtered(tx, filter)
         .order_by_desc(events::Column::Timestamp)

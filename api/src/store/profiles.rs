@@ -232,7 +232,7 @@ pub async fn count_live(tx: &TenantTx) -> StoreResult<u64> {
 }
 
 /// One page of live profiles in creation order, with the number of profiles the filter matches
-/// when `with_total` (else 0: counting reads every matching profile of the tenant).
+/// when `with_total` (counting reads every matching profile of the tenant).
 pub async fn page(
     tx: &TenantTx,
     backend: Backend,
@@ -240,11 +240,11 @@ pub async fn page(
     after: Option<Uuid>,
     limit: u64,
     with_total: bool,
-) -> StoreResult<(Vec<ProfileRow>, u64)> {
+) -> StoreResult<(Vec<ProfileRow>, Option<u64>)> {
     let total = if with_total {
-        filtered(tx, backend, filter).count(tx.conn()).await?
+        Some(filtered(tx, backend, filter).count(tx.conn()).await?)
     } else {
-        0
+        None
     };
     let mut query = filtered(tx, backend, filter)
         .order_by_asc(profiles::Column::Id)
