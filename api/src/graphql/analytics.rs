@@ -186,11 +186,9 @@ pub(super) async fn profile_attributes(
     ctx: &Context<'_>,
     profile_id: Uuid,
 ) -> Result<Option<CustomerAttributes>> {
-    let env = Env::of(ctx)?;
     Ok(
-        analytics::attributes(env.state, env.principal()?, profile_id)
-            .await
-            .gql()?
+        super::loaders::load(ctx, super::loaders::AttributesOf(profile_id))
+            .await?
             .map(|attributes| CustomerAttributes {
                 total_revenue: attributes.total_revenue,
                 order_count: i32::try_from(attributes.order_count).unwrap_or(i32::MAX),

@@ -10,6 +10,7 @@ mod campaigns;
 mod customers;
 mod document;
 pub mod limits;
+mod loaders;
 pub mod persisted;
 mod privacy;
 mod segments;
@@ -63,6 +64,8 @@ pub struct RequestContext {
     /// principal then answer UNAUTHENTICATED with this message, instead of "sign in first".
     pub auth_error: Option<String>,
     pub meta: RequestMeta,
+    /// The request's batch loader of profile fields, made when first asked.
+    pub loaders: loaders::ProfileLoaderSlot,
 }
 
 /// The schema that serves requests, with the limits of the configuration. Introspection and

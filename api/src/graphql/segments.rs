@@ -309,25 +309,6 @@ impl SegmentsMutation {
 }
 
 /// Profile fields of this section.
-pub(super) async fn profile_stage(ctx: &Context<'_>, profile_id: Uuid) -> Result<Option<String>> {
-    let env = Env::of(ctx)?;
-    lifecycle::stage_of(env.state, env.principal()?, profile_id)
-        .await
-        .gql()
-}
-
-pub(super) async fn profile_segments(ctx: &Context<'_>, profile_id: Uuid) -> Result<Vec<Segment>> {
-    let env = Env::of(ctx)?;
-    Ok(
-        segments::of_profile(env.state, env.principal()?, profile_id)
-            .await
-            .gql()?
-            .into_iter()
-            .map(Segment::from)
-            .collect(),
-    )
-}
-
 pub(super) async fn profile_transitions(
     ctx: &Context<'_>,
     profile_id: Uuid,

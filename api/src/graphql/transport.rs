@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_graphql::http::{WebSocketProtocols, WsMessage, ALL_WEBSOCKET_PROTOCOLS};
+use async_graphql::parser::types::{DocumentOperations, OperationType};
 use async_graphql::{BatchRequest, BatchResponse, Data, Response as GraphqlResponse};
 use chrono::{DateTime, Utc};
 use futures::{SinkExt, StreamExt};
@@ -71,6 +72,27 @@ impl Operations {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Whether every operation is a query (parsed here once; the schema reuses the parse). One
+    /// that does not parse counts as not a query, and the schema answers its errors.
+    pub fn only_queries(&mut self) -> bool {
+        self.batch
+            .iter_mut()
+            .all(|request| operation_type(request) == Some(OperationType::Query))
+    }
+}
+
+/// The type of the operation a request runs: its only one, or the one it names.
+fn operation_type(request: &mut async_graphql::Request) -> Option<OperationType> {
+    let name = request.operation_name.clone();
+    let document = request.parsed_query().ok()?;
+    match &document.operations {
+        DocumentOperations::Single(operation) => Some(operation.node.ty),
+        DocumentOperations::Multiple(operations) => name
+            .as_deref()
+            .and_then(|name| operations.get(name))
+            .map(|operation| operation.node.ty),
+    }
 }
 
 /// Reads a JSON body (one operation or a batch) and checks the limits that span the batch: its
@@ -110,26 +132,15 @@ pub fn parse_get(
     })?;
     let mut operations = check_operations(BatchRequest::Single(request), 1, limits, persisted)?;
     if let BatchRequest::Single(request) = &mut operations.batch {
-        let name = request.operation_name.clone();
-        if let Ok(document) = request.parsed_query() {
-            use async_graphql::parser::types::{DocumentOperations, OperationType};
-            let kind = match &document.operations {
-                DocumentOperations::Single(operation) => Some(operation.node.ty),
-                DocumentOperations::Multiple(operations) => name
-                    .as_deref()
-                    .and_then(|name| operations.get(name))
-                    .map(|operation| operation.node.ty),
-            };
-            if matches!(
-                kind,
-                Some(OperationType::Mutation | OperationType::Subscription)
-            ) {
-                return Err(error_outcome(
-                    405,
-                    "only queries can be sent with GET; send mutations with POST",
-                    "BAD_USER_INPUT",
-                ));
-            }
+        if matches!(
+            operation_type(request),
+            Some(OperationType::Mutation | OperationType::Subscription)
+        ) {
+            return Err(error_outcome(
+                405,
+                "only queries can be sent with GET; send mutations with POST",
+                "BAD_USER_INPUT",
+            ));
         }
     }
     Ok(operations)
@@ -408,6 +419,7 @@ async fn accept_socket(
         principal: Some(principal),
         auth_error: None,
         meta,
+        loaders: Default::default(),
     });
     data.insert(SocketSession::new(expires_at, permit));
     Ok((data, expires_at))

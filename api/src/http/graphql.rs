@@ -20,6 +20,7 @@ use crate::graphql::transport::{
 };
 use crate::graphql::{field_limits, CdpSchema, RequestContext};
 use crate::service::{self, AppState, RequestMeta, ServiceError};
+use crate::store::ReadScope;
 
 fn respond(outcome: HttpOutcome) -> Response {
     let mut response = Response::builder()
@@ -207,7 +208,7 @@ async fn run(
     request: &Request,
     state: &AppState,
     schema: &CdpSchema,
-    operations: Operations,
+    mut operations: Operations,
     client_ip: Option<std::net::IpAddr>,
     cacheable: Option<Duration>,
 ) -> Response {
@@ -219,12 +220,37 @@ async fn run(
             return respond(rate_limited_outcome(retry.seconds));
         }
     }
+    // A request of queries only reads: its authentication and every resolver share one read
+    // transaction (ADR 0012). Mutations keep a transaction per use case.
+    if operations.only_queries() {
+        let scope = ReadScope::new();
+        let response = scope
+            .run(authenticate_and_execute(
+                request, state, schema, operations, client_ip, cacheable,
+            ))
+            .await;
+        scope.finish().await;
+        response
+    } else {
+        authenticate_and_execute(request, state, schema, operations, client_ip, cacheable).await
+    }
+}
+
+async fn authenticate_and_execute(
+    request: &Request,
+    state: &AppState,
+    schema: &CdpSchema,
+    operations: Operations,
+    client_ip: Option<std::net::IpAddr>,
+    cacheable: Option<Duration>,
+) -> Response {
     let mut context = RequestContext {
         principal: None,
         auth_error: None,
         meta: RequestMeta {
             ip: client_ip.map(|address| address.to_string()),
         },
+        loaders: Default::default(),
     };
     if let Some(value) = request.headers().get(header::AUTHORIZATION) {
         let token = value.to_str().ok().and_then(|value| {

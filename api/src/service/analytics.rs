@@ -6,6 +6,8 @@
 //! what changes and are idempotent; the views need PROFILES_READ, checked before any data is
 //! touched, and see only the principal's tenant. The rules are documented in `docs/understand.md`.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use domain::{Permission, TenantId};
 use uuid::Uuid;
@@ -103,33 +105,38 @@ impl Rfm {
 
 /// The computed attributes of a live profile (a merged id resolves to its survivor), or None
 /// when there is no such profile in the principal's tenant.
+/// The computed attributes of each of `profile_ids` (ids of live profiles, as a profile read in
+/// this request carries) that has some, in one read.
 pub async fn attributes(
     state: &AppState,
     principal: Option<&Principal>,
-    profile_id: Uuid,
-) -> ServiceResult<Option<CustomerAttributes>> {
+    profile_ids: &[Uuid],
+) -> ServiceResult<HashMap<Uuid, CustomerAttributes>> {
     let principal = require_permission(principal, Permission::ProfilesRead)?;
     let now = state.now();
     let tx = state.store.read(principal.tenant_id).await?;
-    let Some(profile) = store::profiles::get_resolved(&tx, profile_id).await? else {
-        return Ok(None);
-    };
-    let rows = store::analytics::attributes_of(&tx, &[profile.id]).await?;
-    Ok(rows.into_iter().next().map(|row| CustomerAttributes {
-        total_revenue: row.total_revenue,
-        order_count: row.order_count,
-        mean_gap_seconds: row.mean_gap_seconds,
-        rfm: match (row.rfm_recency, row.rfm_frequency, row.rfm_monetary) {
-            (Some(recency), Some(frequency), Some(monetary)) => Some(Rfm {
-                recency,
-                frequency,
-                monetary,
-            }),
-            _ => None,
-        },
-        churn_risk: row.churn_risk,
-        days_since_last_seen: domain::analytics::days_since(now, row.last_seen_at),
-    }))
+    let rows = store::analytics::attributes_of(&tx, profile_ids).await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let attributes = CustomerAttributes {
+                total_revenue: row.total_revenue,
+                order_count: row.order_count,
+                mean_gap_seconds: row.mean_gap_seconds,
+                rfm: match (row.rfm_recency, row.rfm_frequency, row.rfm_monetary) {
+                    (Some(recency), Some(frequency), Some(monetary)) => Some(Rfm {
+                        recency,
+                        frequency,
+                        monetary,
+                    }),
+                    _ => None,
+                },
+                churn_risk: row.churn_risk,
+                days_since_last_seen: domain::analytics::days_since(now, row.last_seen_at),
+            };
+            (row.profile_id, attributes)
+        })
+        .collect())
 }
 
 /// One step of the stage funnel: from a stage to the next one in the model.

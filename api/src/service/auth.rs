@@ -29,23 +29,25 @@ pub async fn authenticate_bearer(state: &AppState, token: &str) -> ServiceResult
     let tenant_id = domain::TenantId(claims.tid);
     let user_id = UserId(claims.sub);
     let tx = state.store.read(tenant_id).await?;
-    let user = match store::users::get(&tx, user_id).await {
-        Ok(user) => user,
-        Err(store::StoreError::NotFound) => return Err(unauthenticated()),
-        Err(other) => return Err(other.into()),
+    let Some(standing) = store::users::standing(&tx, user_id, claims.sid).await? else {
+        return Err(unauthenticated());
     };
-    if user.status != UserStatus::Active.as_str() {
+    if standing.status != UserStatus::Active.as_str() || standing.family_revoked {
         return Err(unauthenticated());
     }
-    if store::sessions::family_revoked(&tx, claims.sid).await? {
-        return Err(unauthenticated());
-    }
-    let permissions = permissions_of_user(&tx, user_id).await?;
+    let permissions = standing
+        .role_permissions
+        .iter()
+        .filter_map(serde_json::Value::as_array)
+        .flatten()
+        .filter_map(serde_json::Value::as_str)
+        .filter_map(|name| name.parse::<Permission>().ok())
+        .collect();
     Ok(Principal {
         tenant_id,
         kind: PrincipalKind::User {
             user_id,
-            email: user.email,
+            email: standing.email,
         },
         permissions,
     })

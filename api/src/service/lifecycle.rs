@@ -5,6 +5,8 @@
 //! offending value, such as `stages[1].condition.all[0].op`); after a change every profile's
 //! stage is recomputed, with transitions recorded, before the mutation answers.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use domain::lifecycle::{LifecycleModel, StageInput};
 use domain::Permission;
@@ -166,16 +168,17 @@ pub async fn transitions(
 }
 
 /// A profile's current stage.
-pub async fn stage_of(
+/// The current stage of each of `profile_ids` that has one, in one read.
+pub async fn current_stages(
     state: &AppState,
     principal: Option<&Principal>,
-    profile_id: Uuid,
-) -> ServiceResult<Option<String>> {
+    profile_ids: &[Uuid],
+) -> ServiceResult<HashMap<Uuid, String>> {
     let principal = require_permission(principal, Permission::ProfilesRead)?;
     let tx = state.store.read(principal.tenant_id).await?;
-    Ok(store::lifecycle::states_of(&tx, &[profile_id])
+    Ok(store::lifecycle::states_of(&tx, profile_ids)
         .await?
         .into_iter()
-        .next()
-        .and_then(|row| row.stage))
+        .filter_map(|row| Some((row.id, row.stage?)))
+        .collect())
 }

@@ -1,6 +1,6 @@
 //! Reading unified profiles and events; manual merges, splits and consent changes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use domain::identity::{IdentityKey, EMAIL, PHONE};
@@ -105,10 +105,16 @@ impl Reveal {
         }
         owners.extend(texts.into_iter().filter_map(crate::crypto::envelope_owner));
         let opener = state.vault.opener_for(tx, owners).await?;
-        let pii = super::privacy::settings_in(tx)
-            .await
-            .map(|settings| settings.pii_keys())
-            .unwrap_or_default();
+        // Which keys are personal matters only to masking: a principal who may read PII sees
+        // every value opened, so its reads skip the settings.
+        let pii = if masked {
+            super::privacy::settings_in(tx)
+                .await
+                .map(|settings| settings.pii_keys())
+                .unwrap_or_default()
+        } else {
+            PiiKeys::default()
+        };
         Ok(Reveal {
             opener,
             pii,
@@ -372,75 +378,84 @@ pub async fn list(
     ))
 }
 
+/// The identities of each of `profile_ids`, in one read (a page's profiles ask together).
 pub async fn identities(
     state: &AppState,
     principal: Option<&Principal>,
-    profile: &Profile,
-) -> ServiceResult<Vec<Identity>> {
+    profile_ids: &[Uuid],
+) -> ServiceResult<HashMap<Uuid, Vec<Identity>>> {
     let principal = require_permission(principal, Permission::ProfilesRead)?;
     let tx = state.store.read(principal.tenant_id).await?;
-    let rows = store::profiles::identities_of(&tx, &[profile.id]).await?;
+    let rows = store::profiles::identities_of(&tx, profile_ids).await?;
     let reveal = Reveal::load(
         state,
         &tx,
-        profile.masked,
+        masks(principal),
         [],
         rows.iter().map(|row| row.value.as_str()),
     )
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| Identity {
+    let mut found: HashMap<Uuid, Vec<Identity>> = HashMap::new();
+    for row in rows {
+        found.entry(row.profile_id).or_default().push(Identity {
             value: reveal.identity(&row.kind, &row.value),
             kind: row.kind,
-        })
-        .collect())
+        });
+    }
+    Ok(found)
 }
 
+/// The consents of each of `profile_ids`, in one read.
 pub async fn consents(
     state: &AppState,
     principal: Option<&Principal>,
-    profile_id: Uuid,
-) -> ServiceResult<Vec<Consent>> {
+    profile_ids: &[Uuid],
+) -> ServiceResult<HashMap<Uuid, Vec<Consent>>> {
     let principal = require_permission(principal, Permission::ProfilesRead)?;
     let tx = state.store.read(principal.tenant_id).await?;
-    Ok(store::profiles::consents_of(&tx, &[profile_id])
-        .await?
-        .into_iter()
-        .map(|row| Consent {
+    let mut found: HashMap<Uuid, Vec<Consent>> = HashMap::new();
+    for row in store::profiles::consents_of(&tx, profile_ids).await? {
+        found.entry(row.profile_id).or_default().push(Consent {
             purpose: row.purpose,
             granted: row.granted,
             updated_at: row.updated_at,
             source: row.source,
-        })
-        .collect())
+        });
+    }
+    Ok(found)
 }
 
+/// The ids merged into each of `profile_ids`, in one read.
 pub async fn merged_ids(
     state: &AppState,
     principal: Option<&Principal>,
-    profile_id: Uuid,
-) -> ServiceResult<Vec<Uuid>> {
+    profile_ids: &[Uuid],
+) -> ServiceResult<HashMap<Uuid, Vec<Uuid>>> {
     let principal = require_permission(principal, Permission::ProfilesRead)?;
     let tx = state.store.read(principal.tenant_id).await?;
-    Ok(store::profiles::merged_ids(&tx, profile_id).await?)
+    let mut found: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
+    for (merged, survivor) in store::profiles::merged_into(&tx, profile_ids).await? {
+        found.entry(survivor).or_default().push(merged);
+    }
+    Ok(found)
 }
 
+/// The groups (accounts) each of `profile_ids` belongs to, in one read.
 pub async fn groups(
     state: &AppState,
     principal: Option<&Principal>,
-    profile_id: Uuid,
-) -> ServiceResult<Vec<Group>> {
+    profile_ids: &[Uuid],
+) -> ServiceResult<HashMap<Uuid, Vec<Group>>> {
     let principal = require_permission(principal, Permission::ProfilesRead)?;
     let tx = state.store.read(principal.tenant_id).await?;
-    Ok(store::profiles::groups_of(&tx, profile_id)
-        .await?
-        .into_iter()
-        .map(|row| Group {
+    let mut found: HashMap<Uuid, Vec<Group>> = HashMap::new();
+    for (profile_id, row) in store::profiles::groups_of_profiles(&tx, profile_ids).await? {
+        found.entry(profile_id).or_default().push(Group {
             group_id: row.group_id,
             traits: row.traits,
-        })
-        .collect())
+        });
+    }
+    Ok(found)
 }
 
 /// The merge ledger of a profile and of every profile merged into it, newest first.
@@ -520,7 +535,7 @@ fn decode_event_cursor(
 /// Events, newest first, optionally of one profile (a merged id counts as its survivor) and name.
 /// What a reader of an event page uses, so that nothing else is computed: the total count (a
 /// `COUNT(*)` over the filter) and the opened contexts (key reads and decryption).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EventPageWants {
     pub total_count: bool,
     pub context: bool,
@@ -609,6 +624,69 @@ pub async fn events(
         has_next_page,
         total_count: total,
     })
+}
+
+/// The first page (newest first) of the timeline of each of `profile_ids` (live profiles, as a
+/// profile read in this request carries), in one read: what `Profile.events` without a cursor
+/// answers for a list of profiles.
+pub async fn first_event_pages(
+    state: &AppState,
+    principal: Option<&Principal>,
+    profile_ids: &[Uuid],
+    first: Option<i32>,
+    wants: EventPageWants,
+) -> ServiceResult<HashMap<Uuid, Page<Event>>> {
+    let principal = require_permission(principal, Permission::ProfilesRead)?;
+    let limit = page_size(first)?;
+    let tx = state.store.read(principal.tenant_id).await?;
+    let mut rows = store::events::latest_of(&tx, profile_ids, limit + 1).await?;
+    if !wants.context {
+        for row in &mut rows {
+            row.context = Value::Null;
+        }
+    }
+    let totals: HashMap<Uuid, i64> = if wants.total_count {
+        store::events::counts_of(&tx, profile_ids)
+            .await?
+            .into_iter()
+            .collect()
+    } else {
+        HashMap::new()
+    };
+    let reveal = Reveal::load(
+        state,
+        &tx,
+        masks(principal),
+        rows.iter().flat_map(|row| [&row.properties, &row.context]),
+        [],
+    )
+    .await?;
+    let mut pages: HashMap<Uuid, Page<Event>> = profile_ids
+        .iter()
+        .map(|id| {
+            let page = Page {
+                items: Vec::new(),
+                has_next_page: false,
+                total_count: wants
+                    .total_count
+                    .then(|| totals.get(id).copied().unwrap_or(0).max(0) as u64),
+            };
+            (*id, page)
+        })
+        .collect();
+    // Rows come newest first within each profile's branch.
+    for row in rows {
+        let Some(page) = pages.get_mut(&row.profile_id) else {
+            continue;
+        };
+        if page.items.len() as u64 == limit {
+            page.has_next_page = true;
+            continue;
+        }
+        let cursor = encode_event_cursor(&row);
+        page.items.push((event_from_row(row, &reveal), cursor));
+    }
+    Ok(pages)
 }
 
 /// An event by message id (the answer to an idempotent `track` retry).

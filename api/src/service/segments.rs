@@ -5,6 +5,7 @@
 //! profiles; while a segment builds it reports `building`, and real-time evaluation leaves it to
 //! the build, which is ordered after every batch in flight (ADR 0005). Changes are audited.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -139,24 +140,35 @@ pub async fn get(
 }
 
 /// The segments a profile is a member of.
-pub async fn of_profile(
+/// The segments each of `profile_ids` is a member of now, in one read of the memberships and
+/// one of the tenant's segments.
+pub async fn of_profiles(
     state: &AppState,
     principal: Option<&Principal>,
-    profile_id: Uuid,
-) -> ServiceResult<Vec<Segment>> {
+    profile_ids: &[Uuid],
+) -> ServiceResult<HashMap<Uuid, Vec<Segment>>> {
     let principal = require_permission(principal, Permission::ProfilesRead)?;
     let tx = state.store.read(principal.tenant_id).await?;
-    let ids: Vec<Uuid> = store::segments::memberships_of(&tx, &[profile_id])
-        .await?
-        .into_iter()
-        .map(|(segment_id, _)| segment_id)
-        .collect();
-    Ok(store::segments::list(&tx)
-        .await?
-        .into_iter()
-        .filter(|row| ids.contains(&row.id))
-        .map(Segment::from)
-        .collect())
+    let memberships = store::segments::memberships_of(&tx, profile_ids).await?;
+    if memberships.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let mut member_of: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
+    for (segment_id, profile_id) in memberships {
+        member_of.entry(segment_id).or_default().push(profile_id);
+    }
+    // In the tenant's segment order (creation), as `segments` lists them.
+    let mut found: HashMap<Uuid, Vec<Segment>> = HashMap::new();
+    for row in store::segments::list(&tx).await? {
+        let Some(members) = member_of.get(&row.id) else {
+            continue;
+        };
+        let segment = Segment::from(row);
+        for profile_id in members {
+            found.entry(*profile_id).or_default().push(segment.clone());
+        }
+    }
+    Ok(found)
 }
 
 pub async fn size(state: &AppState, principal: Option<&Principal>, id: Uuid) -> ServiceResult<u64> {

@@ -2,7 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait,
 };
 use uuid::Uuid;
 
@@ -101,6 +102,70 @@ pub async fn page(
         );
     }
     Ok((query.all(tx.conn()).await?, total))
+}
+
+/// The newest `limit` events of each of `profile_ids` (newest first per profile), in one
+/// statement: one branch per profile, each an index range scan with its own limit, joined with
+/// `UNION ALL` (a window over every event of the profiles would read whole timelines, and SQLite
+/// has no `LATERAL`).
+pub async fn latest_of(
+    tx: &TenantTx,
+    profile_ids: &[Uuid],
+    limit: u64,
+) -> StoreResult<Vec<EventRow>> {
+    use sea_orm::sea_query::{Alias, Asterisk, Query, SelectStatement, UnionType};
+    let tenant = tx.tenant_id().as_uuid();
+    let branch = |profile_id: Uuid, n: usize| -> SelectStatement {
+        let newest = events::Entity::find()
+            .filter(events::Column::TenantId.eq(tenant))
+            .filter(events::Column::ProfileId.eq(profile_id))
+            .order_by_desc(events::Column::Timestamp)
+            .order_by_desc(events::Column::Id)
+            .limit(limit)
+            .into_query();
+        // SQLite allows ORDER BY and LIMIT only in a subquery of a compound select's branch.
+        Query::select()
+            .column(Asterisk)
+            .from_subquery(newest, Alias::new(format!("p{n}")))
+            .to_owned()
+    };
+    let mut rows = Vec::new();
+    for chunk in profile_ids.chunks(100) {
+        let mut branches = chunk.iter().enumerate().map(|(n, id)| branch(*id, n));
+        let Some(mut query) = branches.next() else {
+            continue;
+        };
+        for other in branches {
+            query.union(UnionType::All, other);
+        }
+        let statement = tx.conn().get_database_backend().build(&query);
+        rows.extend(
+            events::Entity::find()
+                .from_raw_sql(statement)
+                .all(tx.conn())
+                .await?,
+        );
+    }
+    Ok(rows)
+}
+
+/// How many events each of `profile_ids` has.
+pub async fn counts_of(tx: &TenantTx, profile_ids: &[Uuid]) -> StoreResult<Vec<(Uuid, i64)>> {
+    let mut counts = Vec::new();
+    for chunk in profile_ids.chunks(500) {
+        let rows: Vec<(Uuid, i64)> = events::Entity::find()
+            .select_only()
+            .column(events::Column::ProfileId)
+            .column_as(events::Column::Id.count(), "count")
+            .filter(events::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+            .filter(events::Column::ProfileId.is_in(chunk.iter().copied()))
+            .group_by(events::Column::ProfileId)
+            .into_tuple()
+            .all(tx.conn())
+            .await?;
+        counts.extend(rows);
+    }
+    Ok(counts)
 }
 
 /// Events of a profile that arrived under one identifier (for splitting it off).

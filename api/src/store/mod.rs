@@ -263,7 +263,10 @@ impl Store {
 
     /// Opens a read-write transaction bound to one tenant. On SQLite the write lock is taken at
     /// once (`BEGIN IMMEDIATE`), so that two writers queue instead of failing on lock upgrade.
+    /// Inside a [`ReadScope`], the scope's later reads open transactions of their own, so that
+    /// they see what this one commits.
     pub async fn begin(&self, tenant_id: TenantId) -> StoreResult<TenantTx> {
+        ReadScope::note_write();
         let tx = self
             .db
             .begin_with_options(TransactionOptions {
@@ -276,8 +279,19 @@ impl Store {
         Ok(TenantTx::new(tx, tenant_id, self.origin))
     }
 
-    /// Opens a read-only transaction bound to one tenant.
+    /// Opens a read-only transaction bound to one tenant. Inside a [`ReadScope`] every read of
+    /// the same tenant shares the scope's one transaction instead.
     pub async fn read(&self, tenant_id: TenantId) -> StoreResult<TenantTx> {
+        if let Some(scope) = ReadScope::current() {
+            if let Some(shared) = scope.shared(self, tenant_id).await? {
+                return Ok(shared);
+            }
+        }
+        let tx = self.open_read(tenant_id).await?;
+        Ok(TenantTx::new(tx, tenant_id, self.origin))
+    }
+
+    async fn open_read(&self, tenant_id: TenantId) -> StoreResult<DatabaseTransaction> {
         let access_mode = match self.backend {
             Backend::Postgres => Some(AccessMode::ReadOnly),
             // SQLite's deferred transactions are read transactions until they write.
@@ -292,7 +306,7 @@ impl Store {
             })
             .await?;
         self.bind_tenant(&tx, tenant_id).await?;
-        Ok(TenantTx::new(tx, tenant_id, self.origin))
+        Ok(tx)
     }
 
     async fn bind_tenant(&self, tx: &DatabaseTransaction, tenant_id: TenantId) -> StoreResult<()> {
@@ -322,6 +336,9 @@ impl Store {
     }
 
     async fn system(&self, reason: &'static str, read_only: bool) -> StoreResult<SystemTx> {
+        if !read_only {
+            ReadScope::note_write();
+        }
         tracing::debug!(reason, read_only, "system transaction");
         let (access_mode, sqlite_transaction_mode) = match (read_only, self.backend) {
             (false, _) => (None, Some(SqliteTransactionMode::Immediate)),
@@ -364,7 +381,9 @@ impl Store {
 
 /// A transaction bound to one tenant. The only way to reach tenant data.
 pub struct TenantTx {
-    tx: DatabaseTransaction,
+    tx: Arc<DatabaseTransaction>,
+    /// A [`ReadScope`]'s transaction, which the scope ends: committing this handle does nothing.
+    shared: bool,
     tenant_id: TenantId,
     origin: uuid::Uuid,
     /// The tenant's segment barrier this transaction holds (`segments::barrier`): held until the
@@ -384,7 +403,8 @@ impl TenantTx {
         origin: uuid::Uuid,
     ) -> TenantTx {
         TenantTx {
-            tx,
+            tx: Arc::new(tx),
+            shared: false,
             tenant_id,
             origin,
             barrier: std::sync::atomic::AtomicU8::new(BARRIER_NONE),
@@ -415,7 +435,13 @@ impl TenantTx {
     }
 
     pub async fn commit(self) -> StoreResult<()> {
-        self.tx.commit().await?;
+        if self.shared {
+            return Ok(());
+        }
+        match Arc::try_unwrap(self.tx) {
+            Ok(tx) => tx.commit().await?,
+            Err(_) => return Err(StoreError::corrupt("a transaction of its own was shared")),
+        }
         Ok(())
     }
 
@@ -434,6 +460,108 @@ impl TenantTx {
                     .map_err(StoreError::from)
             })
             .collect()
+    }
+}
+
+tokio::task_local! {
+    static READ_SCOPE: ReadScope;
+}
+
+/// One read transaction for everything a read-only request reads (ADR 0012): inside
+/// [`ReadScope::run`], [`Store::read`] hands out the scope's transaction, opened by the first read
+/// and bound to that read's tenant, instead of opening one per resolver. A GraphQL request made
+/// only of queries runs in one, its authentication included; on PostgreSQL that saves
+/// `BEGIN`, the tenant binding and `COMMIT` per read, on both backends a pooled connection per
+/// read, and the request reads one consistent state of the tenant on SQLite.
+///
+/// Guarantees: a read of another tenant or another store opens its own transaction; once the
+/// scope begins a write transaction ([`Store::begin`], a writing system transaction), later reads
+/// open their own, so that they see what it committed; the shared transaction only reads
+/// (read-only on PostgreSQL) and ends with [`ReadScope::finish`], or is rolled back when dropped.
+/// Work spawned from the scope (a DataLoader's batch) joins it through [`ReadScope::run`] too.
+#[derive(Clone, Default)]
+pub struct ReadScope(Arc<ReadScopeInner>);
+
+#[derive(Default)]
+struct ReadScopeInner {
+    tx: tokio::sync::OnceCell<SharedRead>,
+    wrote: std::sync::atomic::AtomicBool,
+}
+
+struct SharedRead {
+    tenant_id: TenantId,
+    origin: uuid::Uuid,
+    tx: Arc<DatabaseTransaction>,
+}
+
+impl ReadScope {
+    pub fn new() -> ReadScope {
+        ReadScope::default()
+    }
+
+    /// The scope the current task runs in, if any.
+    pub fn current() -> Option<ReadScope> {
+        READ_SCOPE.try_with(Clone::clone).ok()
+    }
+
+    /// Runs `work` inside this scope.
+    pub async fn run<F: std::future::Future>(&self, work: F) -> F::Output {
+        READ_SCOPE.scope(self.clone(), work).await
+    }
+
+    fn note_write() {
+        let _ = READ_SCOPE.try_with(|scope| {
+            scope
+                .0
+                .wrote
+                .store(true, std::sync::atomic::Ordering::Relaxed)
+        });
+    }
+
+    /// The shared transaction for a read of `tenant_id` on `store`, opened by the first caller
+    /// (concurrent first callers wait for it); `None` when this read must have its own.
+    async fn shared(&self, store: &Store, tenant_id: TenantId) -> StoreResult<Option<TenantTx>> {
+        if self.0.wrote.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let shared = self
+            .0
+            .tx
+            .get_or_try_init(|| async {
+                let tx = store.open_read(tenant_id).await?;
+                Ok::<_, StoreError>(SharedRead {
+                    tenant_id,
+                    origin: store.origin,
+                    tx: Arc::new(tx),
+                })
+            })
+            .await?;
+        if shared.tenant_id != tenant_id || shared.origin != store.origin {
+            return Ok(None);
+        }
+        Ok(Some(TenantTx {
+            tx: shared.tx.clone(),
+            shared: true,
+            tenant_id,
+            origin: shared.origin,
+            barrier: std::sync::atomic::AtomicU8::new(BARRIER_NONE),
+        }))
+    }
+
+    /// Ends the shared transaction, if one was opened and nothing holds it any more (a
+    /// transaction that only read commits and rolls back alike; committing is the clean end).
+    pub async fn finish(self) {
+        let Ok(inner) = Arc::try_unwrap(self.0) else {
+            return;
+        };
+        let Some(shared) = inner.tx.into_inner() else {
+            return;
+        };
+        if let Ok(tx) = Arc::try_unwrap(shared.tx) {
+            if let Err(error) = tx.commit().await {
+                tracing::debug!(%error, "ending a shared read transaction");
+            }
+        }
     }
 }
 
@@ -468,5 +596,89 @@ where
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The read scope on SQLite, where a deferred transaction keeps the snapshot of its first
+    //! read: what a read sees tells whether it shared the scope's transaction.
+
+    use super::*;
+    use domain::{TenantName, TenantSlug};
+
+    async fn open(dir: &std::path::Path) -> Store {
+        let store = Store::connect(&StoreOptions {
+            url: format!("sqlite://{}?mode=rwc", dir.join("scope.db").display()),
+            max_connections: 4,
+        })
+        .await
+        .expect("a store");
+        store.migrate().await.expect("migrations");
+        store
+    }
+
+    async fn add_tenant(store: &Store, slug: &str) -> TenantId {
+        let tenant_id = TenantId(uuid::Uuid::new_v4());
+        let tx = store.begin(tenant_id).await.expect("a write transaction");
+        tenants::create(
+            &tx,
+            &TenantSlug::parse(slug).expect("a slug"),
+            &TenantName::parse("Scope test").expect("a name"),
+            chrono::Utc::now(),
+        )
+        .await
+        .expect("a tenant");
+        tx.commit().await.expect("committed");
+        tenant_id
+    }
+
+    async fn tenants_seen(tx: &TenantTx) -> usize {
+        tx.raw_query_strings("SELECT slug FROM tenants")
+            .await
+            .expect("the tenants")
+            .len()
+    }
+
+    #[tokio::test]
+    async fn reads_in_a_scope_share_one_transaction_until_the_scope_writes() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = open(dir.path()).await;
+        let tenant = add_tenant(&store, "first").await;
+        let scope = ReadScope::new();
+        let other = store.clone();
+        scope
+            .run(async {
+                let first = store.read(tenant).await.expect("a read");
+                assert_eq!(tenants_seen(&first).await, 1);
+                first
+                    .commit()
+                    .await
+                    .expect("a shared handle commits nothing");
+                // Committed by work outside the scope (its own task).
+                tokio::spawn(async move { add_tenant(&other, "second").await })
+                    .await
+                    .expect("the writer");
+                let second = store.read(tenant).await.expect("a second read");
+                assert_eq!(
+                    tenants_seen(&second).await,
+                    1,
+                    "a second read of the scope sees the scope's snapshot"
+                );
+                drop(second);
+                // A read of another tenant opens its own transaction, with a fresh snapshot.
+                let elsewhere = store.read(TenantId(uuid::Uuid::new_v4())).await.unwrap();
+                assert_eq!(tenants_seen(&elsewhere).await, 2);
+                drop(elsewhere);
+                // Once the scope writes, its reads are its own again and see the write.
+                add_tenant(&store, "third").await;
+                let after = store.read(tenant).await.expect("a read after the write");
+                assert_eq!(tenants_seen(&after).await, 3);
+            })
+            .await;
+        scope.finish().await;
+        // Outside any scope every read is its own.
+        let outside = store.read(tenant).await.expect("a read");
+        assert_eq!(tenants_seen(&outside).await, 3);
     }
 }

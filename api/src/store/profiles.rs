@@ -131,6 +131,28 @@ pub async fn merged_ids(tx: &TenantTx, id: Uuid) -> StoreResult<Vec<Uuid>> {
         .await?)
 }
 
+/// The profiles merged into each of `survivors`, as (merged id, survivor) pairs in merged id
+/// order.
+pub async fn merged_into(tx: &TenantTx, survivors: &[Uuid]) -> StoreResult<Vec<(Uuid, Uuid)>> {
+    if survivors.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<(Uuid, Option<Uuid>)> = profiles::Entity::find()
+        .select_only()
+        .column(profiles::Column::Id)
+        .column(profiles::Column::MergedInto)
+        .filter(profiles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(profiles::Column::MergedInto.is_in(survivors.iter().copied()))
+        .order_by_asc(profiles::Column::Id)
+        .into_tuple()
+        .all(tx.conn())
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id, survivor)| Some((id, survivor?)))
+        .collect())
+}
+
 /// Filters of the profile list.
 #[derive(Debug, Default, Clone)]
 pub struct ProfileFilter {
@@ -286,6 +308,42 @@ pub async fn groups_of(tx: &TenantTx, profile_id: Uuid) -> StoreResult<Vec<Group
         .order_by_asc(groups::Column::GroupId)
         .all(tx.conn())
         .await?)
+}
+
+/// The groups each of `profile_ids` belongs to, as (profile id, group) pairs in group id order.
+pub async fn groups_of_profiles(
+    tx: &TenantTx,
+    profile_ids: &[Uuid],
+) -> StoreResult<Vec<(Uuid, GroupRow)>> {
+    if profile_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let links: Vec<(Uuid, String)> = profile_groups::Entity::find()
+        .select_only()
+        .column(profile_groups::Column::ProfileId)
+        .column(profile_groups::Column::GroupId)
+        .filter(profile_groups::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(profile_groups::Column::ProfileId.is_in(profile_ids.iter().copied()))
+        .into_tuple()
+        .all(tx.conn())
+        .await?;
+    if links.is_empty() {
+        return Ok(Vec::new());
+    }
+    let wanted: BTreeSet<String> = links.iter().map(|(_, group)| group.clone()).collect();
+    let groups = groups::Entity::find()
+        .filter(groups::Column::TenantId.eq(tx.tenant_id().as_uuid()))
+        .filter(groups::Column::GroupId.is_in(wanted))
+        .order_by_asc(groups::Column::GroupId)
+        .all(tx.conn())
+        .await?;
+    let mut found = Vec::with_capacity(links.len());
+    for group in groups {
+        for (profile_id, _) in links.iter().filter(|(_, id)| *id == group.group_id) {
+            found.push((*profile_id, group.clone()));
+        }
+    }
+    Ok(found)
 }
 
 pub async fn groups_by_ids(tx: &TenantTx, group_ids: &[String]) -> StoreResult<Vec<GroupRow>> {

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use domain::UserId;
 use sea_orm::sea_query::Expr;
-use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, Set};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, Set};
 use uuid::Uuid;
 
 use super::entity::refresh_sessions;
@@ -84,15 +84,4 @@ pub async fn revoke_all_of_user(
         .exec(tx.conn())
         .await?;
     Ok(())
-}
-
-/// True when the family has been revoked (logout, password reset, replay detection).
-pub async fn family_revoked(tx: &TenantTx, family_id: Uuid) -> StoreResult<bool> {
-    let revoked = refresh_sessions::Entity::find()
-        .filter(refresh_sessions::Column::TenantId.eq(tx.tenant_id().as_uuid()))
-        .filter(refresh_sessions::Column::FamilyId.eq(family_id))
-        .filter(refresh_sessions::Column::RevokedAt.is_not_null())
-        .count(tx.conn())
-        .await?;
-    Ok(revoked > 0)
 }

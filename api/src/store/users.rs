@@ -9,10 +9,89 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::entity::{user_roles, users};
+use super::entity::{refresh_sessions, roles, user_roles, users};
 use super::{StoreError, StoreResult, TenantTx};
 
 pub use users::Model as UserRow;
+
+/// What authenticating a user's access token checks, read in one statement.
+#[derive(Debug, Clone)]
+pub struct Standing {
+    pub status: String,
+    pub email: String,
+    /// Whether the session family the token belongs to was revoked (logout, refresh reuse).
+    pub family_revoked: bool,
+    /// The `permissions` of each role the user holds.
+    pub role_permissions: Vec<serde_json::Value>,
+}
+
+/// A user's [`Standing`] for a token of session family `family_id`, or `None` for no such user:
+/// the user row joined to its roles, with the family's revocation as a subquery.
+pub async fn standing(
+    tx: &TenantTx,
+    user_id: UserId,
+    family_id: Uuid,
+) -> StoreResult<Option<Standing>> {
+    use sea_orm::sea_query::{Condition, ExprTrait, Query};
+    use sea_orm::ConnectionTrait;
+    let tenant = tx.tenant_id().as_uuid();
+    let revoked = Query::select()
+        .expr(Expr::val(1))
+        .from(refresh_sessions::Entity)
+        .and_where(Expr::col(refresh_sessions::Column::TenantId).eq(tenant))
+        .and_where(Expr::col(refresh_sessions::Column::FamilyId).eq(family_id))
+        .and_where(Expr::col(refresh_sessions::Column::RevokedAt).is_not_null())
+        .to_owned();
+    let query = Query::select()
+        .column((users::Entity, users::Column::Status))
+        .column((users::Entity, users::Column::Email))
+        .expr(Expr::exists(revoked))
+        .column((roles::Entity, roles::Column::Permissions))
+        .from(users::Entity)
+        .left_join(
+            user_roles::Entity,
+            Condition::all()
+                .add(
+                    Expr::col((user_roles::Entity, user_roles::Column::TenantId))
+                        .equals((users::Entity, users::Column::TenantId)),
+                )
+                .add(
+                    Expr::col((user_roles::Entity, user_roles::Column::UserId))
+                        .equals((users::Entity, users::Column::Id)),
+                ),
+        )
+        .left_join(
+            roles::Entity,
+            Condition::all()
+                .add(
+                    Expr::col((roles::Entity, roles::Column::TenantId))
+                        .equals((user_roles::Entity, user_roles::Column::TenantId)),
+                )
+                .add(
+                    Expr::col((roles::Entity, roles::Column::Name))
+                        .equals((user_roles::Entity, user_roles::Column::RoleName)),
+                ),
+        )
+        .and_where(Expr::col((users::Entity, users::Column::TenantId)).eq(tenant))
+        .and_where(Expr::col((users::Entity, users::Column::Id)).eq(user_id.as_uuid()))
+        .to_owned();
+    let rows = tx.conn().query_all(&query).await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let mut standing = Standing {
+        status: first.try_get_by_index(0)?,
+        email: first.try_get_by_index(1)?,
+        family_revoked: first.try_get_by_index(2)?,
+        role_permissions: Vec::with_capacity(rows.len()),
+    };
+    for row in &rows {
+        if let Some(permissions) = row.try_get_by_index::<Option<serde_json::Value>>(3)? {
+            standing.role_permissions.push(permissions);
+        }
+    }
+    Ok(Some(standing))
+}
 
 pub async fn insert(
     tx: &TenantTx,
