@@ -292,30 +292,39 @@ impl Store {
     }
 
     async fn open_read(&self, tenant_id: TenantId) -> StoreResult<DatabaseTransaction> {
-        let access_mode = match self.backend {
-            Backend::Postgres => Some(AccessMode::ReadOnly),
-            // SQLite's deferred transactions are read transactions until they write.
-            Backend::Sqlite => None,
-        };
-        let tx = self
-            .db
-            .begin_with_options(TransactionOptions {
-                isolation_level: None,
-                access_mode,
-                sqlite_transaction_mode: None,
-            })
-            .await?;
-        self.bind_tenant(&tx, tenant_id).await?;
+        // Plain `BEGIN` on both: SQLite's deferred transactions are read transactions until they
+        // write; PostgreSQL's is made read-only by the tenant binding's statement (one round
+        // trip instead of a `SET TRANSACTION READ ONLY` of its own).
+        let tx = self.db.begin().await?;
+        self.bind(&tx, tenant_id, true).await?;
         Ok(tx)
     }
 
     async fn bind_tenant(&self, tx: &DatabaseTransaction, tenant_id: TenantId) -> StoreResult<()> {
+        self.bind(tx, tenant_id, false).await
+    }
+
+    /// Sets the transaction-local `app.tenant_id` that row-level security checks (PostgreSQL),
+    /// and makes the transaction read-only when asked, before its first read.
+    async fn bind(
+        &self,
+        tx: &DatabaseTransaction,
+        tenant_id: TenantId,
+        read_only: bool,
+    ) -> StoreResult<()> {
         if self.backend == Backend::Postgres {
             // Transaction-local and a bound parameter: the setting ends with the transaction and
-            // can never be injected into.
+            // can never be injected into. `transaction_read_only` set locally is
+            // `SET TRANSACTION READ ONLY`, allowed before or after the first query.
+            let sql = if read_only {
+                "SELECT set_config('app.tenant_id', $1, true), \
+                        set_config('transaction_read_only', 'on', true)"
+            } else {
+                "SELECT set_config('app.tenant_id', $1, true)"
+            };
             tx.execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "SELECT set_config('app.tenant_id', $1, true)",
+                sql,
                 [tenant_id.to_string().into()],
             ))
             .await?;
@@ -680,5 +689,58 @@ mod tests {
         // Outside any scope every read is its own.
         let outside = store.read(tenant).await.expect("a read");
         assert_eq!(tenants_seen(&outside).await, 3);
+    }
+
+    #[tokio::test]
+    async fn a_read_transaction_is_read_only_and_bound_to_its_tenant_on_postgres() {
+        let Ok(admin_url) = std::env::var("CDP_TEST_POSTGRES_URL") else {
+            eprintln!("CDP_TEST_POSTGRES_URL not set; skipped");
+            return;
+        };
+        let name = format!("cdp_scope_{}", uuid::Uuid::new_v4().simple());
+        let admin = sea_orm::Database::connect(&admin_url).await.unwrap();
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let base = admin_url.rsplit_once('/').map(|(base, _)| base).unwrap();
+        let url = format!("{base}/{name}");
+        let outcome = tokio::spawn(async move {
+            let store = Store::connect(&StoreOptions {
+                url,
+                max_connections: 2,
+            })
+            .await
+            .unwrap();
+            store.migrate().await.unwrap();
+            let tenant = TenantId(uuid::Uuid::new_v4());
+            let settings = "SELECT current_setting('transaction_read_only') || ' ' || \
+                            current_setting('app.tenant_id')";
+            let read = store.read(tenant).await.unwrap();
+            let seen = read.raw_query_strings(settings).await.unwrap();
+            drop(read);
+            let scope = ReadScope::new();
+            let shared = scope
+                .run(async {
+                    let shared = store.read(tenant).await.unwrap();
+                    shared.raw_query_strings(settings).await.unwrap()
+                })
+                .await;
+            scope.finish().await;
+            let write = store.begin(tenant).await.unwrap();
+            let written = write.raw_query_strings(settings).await.unwrap();
+            (seen, shared, written)
+        })
+        .await;
+        admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+        let (seen, shared, written) = outcome.expect("the checks");
+        let tenant_of = |lines: &[String]| lines[0].split(' ').nth(1).map(str::to_owned);
+        assert!(seen[0].starts_with("on "), "{seen:?}");
+        assert!(shared[0].starts_with("on "), "{shared:?}");
+        assert!(written[0].starts_with("off "), "{written:?}");
+        assert_eq!(tenant_of(&seen), tenant_of(&written));
     }
 }
