@@ -19,6 +19,7 @@ mod operator;
 mod outbox;
 mod partitions;
 mod privacy;
+mod read_path;
 mod security;
 mod segments;
 mod subscriptions;

@@ -88,10 +88,13 @@ fn operation_type(request: &mut async_graphql::Request) -> Option<OperationType>
     let document = request.parsed_query().ok()?;
     match &document.operations {
         DocumentOperations::Single(operation) => Some(operation.node.ty),
-        DocumentOperations::Multiple(operations) => name
-            .as_deref()
-            .and_then(|name| operations.get(name))
-            .map(|operation| operation.node.ty),
+        // Named operations come as `Multiple`, even alone; a document of one needs no name.
+        DocumentOperations::Multiple(operations) => match name.as_deref() {
+            Some(name) => operations.get(name),
+            None if operations.len() == 1 => operations.values().next(),
+            None => None,
+        }
+        .map(|operation| operation.node.ty),
     }
 }
 
@@ -657,5 +660,43 @@ mod tests {
         // What does not parse is left to the protocol's state machine.
         assert!(running.admit(b"{not json"));
         assert_eq!(running.violation, None);
+    }
+}
+
+#[cfg(test)]
+mod operation_kinds {
+    use super::*;
+    use crate::graphql::limits::FieldLimits;
+
+    fn operations(body: &str) -> Operations {
+        parse_operations(
+            body.as_bytes(),
+            10,
+            FieldLimits {
+                max_root_fields: 10,
+                max_account_fields: 10,
+                introspection: true,
+            },
+            &PersistedQueries::new(10),
+        )
+        .unwrap_or_else(|_| panic!("{body} parses"))
+    }
+
+    #[test]
+    fn only_queries_tells_read_only_requests() {
+        let query = r#"{"query": "query Profile($id: ID!) { profile(id: $id) { id } }", "variables": {"id": "x"}}"#;
+        assert!(operations(query).only_queries());
+        assert!(operations(r#"{"query": "{ me { id } }"}"#).only_queries());
+        assert!(!operations(r#"{"query": "mutation { logout }"}"#).only_queries());
+        let batch = r#"[{"query": "{ me { id } }"}, {"query": "mutation { logout }"}]"#;
+        assert!(!operations(batch).only_queries());
+        let named =
+            r#"{"query": "query A { me { id } } mutation B { logout }", "operationName": "B"}"#;
+        assert!(!operations(named).only_queries());
+        let named =
+            r#"{"query": "query A { me { id } } mutation B { logout }", "operationName": "A"}"#;
+        assert!(operations(named).only_queries());
+        let lone = r#"{"query": "mutation B { logout }"}"#;
+        assert!(!operations(lone).only_queries());
     }
 }

@@ -115,6 +115,8 @@ pub struct Store {
     /// Statements this pool has executed (transaction control included), for tests that prove
     /// a request's statement count does not grow with its page size.
     statements: Arc<AtomicU64>,
+    /// Transactions this pool has begun, for tests that prove a read-only request runs in one.
+    transactions: Arc<AtomicU64>,
 }
 
 /// Options for opening the store.
@@ -204,12 +206,23 @@ impl Store {
             origin: uuid::Uuid::new_v4(),
             events_partitioned,
             statements,
+            transactions: Arc::new(AtomicU64::new(0)),
         })
     }
 
     /// How many statements this pool has executed since it was opened.
     pub fn statements_executed(&self) -> u64 {
         self.statements.load(Ordering::Relaxed)
+    }
+
+    /// How many transactions this pool has begun since it was opened (a read scope's shared
+    /// transaction counts once).
+    pub fn transactions_begun(&self) -> u64 {
+        self.transactions.load(Ordering::Relaxed)
+    }
+
+    fn count_transaction(&self) {
+        self.transactions.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn backend(&self) -> Backend {
@@ -267,6 +280,7 @@ impl Store {
     /// they see what this one commits.
     pub async fn begin(&self, tenant_id: TenantId) -> StoreResult<TenantTx> {
         ReadScope::note_write();
+        self.count_transaction();
         let tx = self
             .db
             .begin_with_options(TransactionOptions {
@@ -295,6 +309,7 @@ impl Store {
         // Plain `BEGIN` on both: SQLite's deferred transactions are read transactions until they
         // write; PostgreSQL's is made read-only by the tenant binding's statement (one round
         // trip instead of a `SET TRANSACTION READ ONLY` of its own).
+        self.count_transaction();
         let tx = self.db.begin().await?;
         self.bind(&tx, tenant_id, true).await?;
         Ok(tx)
@@ -349,6 +364,7 @@ impl Store {
             ReadScope::note_write();
         }
         tracing::debug!(reason, read_only, "system transaction");
+        self.count_transaction();
         let (access_mode, sqlite_transaction_mode) = match (read_only, self.backend) {
             (false, _) => (None, Some(SqliteTransactionMode::Immediate)),
             (true, Backend::Postgres) => (Some(AccessMode::ReadOnly), None),

@@ -1,0 +1,91 @@
+//! The read path over HTTP: a request made only of queries runs in one read transaction,
+//! authentication included, and the fields of a list of profiles are batched.
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+const PROFILE: &str = "query Profile($id: ID!) { profile(id: $id) { id traits eventCount \
+    stage segments { id } identities { kind value } consents { purpose } \
+    events(first: 5) { edges { node { name } } } } }";
+
+const PAGE: &str = "{ profiles(first: 50) { edges { node { id stage identities { kind } \
+    consents { purpose } mergedIds groups { groupId } attributes { orderCount } \
+    events(first: 2) { totalCount edges { node { name } } } } } } }";
+
+/// The fewest transactions and statements that one request took over five tries (the
+/// service's background jobs may open their own while a request runs; at least one try of five
+/// sees the request alone).
+async fn fewest(server: &TestServer, token: &str, body: &Value) -> (u64, u64) {
+    let store = &server.app.as_ref().expect("a running server").state().store;
+    let mut fewest = (u64::MAX, u64::MAX);
+    for _ in 0..5 {
+        let (transactions, statements) = (store.transactions_begun(), store.statements_executed());
+        let response = server
+            .client
+            .post(server.url("/graphql"))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent");
+        assert_eq!(response.status(), 200);
+        let answer: Value = response.json().await.expect("JSON");
+        assert!(answer.get("errors").is_none(), "{answer:#}");
+        fewest.0 = fewest.0.min(store.transactions_begun() - transactions);
+        fewest.1 = fewest.1.min(store.statements_executed() - statements);
+    }
+    fewest
+}
+
+#[tokio::test]
+async fn a_query_request_reads_in_one_transaction_and_a_page_costs_what_one_profile_costs() {
+    for backend in backends() {
+        let smtp = SmtpSink::start().await;
+        let server = TestServer::start(backend, &smtp).await;
+        let owner = new_tenant(&server, &smtp, &slug("reads"), "owner@reads.example").await;
+        let key = write_key(&server, &owner, "site", "WEB").await;
+        let mut batch = Vec::new();
+        for n in 0..12 {
+            batch.push(json!({"type": "identify", "userId": format!("r-{n}"),
+                "traits": {"plan": "pro", "email": format!("r{n}@reads.example")}}));
+            batch.push(json!({"type": "track", "userId": format!("r-{n}"), "event": "Viewed"}));
+            batch.push(json!({"type": "group", "userId": format!("r-{n}"), "groupId": "acme"}));
+        }
+        let (status, _) = collect(&server, "/v1/batch", &key, &json!({"batch": batch})).await;
+        assert_eq!(status, 200);
+        let profile = profile_by(&server, &owner.access_token, "user_id", "r-3").await;
+        let id = profile["id"].as_str().expect("an id").to_owned();
+
+        // A named operation without `operationName`, as most clients send it.
+        let one = json!({"query": PROFILE, "variables": {"id": id}});
+        let (transactions, statements) = fewest(&server, &owner.access_token, &one).await;
+        assert_eq!(
+            transactions, 1,
+            "[{backend:?}] profile(id) with its fields began {transactions} transactions"
+        );
+
+        // Each field of a list of twelve profiles is one batch; and it all shares the request's
+        // one transaction.
+        let page = json!({"query": PAGE});
+        let (page_transactions, page_statements) =
+            fewest(&server, &owner.access_token, &page).await;
+        assert_eq!(
+            page_transactions, 1,
+            "[{backend:?}] a page began {page_transactions}"
+        );
+        assert!(
+            page_statements <= statements + 8,
+            "[{backend:?}] a page of 12 ran {page_statements} statements, one profile {statements}"
+        );
+
+        // A mutation is not a read: its use cases keep their own transactions.
+        let mutation = json!({"query": "mutation { track(input: {userId: \"r-3\", event: \"Clicked\"}) { id } }"});
+        let (mutation_transactions, _) = fewest(&server, &owner.access_token, &mutation).await;
+        assert!(
+            mutation_transactions >= 2,
+            "[{backend:?}] {mutation_transactions}"
+        );
+        server.stop().await;
+    }
+}
