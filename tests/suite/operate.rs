@@ -348,6 +348,19 @@ async fn persisted_queries_work_over_post_and_cacheable_get() {
             .await
             .unwrap();
         assert_eq!(mutation.status(), 405);
+        // Named, without `operationName`, too.
+        let named = server
+            .client
+            .get(format!(
+                "{}?query={}",
+                server.url("/graphql"),
+                urlencode("mutation Out { logout }")
+            ))
+            .bearer_auth(&owner.access_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(named.status(), 405);
         // POST answers are never cached.
         let plain = post(json!({"query": query})).await.unwrap();
         assert_eq!(plain.headers()["cache-control"], "no-store");

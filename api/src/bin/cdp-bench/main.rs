@@ -38,6 +38,11 @@
 //! Adding a scenario: a module with an `Args` struct (flattening `harness::BackendArgs`) and a
 //! `run`, one variant in [`Scenario`], one arm in [`Scenario::run`].
 
+/// mimalloc instead of glibc malloc: the read path spent a quarter of its CPU in malloc and
+/// free (docs/PERFORMANCE.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod email;
 mod growth;
 mod harness;
