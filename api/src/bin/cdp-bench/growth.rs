@@ -47,6 +47,10 @@ pub struct GrowthArgs {
     /// Requests per second of the open read loop.
     #[arg(long, default_value_t = 500)]
     pub rate: u32,
+    /// On SQLite, checkpoint and truncate the write-ahead log after each seed (the seed's large
+    /// transactions leave it hundreds of megabytes long), to tell its effect on the measurements.
+    #[arg(long)]
+    pub sqlite_checkpoint: bool,
     #[command(flatten)]
     pub backends: BackendArgs,
 }
@@ -95,6 +99,13 @@ async fn run_on(db: Arc<BenchDb>, args: &GrowthArgs, sizes: &[u64]) -> anyhow::R
 
         let started = Instant::now();
         crate::segments::generate(&admin, label, owner.tenant_id, size, size * 5).await?;
+        if args.sqlite_checkpoint && matches!(db.backend, harness::Backend::Sqlite) {
+            use sea_orm::ConnectionTrait;
+            admin
+                .execute_unprepared("PRAGMA wal_checkpoint(TRUNCATE)")
+                .await
+                .context("cannot checkpoint the write-ahead log")?;
+        }
         let seed_seconds = started.elapsed().as_secs_f64();
         in_tables += size;
         eprintln!(
