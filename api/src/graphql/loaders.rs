@@ -35,12 +35,15 @@ impl fmt::Debug for ProfileLoaderSlot {
 /// The loader of the request `ctx` belongs to.
 pub(super) fn profile_loader<'a>(ctx: &'a Context<'_>) -> Result<&'a DataLoader<ProfileFields>> {
     let env = Env::of(ctx)?;
-    let principal = env.principal()?.cloned();
-    let state = env.state.clone();
+    let principal = env.principal()?;
     Ok(env.request.loaders.0.get_or_init(|| {
+        let fields = ProfileFields {
+            state: env.state.clone(),
+            principal: principal.cloned(),
+        };
         // The batch runs in a task of its own: it joins the request's read scope, if any.
         let scope = ReadScope::current();
-        DataLoader::new(ProfileFields { state, principal }, move |work| {
+        DataLoader::new(fields, move |work| {
             let scope = scope.clone();
             tokio::spawn(async move {
                 match scope {
