@@ -97,6 +97,17 @@ fn the_store_names_neither_graphql_nor_http() {
 }
 
 #[test]
+fn the_edges_reach_the_store_only_through_the_services() {
+    for edge in ["api/src/graphql", "api/src/http"] {
+        assert_eq!(
+            offenders(edge, "store::", &[]),
+            Vec::<String>::new(),
+            "{edge} names the store"
+        );
+    }
+}
+
+#[test]
 fn the_domain_does_no_io_and_reads_no_clock() {
     for word in [
         "tokio",

@@ -19,8 +19,8 @@ use super::accounts::Env;
 use super::service_error;
 use crate::auth::Principal;
 use crate::service::pagination::Page;
+use crate::service::ReadScope;
 use crate::service::{analytics, lifecycle, profiles, segments, AppState};
-use crate::store::ReadScope;
 
 /// The slot of a request's loader, in its [`super::RequestContext`]: empty until a resolver asks.
 #[derive(Clone, Default)]
@@ -125,96 +125,35 @@ fn keyed<K: std::hash::Hash + Eq, V>(
         .collect()
 }
 
-impl Loader<IdentitiesOf> for ProfileFields {
-    type Value = Vec<profiles::Identity>;
-    type Error = Error;
+/// A loader whose batch is one service call over the profile ids, answering by profile id.
+macro_rules! by_profile_id {
+    ($key:ident, $value:ty, $service:path) => {
+        impl Loader<$key> for ProfileFields {
+            type Value = $value;
+            type Error = Error;
 
-    async fn load(&self, keys: &[IdentitiesOf]) -> Result<HashMap<IdentitiesOf, Self::Value>> {
-        let ids: Vec<Uuid> = keys.iter().map(|key| key.0).collect();
-        profiles::identities(&self.state, self.principal.as_ref(), &ids)
-            .await
-            .map(|found| keyed(found, IdentitiesOf))
-            .map_err(service_error)
-    }
+            async fn load(&self, keys: &[$key]) -> Result<HashMap<$key, Self::Value>> {
+                let ids: Vec<Uuid> = keys.iter().map(|key| key.0).collect();
+                $service(&self.state, self.principal.as_ref(), &ids)
+                    .await
+                    .map(|found| keyed(found, $key))
+                    .map_err(service_error)
+            }
+        }
+    };
 }
 
-impl Loader<StageOf> for ProfileFields {
-    type Value = String;
-    type Error = Error;
-
-    async fn load(&self, keys: &[StageOf]) -> Result<HashMap<StageOf, Self::Value>> {
-        let ids: Vec<Uuid> = keys.iter().map(|key| key.0).collect();
-        lifecycle::current_stages(&self.state, self.principal.as_ref(), &ids)
-            .await
-            .map(|found| keyed(found, StageOf))
-            .map_err(service_error)
-    }
-}
-
-impl Loader<SegmentsOf> for ProfileFields {
-    type Value = Vec<segments::Segment>;
-    type Error = Error;
-
-    async fn load(&self, keys: &[SegmentsOf]) -> Result<HashMap<SegmentsOf, Self::Value>> {
-        let ids: Vec<Uuid> = keys.iter().map(|key| key.0).collect();
-        segments::of_profiles(&self.state, self.principal.as_ref(), &ids)
-            .await
-            .map(|found| keyed(found, SegmentsOf))
-            .map_err(service_error)
-    }
-}
-
-impl Loader<ConsentsOf> for ProfileFields {
-    type Value = Vec<profiles::Consent>;
-    type Error = Error;
-
-    async fn load(&self, keys: &[ConsentsOf]) -> Result<HashMap<ConsentsOf, Self::Value>> {
-        let ids: Vec<Uuid> = keys.iter().map(|key| key.0).collect();
-        profiles::consents(&self.state, self.principal.as_ref(), &ids)
-            .await
-            .map(|found| keyed(found, ConsentsOf))
-            .map_err(service_error)
-    }
-}
-
-impl Loader<MergedIdsOf> for ProfileFields {
-    type Value = Vec<Uuid>;
-    type Error = Error;
-
-    async fn load(&self, keys: &[MergedIdsOf]) -> Result<HashMap<MergedIdsOf, Self::Value>> {
-        let ids: Vec<Uuid> = keys.iter().map(|key| key.0).collect();
-        profiles::merged_ids(&self.state, self.principal.as_ref(), &ids)
-            .await
-            .map(|found| keyed(found, MergedIdsOf))
-            .map_err(service_error)
-    }
-}
-
-impl Loader<GroupsOf> for ProfileFields {
-    type Value = Vec<profiles::Group>;
-    type Error = Error;
-
-    async fn load(&self, keys: &[GroupsOf]) -> Result<HashMap<GroupsOf, Self::Value>> {
-        let ids: Vec<Uuid> = keys.iter().map(|key| key.0).collect();
-        profiles::groups(&self.state, self.principal.as_ref(), &ids)
-            .await
-            .map(|found| keyed(found, GroupsOf))
-            .map_err(service_error)
-    }
-}
-
-impl Loader<AttributesOf> for ProfileFields {
-    type Value = analytics::CustomerAttributes;
-    type Error = Error;
-
-    async fn load(&self, keys: &[AttributesOf]) -> Result<HashMap<AttributesOf, Self::Value>> {
-        let ids: Vec<Uuid> = keys.iter().map(|key| key.0).collect();
-        analytics::attributes(&self.state, self.principal.as_ref(), &ids)
-            .await
-            .map(|found| keyed(found, AttributesOf))
-            .map_err(service_error)
-    }
-}
+by_profile_id!(IdentitiesOf, Vec<profiles::Identity>, profiles::identities);
+by_profile_id!(StageOf, String, lifecycle::current_stages);
+by_profile_id!(SegmentsOf, Vec<segments::Segment>, segments::of_profiles);
+by_profile_id!(ConsentsOf, Vec<profiles::Consent>, profiles::consents);
+by_profile_id!(MergedIdsOf, Vec<Uuid>, profiles::merged_ids);
+by_profile_id!(GroupsOf, Vec<profiles::Group>, profiles::groups);
+by_profile_id!(
+    AttributesOf,
+    analytics::CustomerAttributes,
+    analytics::attributes
+);
 
 impl Loader<FirstEventsOf> for ProfileFields {
     type Value = Page<profiles::Event>;

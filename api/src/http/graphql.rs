@@ -19,8 +19,8 @@ use crate::graphql::transport::{
     Operations,
 };
 use crate::graphql::{field_limits, CdpSchema, RequestContext};
+use crate::service::ReadScope;
 use crate::service::{self, AppState, RequestMeta, ServiceError};
-use crate::store::ReadScope;
 
 fn respond(outcome: HttpOutcome) -> Response {
     let mut response = Response::builder()

@@ -35,14 +35,7 @@ pub async fn authenticate_bearer(state: &AppState, token: &str) -> ServiceResult
     if standing.status != UserStatus::Active.as_str() || standing.family_revoked {
         return Err(unauthenticated());
     }
-    let permissions = standing
-        .role_permissions
-        .iter()
-        .filter_map(serde_json::Value::as_array)
-        .flatten()
-        .filter_map(serde_json::Value::as_str)
-        .filter_map(|name| name.parse::<Permission>().ok())
-        .collect();
+    let permissions = permissions_of_roles(&standing.role_permissions);
     Ok(Principal {
         tenant_id,
         kind: PrincipalKind::User {
@@ -106,11 +99,21 @@ pub async fn permissions_of_user(
     user_id: UserId,
 ) -> ServiceResult<BTreeSet<Permission>> {
     let roles = store::roles::of_user(tx, user_id.as_uuid()).await?;
-    Ok(roles
-        .iter()
-        .flat_map(store::roles::permission_names)
+    Ok(permissions_of_roles(
+        roles.iter().map(|role| &role.permissions),
+    ))
+}
+
+/// The union of the permissions that roles' stored `permissions` lists name (unknown names,
+/// from a newer or older release, are skipped).
+fn permissions_of_roles<'a>(
+    lists: impl IntoIterator<Item = &'a serde_json::Value>,
+) -> BTreeSet<Permission> {
+    lists
+        .into_iter()
+        .flat_map(store::roles::permission_names_in)
         .filter_map(|name| name.parse::<Permission>().ok())
-        .collect())
+        .collect()
 }
 
 /// Requires a signed-in principal.

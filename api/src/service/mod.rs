@@ -39,6 +39,10 @@ use crate::auth::throttle::LoginThrottle;
 use crate::config::Config;
 use crate::store::{Store, StoreError};
 
+/// The read scope of a read-only request (ADR 0012), for the edges that run one: every use case
+/// called inside it reads through one shared transaction.
+pub use crate::store::ReadScope;
+
 /// Where the current time comes from; tests and the scheduler inject their own.
 pub trait Clock: Send + Sync {
     fn now(&self) -> DateTime<Utc>;

@@ -600,6 +600,22 @@ pub async fn events(
         store::events::page(&tx, &filter, position, limit + 1, wants.total_count).await?;
     let has_next_page = rows.len() as u64 > limit;
     rows.truncate(limit as usize);
+    Ok(Page {
+        items: reveal_events(state, &tx, principal, rows, wants).await?,
+        has_next_page,
+        total_count: total,
+    })
+}
+
+/// Events read for `principal` as it may see them, each with its cursor: contexts dropped
+/// unless `wants` them (before any key is read for them), then opened and masked.
+async fn reveal_events(
+    state: &AppState,
+    tx: &store::TenantTx,
+    principal: &Principal,
+    mut rows: Vec<store::events::EventRow>,
+    wants: EventPageWants,
+) -> ServiceResult<Vec<(Event, String)>> {
     if !wants.context {
         for row in &mut rows {
             row.context = Value::Null;
@@ -607,23 +623,19 @@ pub async fn events(
     }
     let reveal = Reveal::load(
         state,
-        &tx,
+        tx,
         masks(principal),
         rows.iter().flat_map(|row| [&row.properties, &row.context]),
         [],
     )
     .await?;
-    Ok(Page {
-        items: rows
-            .into_iter()
-            .map(|row| {
-                let cursor = encode_event_cursor(&row);
-                (event_from_row(row, &reveal), cursor)
-            })
-            .collect(),
-        has_next_page,
-        total_count: total,
-    })
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let cursor = encode_event_cursor(&row);
+            (event_from_row(row, &reveal), cursor)
+        })
+        .collect())
 }
 
 /// The first page (newest first) of the timeline of each of `profile_ids` (live profiles, as a
@@ -639,12 +651,7 @@ pub async fn first_event_pages(
     let principal = require_permission(principal, Permission::ProfilesRead)?;
     let limit = page_size(first)?;
     let tx = state.store.read(principal.tenant_id).await?;
-    let mut rows = store::events::latest_of(&tx, profile_ids, limit + 1).await?;
-    if !wants.context {
-        for row in &mut rows {
-            row.context = Value::Null;
-        }
-    }
+    let rows = store::events::latest_of(&tx, profile_ids, limit + 1).await?;
     let totals: HashMap<Uuid, i64> = if wants.total_count {
         store::events::counts_of(&tx, profile_ids)
             .await?
@@ -653,14 +660,6 @@ pub async fn first_event_pages(
     } else {
         HashMap::new()
     };
-    let reveal = Reveal::load(
-        state,
-        &tx,
-        masks(principal),
-        rows.iter().flat_map(|row| [&row.properties, &row.context]),
-        [],
-    )
-    .await?;
     let mut pages: HashMap<Uuid, Page<Event>> = profile_ids
         .iter()
         .map(|id| {
@@ -674,17 +673,25 @@ pub async fn first_event_pages(
             (*id, page)
         })
         .collect();
-    // Rows come newest first within each profile's branch.
+    // Each profile's rows come newest first, up to `limit + 1`: the extra one only tells that a
+    // next page exists, and is not opened.
+    let mut kept = Vec::with_capacity(rows.len());
+    let mut taken: HashMap<Uuid, u64> = HashMap::new();
     for row in rows {
-        let Some(page) = pages.get_mut(&row.profile_id) else {
-            continue;
-        };
-        if page.items.len() as u64 == limit {
-            page.has_next_page = true;
+        let count = taken.entry(row.profile_id).or_default();
+        if *count == limit {
+            if let Some(page) = pages.get_mut(&row.profile_id) {
+                page.has_next_page = true;
+            }
             continue;
         }
-        let cursor = encode_event_cursor(&row);
-        page.items.push((event_from_row(row, &reveal), cursor));
+        *count += 1;
+        kept.push(row);
+    }
+    for (event, cursor) in reveal_events(state, &tx, principal, kept, wants).await? {
+        if let Some(page) = pages.get_mut(&event.profile_id) {
+            page.items.push((event, cursor));
+        }
     }
     Ok(pages)
 }

@@ -427,9 +427,18 @@ impl TenantTx {
         tenant_id: TenantId,
         origin: uuid::Uuid,
     ) -> TenantTx {
+        TenantTx::handle(Arc::new(tx), false, tenant_id, origin)
+    }
+
+    fn handle(
+        tx: Arc<DatabaseTransaction>,
+        shared: bool,
+        tenant_id: TenantId,
+        origin: uuid::Uuid,
+    ) -> TenantTx {
         TenantTx {
-            tx: Arc::new(tx),
-            shared: false,
+            tx,
+            shared,
             tenant_id,
             origin,
             barrier: std::sync::atomic::AtomicU8::new(BARRIER_NONE),
@@ -564,13 +573,12 @@ impl ReadScope {
         if shared.tenant_id != tenant_id || shared.origin != store.origin {
             return Ok(None);
         }
-        Ok(Some(TenantTx {
-            tx: shared.tx.clone(),
-            shared: true,
+        Ok(Some(TenantTx::handle(
+            shared.tx.clone(),
+            true,
             tenant_id,
-            origin: shared.origin,
-            barrier: std::sync::atomic::AtomicU8::new(BARRIER_NONE),
-        }))
+            shared.origin,
+        )))
     }
 
     /// Ends the shared transaction, if one was opened and nothing holds it any more (a

@@ -79,7 +79,13 @@ pub async fn delete(tx: &TenantTx, name: &str) -> StoreResult<()> {
 
 /// The permission names stored in a role row.
 pub fn permission_names(row: &RoleRow) -> Vec<String> {
-    row.permissions
+    permission_names_in(&row.permissions)
+}
+
+/// The permission names of a stored `permissions` list (what [`permission_names`] reads of a
+/// role row, and authentication of the same column joined to a user).
+pub fn permission_names_in(permissions: &serde_json::Value) -> Vec<String> {
+    permissions
         .as_array()
         .map(|values| {
             values
