@@ -27,8 +27,11 @@ pub struct BackendArgs {
     #[arg(long, value_name = "URL")]
     pub postgres: Option<String>,
     /// Run on SQLite only, even when a PostgreSQL URL is known.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "postgres_only")]
     pub sqlite_only: bool,
+    /// Run on PostgreSQL only (a URL must be known).
+    #[arg(long)]
+    pub postgres_only: bool,
 }
 
 impl BackendArgs {
@@ -46,8 +49,14 @@ impl BackendArgs {
         if self.sqlite_only {
             return backends;
         }
+        if self.postgres_only {
+            backends.clear();
+        }
         match self.postgres_url() {
             Some(url) => backends.push(Backend::Postgres { admin_url: url }),
+            None if self.postgres_only => {
+                eprintln!("error: --postgres-only needs --postgres, CDP_BENCH_POSTGRES_URL or CDP_TEST_POSTGRES_URL")
+            }
             None => eprintln!(
                 "note: PostgreSQL skipped (set --postgres, CDP_BENCH_POSTGRES_URL or CDP_TEST_POSTGRES_URL)"
             ),
