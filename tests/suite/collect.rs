@@ -207,3 +207,84 @@ async fn gzip_text_plain_body_write_keys_and_short_paths_are_accepted() {
         server.stop().await;
     }
 }
+
+/// A batch far larger than one statement of the PostgreSQL events writer (which splits its rows
+/// into statements of at most 12 KiB) is stored whole and exactly: every event with its type,
+/// name, properties (nested, Unicode, numbers, nulls), microsecond timestamp and message id.
+#[tokio::test]
+async fn a_large_batch_is_stored_event_for_event_as_sent() {
+    for backend in backends() {
+        let smtp = SmtpSink::start().await;
+        let server = TestServer::start(backend, &smtp).await;
+        let owner = new_tenant(&server, &smtp, &slug("large"), "owner@large.example").await;
+        let key = write_key(&server, &owner, "server", "SERVER").await;
+
+        let mut sent = Vec::new();
+        for n in 0..80u32 {
+            let properties = json!({
+                "n": n,
+                "price": f64::from(n) + 0.25,
+                "note": format!("Ünïcödé ✓ {}", "x".repeat(900 + n as usize)),
+                "nested": {"list": [1, "two", null, true], "deep": {"k": n % 7}},
+                "absent": null,
+            });
+            let message = if n % 5 == 0 {
+                json!({"type": "page", "anonymousId": "large-visitor", "name": format!("Page {n}"),
+                       "properties": properties, "messageId": format!("large-{n}"),
+                       "timestamp": format!("2026-11-20T10:{:02}:{:02}.{:06}Z", n / 60, n % 60, 123_456 + n)})
+            } else {
+                json!({"type": "track", "userId": "large-user", "anonymousId": "large-visitor",
+                       "event": format!("Event {}", n % 3), "properties": properties,
+                       "messageId": format!("large-{n}"),
+                       "timestamp": format!("2026-11-20T10:{:02}:{:02}.{:06}Z", n / 60, n % 60, 123_456 + n)})
+            };
+            sent.push(message);
+        }
+        let batch = json!({ "batch": sent });
+        assert!(
+            batch.to_string().len() > 5 * 12 * 1024,
+            "the batch must need several statements"
+        );
+        let (status, body) = collect(&server, "/v1/batch", &key, &batch).await;
+        assert_eq!(status, 200, "{body}");
+
+        let data = server
+            .gql_ok(
+                Some(&owner.access_token),
+                "query($k: String!, $v: String!) { profileByIdentity(kind: $k, value: $v) {
+                    eventCount events(first: 100) { totalCount edges { node {
+                        type name properties timestamp messageId } } } } }",
+                json!({"k": "user_id", "v": "large-user"}),
+            )
+            .await;
+        let profile = &data["profileByIdentity"];
+        assert_eq!(profile["eventCount"], 80, "{profile}");
+        assert_eq!(profile["events"]["totalCount"], 80);
+        let stored: std::collections::HashMap<String, Value> = profile["events"]["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|edge| {
+                let node = edge["node"].clone();
+                (node["messageId"].as_str().unwrap().to_owned(), node)
+            })
+            .collect();
+        for message in &sent {
+            let id = message["messageId"].as_str().unwrap();
+            let event = &stored[id];
+            assert_eq!(event["type"], message["type"], "{id}");
+            let name = message
+                .get("event")
+                .or_else(|| message.get("name"))
+                .unwrap();
+            assert_eq!(&event["name"], name, "{id}");
+            assert_eq!(event["properties"], message["properties"], "{id}");
+            let at = |value: &Value| {
+                chrono::DateTime::parse_from_rfc3339(value.as_str().unwrap())
+                    .unwrap()
+                    .with_timezone(&chrono::Utc)
+            };
+            assert_eq!(at(&event["timestamp"]), at(&message["timestamp"]), "{id}");
+        }
+    }
+}

@@ -18,6 +18,7 @@ pub mod events;
 pub mod facts;
 pub mod fanout;
 pub mod ingest;
+mod keyed;
 pub mod keys;
 pub mod lifecycle;
 pub mod outbox;

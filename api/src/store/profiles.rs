@@ -3,9 +3,10 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, LockType};
+use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect,
 };
 use uuid::Uuid;
 
@@ -28,6 +29,23 @@ pub async fn identities_by_keys(
 ) -> StoreResult<Vec<IdentityRow>> {
     if keys.is_empty() {
         return Ok(Vec::new());
+    }
+    if tx.conn().get_database_backend() == sea_orm::DbBackend::Postgres {
+        let (kinds, lookups) = keys.iter().cloned().unzip();
+        let statement = super::keyed::statement(
+            tx.tenant_id().as_uuid(),
+            "identities",
+            "*",
+            vec![
+                super::keyed::KeyColumn::Text("kind", kinds),
+                super::keyed::KeyColumn::Text("lookup", lookups),
+            ],
+            super::keyed::Probe::One,
+        );
+        return Ok(identities::Entity::find()
+            .from_raw_sql(statement)
+            .all(tx.conn())
+            .await?);
     }
     let mut by_kind: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
     for (kind, lookup) in keys {
@@ -73,14 +91,34 @@ pub async fn load(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let mut query = profiles::Entity::find()
+    if backend == Backend::Postgres {
+        // One primary-key probe per id, in id order (the set is ordered), so that the rows are
+        // locked in the order every batch locks them.
+        let statement = super::keyed::statement(
+            tx.tenant_id().as_uuid(),
+            "profiles",
+            "*",
+            vec![super::keyed::KeyColumn::Uuid(
+                "id",
+                ids.iter().copied().collect(),
+            )],
+            if lock {
+                super::keyed::Probe::OneForUpdate
+            } else {
+                super::keyed::Probe::One
+            },
+        );
+        return Ok(profiles::Entity::find()
+            .from_raw_sql(statement)
+            .all(tx.conn())
+            .await?);
+    }
+    Ok(profiles::Entity::find()
         .filter(profiles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
         .filter(profiles::Column::Id.is_in(ids.iter().copied()))
-        .order_by_asc(profiles::Column::Id);
-    if lock && backend == Backend::Postgres {
-        query = query.lock(LockType::Update);
-    }
-    Ok(query.all(tx.conn()).await?)
+        .order_by_asc(profiles::Column::Id)
+        .all(tx.conn())
+        .await?)
 }
 
 /// A profile by id, following a merge to its survivor.
