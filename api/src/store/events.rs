@@ -2,8 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, PaginatorTrait, QueryFilter,
-    QueryOrder, QuerySelect, QueryTrait,
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait,
 };
 use uuid::Uuid;
 
@@ -24,19 +24,20 @@ pub async fn existing_message_ids(
         return super::partitions::existing_message_ids(tx, message_ids).await;
     }
     let mut found = Vec::new();
-    if tx.conn().get_database_backend() == DbBackend::Postgres {
+    if super::keyed::applies(tx) {
         // One probe of the unique index per message id, whatever the statistics say.
         for chunk in message_ids.chunks(500) {
-            let statement = super::keyed::statement(
-                tx.tenant_id().as_uuid(),
-                "events",
-                "message_id",
-                vec![super::keyed::KeyColumn::Text("message_id", chunk.to_vec())],
-                super::keyed::Probe::One,
+            let key = super::keyed::KeyColumn::Text("message_id", chunk.to_vec());
+            found.extend(
+                super::keyed::tuples::<String>(
+                    tx,
+                    "events",
+                    "message_id",
+                    vec![key],
+                    super::keyed::Probe::One,
+                )
+                .await?,
             );
-            for row in tx.conn().query_all_raw(statement).await? {
-                found.push(row.try_get_by_index::<String>(0)?);
-            }
         }
         return Ok(found);
     }

@@ -6,9 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use domain::condition::{Attribute, EventFact, ProfileFacts};
-use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect,
-};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
 use serde_json::{json, Value as Json};
 use uuid::Uuid;
 
@@ -42,20 +40,12 @@ pub async fn load(
     let tenant = tx.tenant_id().as_uuid();
     let mut facts: HashMap<Uuid, ProfileFacts> = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(500) {
-        let rows = if tx.conn().get_database_backend() == DbBackend::Postgres {
+        let rows = if super::keyed::applies(tx) {
             // One primary-key probe per id (see `store::keyed`): as an `IN` list this read every
             // profile of the tenant when `profiles` had no statistics, 11 ms a batch at 10,000
             // profiles inside the write path's locks, growing with the tenant.
-            let statement = super::keyed::statement(
-                tenant,
-                "profiles",
-                "*",
-                vec![super::keyed::KeyColumn::Uuid("id", chunk.to_vec())],
-                super::keyed::Probe::One,
-            );
-            profile_state::Entity::find()
-                .from_raw_sql(statement)
-                .all(tx.conn())
+            let keys = vec![super::keyed::KeyColumn::Uuid("id", chunk.to_vec())];
+            super::keyed::models::<profile_state::Entity>(tx, keys, super::keyed::Probe::One)
                 .await?
                 .into_iter()
                 .filter(|state| state.merged_into.is_none())

@@ -107,7 +107,7 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
             })?;
     }
 
-    if tx.conn().get_database_backend() == sea_orm::DbBackend::Postgres {
+    if super::keyed::applies(tx) {
         insert_events_postgres(tx, &set.events).await?;
     } else {
         insert_events(tx, &set.events).await?;
@@ -298,8 +298,9 @@ const EVENTS_STATEMENT_BYTES: usize = 12 * 1024;
 /// with one parameter: the rows travel as one JSON array, written once from the rows as they
 /// are, and the statement's text never changes, so it is parsed once per connection.
 async fn insert_events_postgres(tx: &TenantTx, rows: &[EventRow]) -> StoreResult<()> {
-    let mut document = String::from("[");
-    for (index, row) in rows.iter().enumerate() {
+    let mut records: Vec<String> = Vec::new();
+    let mut bytes = 0;
+    for row in rows {
         let record = serde_json::to_string(&EventRecord {
             id: row.id,
             profile_id: row.profile_id,
@@ -316,24 +317,22 @@ async fn insert_events_postgres(tx: &TenantTx, rows: &[EventRow]) -> StoreResult
             anonymous_id: row.anonymous_id.as_deref(),
         })
         .map_err(|error| StoreError::corrupt(format!("an event as JSON: {error}")))?;
-        if document.len() > 1 && document.len() + record.len() > EVENTS_STATEMENT_BYTES {
-            document.push(']');
-            insert_event_records(tx, std::mem::replace(&mut document, String::from("["))).await?;
+        if !records.is_empty() && bytes + record.len() > EVENTS_STATEMENT_BYTES {
+            insert_event_records(tx, std::mem::take(&mut records)).await?;
+            bytes = 0;
         }
-        if document.len() > 1 {
-            document.push(',');
-        }
-        document.push_str(&record);
-        if index + 1 == rows.len() {
-            document.push(']');
-            insert_event_records(tx, std::mem::take(&mut document)).await?;
-        }
+        bytes += record.len() + 1;
+        records.push(record);
+    }
+    if !records.is_empty() {
+        insert_event_records(tx, records).await?;
     }
     Ok(())
 }
 
-/// One statement of [`insert_events_postgres`]: `document` is a JSON array of [`EventRecord`]s.
-async fn insert_event_records(tx: &TenantTx, document: String) -> StoreResult<()> {
+/// One statement of [`insert_events_postgres`]: `records` are [`EventRecord`]s as JSON.
+async fn insert_event_records(tx: &TenantTx, records: Vec<String>) -> StoreResult<()> {
+    let document = format!("[{}]", records.join(","));
     tx.conn()
         .execute_raw(sea_orm::Statement::from_sql_and_values(
             sea_orm::DbBackend::Postgres,
@@ -593,22 +592,19 @@ pub async fn identity_keys_of(
     profile_ids: &[Uuid],
 ) -> StoreResult<Vec<(Uuid, String, String)>> {
     let mut found = Vec::new();
-    if tx.conn().get_database_backend() == sea_orm::DbBackend::Postgres {
+    if super::keyed::applies(tx) {
         for chunk in profile_ids.chunks(CHUNK) {
-            let statement = super::keyed::statement(
-                tx.tenant_id().as_uuid(),
-                "identities",
-                "profile_id, kind, lookup",
-                vec![super::keyed::KeyColumn::Uuid("profile_id", chunk.to_vec())],
-                super::keyed::Probe::All,
+            let key = super::keyed::KeyColumn::Uuid("profile_id", chunk.to_vec());
+            found.extend(
+                super::keyed::tuples::<(Uuid, String, String)>(
+                    tx,
+                    "identities",
+                    "profile_id, kind, lookup",
+                    vec![key],
+                    super::keyed::Probe::All,
+                )
+                .await?,
             );
-            for row in tx.conn().query_all_raw(statement).await? {
-                found.push((
-                    row.try_get_by_index::<Uuid>(0)?,
-                    row.try_get_by_index::<String>(1)?,
-                    row.try_get_by_index::<String>(2)?,
-                ));
-            }
         }
         return Ok(found);
     }

@@ -10,8 +10,43 @@
 //! only plan left is the one the key's index was made for, whatever the statistics say.
 
 use sea_orm::sea_query::ArrayType;
-use sea_orm::{DbBackend, Statement, Value};
+use sea_orm::{ConnectionTrait, DbBackend, EntityTrait, Statement, TryGetableMany, Value};
 use uuid::Uuid;
+
+use super::{StoreResult, TenantTx};
+
+/// True when `tx` runs on PostgreSQL, where the lookups of this module are used.
+pub(super) fn applies(tx: &TenantTx) -> bool {
+    tx.conn().get_database_backend() == DbBackend::Postgres
+}
+
+/// Whole rows of `E`'s table, one probe per key, as `E`'s models.
+pub(super) async fn models<E: EntityTrait>(
+    tx: &TenantTx,
+    keys: Vec<KeyColumn<'_>>,
+    probe: Probe,
+) -> StoreResult<Vec<E::Model>> {
+    let table = E::default().table_name();
+    let statement = statement(tx.tenant_id().as_uuid(), table, "*", keys, probe);
+    Ok(E::find().from_raw_sql(statement).all(tx.conn()).await?)
+}
+
+/// `columns` of `table`, one probe per key, each row read as the tuple `T`.
+pub(super) async fn tuples<T: TryGetableMany>(
+    tx: &TenantTx,
+    table: &str,
+    columns: &str,
+    keys: Vec<KeyColumn<'_>>,
+    probe: Probe,
+) -> StoreResult<Vec<T>> {
+    let statement = statement(tx.tenant_id().as_uuid(), table, columns, keys, probe);
+    let rows = tx.conn().query_all_raw(statement).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        out.push(row.try_get_many_by_index::<T>()?);
+    }
+    Ok(out)
+}
 
 /// What follows the lateral subquery's `WHERE`: it also keeps PostgreSQL from flattening the
 /// subquery into a join it would plan from statistics.
@@ -63,7 +98,7 @@ impl KeyColumn<'_> {
 
 /// `SELECT {columns} FROM {table}` of the tenant, for every key of `keys`, one index probe each,
 /// in the order of the keys. `columns` names the table's columns as they are (`*` for all).
-pub(super) fn statement(
+fn statement(
     tenant_id: Uuid,
     table: &str,
     columns: &str,

@@ -5,8 +5,7 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect,
+    ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 use uuid::Uuid;
 
@@ -30,22 +29,14 @@ pub async fn identities_by_keys(
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    if tx.conn().get_database_backend() == sea_orm::DbBackend::Postgres {
+    if super::keyed::applies(tx) {
         let (kinds, lookups) = keys.iter().cloned().unzip();
-        let statement = super::keyed::statement(
-            tx.tenant_id().as_uuid(),
-            "identities",
-            "*",
-            vec![
-                super::keyed::KeyColumn::Text("kind", kinds),
-                super::keyed::KeyColumn::Text("lookup", lookups),
-            ],
-            super::keyed::Probe::One,
-        );
-        return Ok(identities::Entity::find()
-            .from_raw_sql(statement)
-            .all(tx.conn())
-            .await?);
+        let keys = vec![
+            super::keyed::KeyColumn::Text("kind", kinds),
+            super::keyed::KeyColumn::Text("lookup", lookups),
+        ];
+        return super::keyed::models::<identities::Entity>(tx, keys, super::keyed::Probe::One)
+            .await;
     }
     let mut by_kind: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
     for (kind, lookup) in keys {
@@ -94,24 +85,16 @@ pub async fn load(
     if backend == Backend::Postgres {
         // One primary-key probe per id, in id order (the set is ordered), so that the rows are
         // locked in the order every batch locks them.
-        let statement = super::keyed::statement(
-            tx.tenant_id().as_uuid(),
-            "profiles",
-            "*",
-            vec![super::keyed::KeyColumn::Uuid(
-                "id",
-                ids.iter().copied().collect(),
-            )],
-            if lock {
-                super::keyed::Probe::OneForUpdate
-            } else {
-                super::keyed::Probe::One
-            },
-        );
-        return Ok(profiles::Entity::find()
-            .from_raw_sql(statement)
-            .all(tx.conn())
-            .await?);
+        let keys = vec![super::keyed::KeyColumn::Uuid(
+            "id",
+            ids.iter().copied().collect(),
+        )];
+        let probe = if lock {
+            super::keyed::Probe::OneForUpdate
+        } else {
+            super::keyed::Probe::One
+        };
+        return super::keyed::models::<profiles::Entity>(tx, keys, probe).await;
     }
     Ok(profiles::Entity::find()
         .filter(profiles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
