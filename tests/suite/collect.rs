@@ -208,8 +208,8 @@ async fn gzip_text_plain_body_write_keys_and_short_paths_are_accepted() {
     }
 }
 
-/// A batch far larger than one statement of the PostgreSQL events writer (which splits its rows
-/// into statements of at most 12 KiB) is stored whole and exactly: every event with its type,
+/// A batch far larger than one statement of the events writer (which splits its rows into
+/// statements of at most 12 KiB on PostgreSQL) is stored whole and exactly: every event with its type,
 /// name, properties (nested, Unicode, numbers, nulls), microsecond timestamp and message id.
 #[tokio::test]
 async fn a_large_batch_is_stored_event_for_event_as_sent() {
@@ -286,5 +286,85 @@ async fn a_large_batch_is_stored_event_for_event_as_sent() {
             };
             assert_eq!(at(&event["timestamp"]), at(&message["timestamp"]), "{id}");
         }
+    }
+}
+
+/// A batch of many new people with large traits needs several statements for each of its
+/// multi-row writes on PostgreSQL (profiles, identities, their keys, their stages: each cut at
+/// 12 KiB, `store::wire`): every person comes back whole, with exactly their traits and
+/// identities, one profile each.
+#[tokio::test]
+async fn many_new_people_with_large_traits_are_stored_whole() {
+    for backend in backends() {
+        let smtp = SmtpSink::start().await;
+        let server = TestServer::start(backend, &smtp).await;
+        let owner = new_tenant(&server, &smtp, &slug("people"), "owner@people.example").await;
+        let key = write_key(&server, &owner, "server", "SERVER").await;
+
+        let traits_of = |n: u32| {
+            json!({
+                "name": format!("Person {n}"),
+                "plan": if n.is_multiple_of(2) { "pro" } else { "free" },
+                "bio": format!("Ünïcödé ✓ {}", "b".repeat(700 + n as usize)),
+                "score": n,
+                "tags": ["a", n.to_string(), null],
+            })
+        };
+        let sent: Vec<Value> = (0..60u32)
+            .map(|n| {
+                json!({"type": "identify", "userId": format!("wide-{n}"),
+                       "anonymousId": format!("wide-anon-{n}"),
+                       "traits": {"email": format!("Wide.{n}@People.example")},
+                       "messageId": format!("wide-{n}"),
+                       "timestamp": "2026-11-20T10:00:00Z"})
+            })
+            .map(|mut message| {
+                let n: u32 = message["userId"].as_str().unwrap()[5..].parse().unwrap();
+                let mut traits = traits_of(n);
+                traits["email"] = message["traits"]["email"].clone();
+                message["traits"] = traits;
+                message
+            })
+            .collect();
+        let batch = json!({ "batch": sent });
+        assert!(batch.to_string().len() > 3 * 12 * 1024);
+        let (status, body) = collect(&server, "/v1/batch", &key, &batch).await;
+        assert_eq!(status, 200, "{body}");
+
+        let data = server
+            .gql_ok(
+                Some(&owner.access_token),
+                "{ profiles(first: 100) { totalCount edges { node {
+                    traits eventCount stage identities { kind value } } } } }",
+                json!({}),
+            )
+            .await;
+        assert_eq!(data["profiles"]["totalCount"], 60, "{data}");
+        let mut seen = std::collections::HashSet::new();
+        for edge in data["profiles"]["edges"].as_array().unwrap() {
+            let node = &edge["node"];
+            let identity = |kind: &str| {
+                node["identities"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|identity| identity["kind"] == kind)
+                    .map(|identity| identity["value"].as_str().unwrap().to_owned())
+                    .collect::<Vec<_>>()
+            };
+            let user_ids = identity("user_id");
+            assert_eq!(user_ids.len(), 1, "{node}");
+            let n: u32 = user_ids[0][5..].parse().unwrap();
+            assert!(seen.insert(n), "one profile per person: {n}");
+            let mut expected = traits_of(n);
+            expected["email"] = json!(format!("wide.{n}@people.example"));
+            assert_eq!(node["traits"], expected, "{n}");
+            assert_eq!(identity("anonymous_id"), vec![format!("wide-anon-{n}")]);
+            assert_eq!(identity("email"), vec![format!("wide.{n}@people.example")]);
+            assert_eq!(node["eventCount"], 1);
+            assert!(node["stage"].is_string(), "{node}");
+        }
+        assert_eq!(seen.len(), 60);
+        server.stop().await;
     }
 }

@@ -796,9 +796,9 @@ async fn apply<'a>(
         }
     }
     let mut set = WriteSet::default();
-    for working in work.profiles.values() {
+    for (_, working) in work.profiles.drain() {
         if working.changed {
-            set.profiles.push(working.row.clone());
+            set.profiles.push(working.row);
         }
     }
     set.profiles.sort_by_key(|row| row.id);
@@ -818,8 +818,7 @@ async fn apply<'a>(
             created_at: now,
         });
     }
-    for event in &work.events {
-        let mut event = event.clone();
+    for mut event in std::mem::take(&mut work.events) {
         event.profile_id = work.final_id(event.profile_id);
         set.events.push(event);
     }

@@ -485,7 +485,17 @@ pub async fn insert_rows(
     let tenant = tx.tenant_id().as_uuid();
     let per_statement = (PARAMETERS_PER_STATEMENT / (columns.len() + 1)).max(1);
     let mut inserted = 0;
-    for chunk in rows.chunks(per_statement) {
+    let row_bytes = |row: &Vec<Cell>| {
+        row.iter()
+            .map(|cell| match cell {
+                Cell::Text(text) => text.len(),
+                Cell::Json(value) => super::wire::json_bytes(value),
+                Cell::Bytes(bytes) => bytes.len(),
+                _ => super::wire::FIXED,
+            })
+            .sum::<usize>()
+    };
+    for chunk in super::wire::chunks(tx, rows, per_statement, row_bytes) {
         let mut insert = Query::insert();
         insert.into_table(Alias::new(&table.name)).columns(
             std::iter::once(TENANT_COLUMN)

@@ -30,12 +30,21 @@ pub async fn notify(tx: &TenantTx, backend: Backend, payloads: &[String]) -> Sto
     if backend != Backend::Postgres {
         return Ok(());
     }
-    for payload in payloads {
+    // As few statements as fit the wire's bound, each sending its payloads in their order.
+    for chunk in super::wire::chunks(tx, payloads, 100, String::len) {
+        let texts: Vec<sea_orm::Value> = chunk.iter().map(|text| text.clone().into()).collect();
         tx.conn()
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "SELECT pg_notify($1, $2)",
-                [CHANNEL.into(), payload.clone().into()],
+                "SELECT pg_notify($1, t.payload) \
+                 FROM unnest($2::text[]) WITH ORDINALITY AS t(payload, n) ORDER BY t.n",
+                [
+                    CHANNEL.into(),
+                    sea_orm::Value::Array(
+                        sea_orm::sea_query::ArrayType::String,
+                        Some(Box::new(texts)),
+                    ),
+                ],
             ))
             .await?;
     }

@@ -16,7 +16,7 @@ use super::entity::{
     consent_history, consents, events, groups, identities, ingest_stats, merge_ledger,
     profile_groups, profiles,
 };
-use super::{StoreError, StoreResult, TenantTx};
+use super::{wire, StoreError, StoreResult, TenantTx};
 
 pub use consents::Model as ConsentRow;
 pub use events::Model as EventRow;
@@ -50,13 +50,19 @@ pub struct WriteSet {
 
 pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreResult<()> {
     let tenant = tx.tenant_id().as_uuid();
-    for chunk in set.profiles.chunks(CHUNK) {
-        let rows = chunk.iter().map(|row| profiles::ActiveModel {
+    let profile_bytes = |row: &ProfileRow| {
+        wire::json_bytes(&row.traits)
+            + wire::json_bytes(&row.trait_clock)
+            + wire::json_bytes(&row.channels)
+            + 9 * wire::FIXED
+    };
+    for chunk in wire::owned_chunks(tx, set.profiles, CHUNK, profile_bytes) {
+        let rows = chunk.into_iter().map(|row| profiles::ActiveModel {
             tenant_id: Set(tenant),
             id: Set(row.id),
-            traits: Set(row.traits.clone()),
-            trait_clock: Set(row.trait_clock.clone()),
-            channels: Set(row.channels.clone()),
+            traits: Set(row.traits),
+            trait_clock: Set(row.trait_clock),
+            channels: Set(row.channels),
             first_seen_at: Set(row.first_seen_at),
             last_seen_at: Set(row.last_seen_at),
             event_count: Set(row.event_count),
@@ -87,14 +93,21 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
         move_profile_rows(tx, *merged, *survivor).await?;
     }
 
-    for chunk in set.identities.chunks(CHUNK) {
-        let rows = chunk.iter().map(|row| identities::ActiveModel {
+    let identity_bytes = |row: &IdentityRow| {
+        row.kind.len()
+            + row.lookup.len()
+            + row.value.len()
+            + row.message_id.as_ref().map_or(0, String::len)
+            + 3 * wire::FIXED
+    };
+    for chunk in wire::owned_chunks(tx, set.identities, CHUNK, identity_bytes) {
+        let rows = chunk.into_iter().map(|row| identities::ActiveModel {
             tenant_id: Set(tenant),
-            kind: Set(row.kind.clone()),
-            lookup: Set(row.lookup.clone()),
-            value: Set(row.value.clone()),
+            kind: Set(row.kind),
+            lookup: Set(row.lookup),
+            value: Set(row.value),
             profile_id: Set(row.profile_id),
-            message_id: Set(row.message_id.clone()),
+            message_id: Set(row.message_id),
             created_at: Set(row.created_at),
         });
         // A unique violation here means another transaction linked the same identifier first:
@@ -107,13 +120,10 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
             })?;
     }
 
-    if super::keyed::applies(tx) {
-        insert_events_postgres(tx, &set.events).await?;
-    } else {
-        insert_events(tx, &set.events).await?;
-    }
+    insert_events(tx, set.events).await?;
 
-    for chunk in set.consents.chunks(CHUNK) {
+    let consent_bytes = |row: &ConsentRow| row.purpose.len() + row.source.len() + 4 * wire::FIXED;
+    for chunk in wire::chunks(tx, &set.consents, CHUNK, consent_bytes) {
         let rows = chunk.iter().map(|row| consents::ActiveModel {
             tenant_id: Set(tenant),
             profile_id: Set(row.profile_id),
@@ -142,7 +152,13 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
 
     super::keys::append_consent_changes(tx, &set.consent_changes).await?;
 
-    for chunk in set.groups.chunks(CHUNK) {
+    let group_bytes = |row: &GroupRow| {
+        row.group_id.len()
+            + wire::json_bytes(&row.traits)
+            + wire::json_bytes(&row.trait_clock)
+            + 2 * wire::FIXED
+    };
+    for chunk in wire::chunks(tx, &set.groups, CHUNK, group_bytes) {
         let rows = chunk.iter().map(|row| groups::ActiveModel {
             tenant_id: Set(tenant),
             group_id: Set(row.group_id.clone()),
@@ -163,7 +179,9 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
             .exec(tx.conn())
             .await?;
     }
-    for chunk in set.profile_groups.chunks(CHUNK) {
+    let membership_bytes =
+        |(_, group_id, _): &(Uuid, String, DateTime<Utc>)| group_id.len() + 3 * wire::FIXED;
+    for chunk in wire::chunks(tx, &set.profile_groups, CHUNK, membership_bytes) {
         let rows =
             chunk.iter().map(
                 |(profile_id, group_id, joined_at)| profile_groups::ActiveModel {
@@ -183,7 +201,16 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
             .await?;
     }
 
-    for chunk in set.ledger.chunks(CHUNK) {
+    let ledger_bytes = |row: &LedgerRow| {
+        row.action.len()
+            + row.message_id.as_ref().map_or(0, String::len)
+            + row.identity_kind.as_ref().map_or(0, String::len)
+            + row.identity_value.as_ref().map_or(0, String::len)
+            + row.rule.len()
+            + row.detail.as_ref().map_or(0, wire::json_bytes)
+            + 5 * wire::FIXED
+    };
+    for chunk in wire::chunks(tx, &set.ledger, CHUNK, ledger_bytes) {
         let rows = chunk.iter().map(|row| merge_ledger::ActiveModel {
             tenant_id: Set(tenant),
             id: Set(row.id),
@@ -224,25 +251,36 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
     Ok(())
 }
 
-/// The batch's events as multi-row inserts (SQLite).
-async fn insert_events(tx: &TenantTx, rows: &[EventRow]) -> StoreResult<()> {
+/// The batch's events as multi-row inserts, as few as fit the wire's bound.
+async fn insert_events(tx: &TenantTx, rows: Vec<EventRow>) -> StoreResult<()> {
     let tenant = tx.tenant_id().as_uuid();
-    for chunk in rows.chunks(CHUNK) {
-        let rows = chunk.iter().map(|row| events::ActiveModel {
+    let event_bytes = |row: &EventRow| {
+        wire::json_bytes(&row.properties)
+            + wire::json_bytes(&row.context)
+            + row.message_id.len()
+            + row.kind.len()
+            + row.name.as_ref().map_or(0, String::len)
+            + row.channel.len()
+            + row.user_id.as_ref().map_or(0, String::len)
+            + row.anonymous_id.as_ref().map_or(0, String::len)
+            + 6 * wire::FIXED
+    };
+    for chunk in wire::owned_chunks(tx, rows, CHUNK, event_bytes) {
+        let rows = chunk.into_iter().map(|row| events::ActiveModel {
             tenant_id: Set(tenant),
             id: Set(row.id),
             profile_id: Set(row.profile_id),
-            message_id: Set(row.message_id.clone()),
-            kind: Set(row.kind.clone()),
-            name: Set(row.name.clone()),
-            properties: Set(row.properties.clone()),
-            context: Set(row.context.clone()),
+            message_id: Set(row.message_id),
+            kind: Set(row.kind),
+            name: Set(row.name),
+            properties: Set(row.properties),
+            context: Set(row.context),
             timestamp: Set(row.timestamp),
             received_at: Set(row.received_at),
             source_id: Set(row.source_id),
-            channel: Set(row.channel.clone()),
-            user_id: Set(row.user_id.clone()),
-            anonymous_id: Set(row.anonymous_id.clone()),
+            channel: Set(row.channel),
+            user_id: Set(row.user_id),
+            anonymous_id: Set(row.anonymous_id),
         });
         events::Entity::insert_many(rows)
             .exec(tx.conn())
@@ -251,104 +289,6 @@ async fn insert_events(tx: &TenantTx, rows: &[EventRow]) -> StoreResult<()> {
                 StoreError::unique_as_conflict(error, "message stored concurrently")
             })?;
     }
-    Ok(())
-}
-
-/// An event row as `jsonb_to_recordset` reads it.
-#[derive(serde::Serialize)]
-struct EventRecord<'a> {
-    id: Uuid,
-    profile_id: Uuid,
-    message_id: &'a str,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    name: Option<&'a str>,
-    properties: &'a serde_json::Value,
-    context: &'a serde_json::Value,
-    #[serde(serialize_with = "microseconds")]
-    timestamp: DateTime<Utc>,
-    #[serde(serialize_with = "microseconds")]
-    received_at: DateTime<Utc>,
-    source_id: Option<Uuid>,
-    channel: &'a str,
-    user_id: Option<&'a str>,
-    anonymous_id: Option<&'a str>,
-}
-
-/// An instant as PostgreSQL stores it: to the microsecond, cut like the driver's binary
-/// encoding cuts it (never rounded up).
-fn microseconds<S: serde::Serializer>(
-    at: &DateTime<Utc>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(&at.format("%Y-%m-%dT%H:%M:%S%.6fZ"))
-}
-
-/// Bytes of rows one events statement carries at most on PostgreSQL.
-///
-/// The driver (sqlx 0.9.0) leaves Nagle's algorithm on for its TCP connections
-/// (transact-rs/sqlx#4335; fixed after 0.9.0, not yet released). A statement that does not fit
-/// in the socket's send buffer at once (16 KiB when a connection starts) goes out in two writes,
-/// and the second waits for the server's delayed acknowledgement of the first: 40 ms on Linux.
-/// A 100-event batch, about 150 KiB with its sealed contexts, waited that long in every batch,
-/// inside the profiles' locks. Statements this small go out in one write.
-const EVENTS_STATEMENT_BYTES: usize = 12 * 1024;
-
-/// The batch's events on PostgreSQL, as few statements as fit [`EVENTS_STATEMENT_BYTES`], each
-/// with one parameter: the rows travel as one JSON array, written once from the rows as they
-/// are, and the statement's text never changes, so it is parsed once per connection.
-async fn insert_events_postgres(tx: &TenantTx, rows: &[EventRow]) -> StoreResult<()> {
-    let mut records: Vec<String> = Vec::new();
-    let mut bytes = 0;
-    for row in rows {
-        let record = serde_json::to_string(&EventRecord {
-            id: row.id,
-            profile_id: row.profile_id,
-            message_id: &row.message_id,
-            kind: &row.kind,
-            name: row.name.as_deref(),
-            properties: &row.properties,
-            context: &row.context,
-            timestamp: row.timestamp,
-            received_at: row.received_at,
-            source_id: row.source_id,
-            channel: &row.channel,
-            user_id: row.user_id.as_deref(),
-            anonymous_id: row.anonymous_id.as_deref(),
-        })
-        .map_err(|error| StoreError::corrupt(format!("an event as JSON: {error}")))?;
-        if !records.is_empty() && bytes + record.len() > EVENTS_STATEMENT_BYTES {
-            insert_event_records(tx, std::mem::take(&mut records)).await?;
-            bytes = 0;
-        }
-        bytes += record.len() + 1;
-        records.push(record);
-    }
-    if !records.is_empty() {
-        insert_event_records(tx, records).await?;
-    }
-    Ok(())
-}
-
-/// One statement of [`insert_events_postgres`]: `records` are [`EventRecord`]s as JSON.
-async fn insert_event_records(tx: &TenantTx, records: Vec<String>) -> StoreResult<()> {
-    let document = format!("[{}]", records.join(","));
-    tx.conn()
-        .execute_raw(sea_orm::Statement::from_sql_and_values(
-            sea_orm::DbBackend::Postgres,
-            r#"INSERT INTO events (tenant_id, id, profile_id, message_id, "type", name, properties,
-                   context, "timestamp", received_at, source_id, channel, user_id, anonymous_id)
-               SELECT $1, r.id, r.profile_id, r.message_id, r."type", r.name, r.properties,
-                   r.context, r."timestamp", r.received_at, r.source_id, r.channel, r.user_id,
-                   r.anonymous_id
-               FROM jsonb_to_recordset($2::text::jsonb) AS r(id uuid, profile_id uuid,
-                   message_id text, "type" text, name text, properties jsonb, context jsonb,
-                   "timestamp" timestamptz, received_at timestamptz, source_id uuid,
-                   channel text, user_id text, anonymous_id text)"#,
-            [tx.tenant_id().as_uuid().into(), document.into()],
-        ))
-        .await
-        .map_err(|error| StoreError::unique_as_conflict(error, "message stored concurrently"))?;
     Ok(())
 }
 

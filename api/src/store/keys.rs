@@ -93,7 +93,8 @@ pub async fn insert_profile_keys(
     now: DateTime<Utc>,
 ) -> StoreResult<()> {
     let tenant = tx.tenant_id().as_uuid();
-    for chunk in keys.chunks(CHUNK) {
+    let key_bytes = |(_, wrapped): &(Uuid, String)| wrapped.len() + 3 * super::wire::FIXED;
+    for chunk in super::wire::chunks(tx, keys, CHUNK, key_bytes) {
         let rows = chunk
             .iter()
             .map(|(profile_id, wrapped)| profile_keys::ActiveModel {
@@ -209,7 +210,14 @@ pub async fn erasure(tx: &TenantTx, profile_id: Uuid) -> StoreResult<Option<Eras
 /// Appends consent changes to the history.
 pub async fn append_consent_changes(tx: &TenantTx, rows: &[ConsentChangeRow]) -> StoreResult<()> {
     let tenant = tx.tenant_id().as_uuid();
-    for chunk in rows.chunks(CHUNK) {
+    let change_bytes = |row: &ConsentChangeRow| {
+        row.purpose.len()
+            + row.source.len()
+            + row.actor.as_ref().map_or(0, String::len)
+            + row.message_id.as_ref().map_or(0, String::len)
+            + 5 * super::wire::FIXED
+    };
+    for chunk in super::wire::chunks(tx, rows, CHUNK, change_bytes) {
         let models = chunk.iter().map(|row| consent_history::ActiveModel {
             tenant_id: Set(tenant),
             id: Set(row.id),

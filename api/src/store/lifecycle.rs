@@ -114,9 +114,18 @@ pub async fn apply_changes(
             .exec(tx.conn())
             .await?;
     }
-    let rows: Vec<lifecycle_transitions::ActiveModel> = changes
+    let entered: Vec<&StageChange> = changes
         .iter()
-        .filter_map(|change| {
+        .filter(|change| change.to.is_some())
+        .collect();
+    let change_bytes = |change: &&StageChange| {
+        change.from.as_ref().map_or(0, String::len)
+            + change.to.as_ref().map_or(0, String::len)
+            + change.reason.len()
+            + 4 * super::wire::FIXED
+    };
+    for chunk in super::wire::chunks(tx, &entered, 500, change_bytes) {
+        let rows = chunk.iter().filter_map(|change| {
             change
                 .to
                 .clone()
@@ -129,10 +138,8 @@ pub async fn apply_changes(
                     at: Set(now),
                     reason: Set(change.reason.clone()),
                 })
-        })
-        .collect();
-    for chunk in rows.chunks(500) {
-        lifecycle_transitions::Entity::insert_many(chunk.to_vec())
+        });
+        lifecycle_transitions::Entity::insert_many(rows)
             .exec_without_returning(tx.conn())
             .await?;
     }

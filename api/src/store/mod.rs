@@ -33,6 +33,7 @@ pub mod tenants;
 pub mod tokens;
 pub mod users;
 pub mod webhooks;
+mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -270,7 +270,8 @@ pub async fn apply_changes(
     now: DateTime<Utc>,
 ) -> StoreResult<()> {
     let tenant = tx.tenant_id().as_uuid();
-    for chunk in changes.chunks(CHUNK) {
+    let change_bytes = |change: &Change| change.reason.len() + 6 * super::wire::FIXED;
+    for chunk in super::wire::chunks(tx, changes, CHUNK, change_bytes) {
         let entered: Vec<segment_members::ActiveModel> = chunk
             .iter()
             .filter(|change| change.entered)

@@ -123,7 +123,10 @@ pub async fn enqueue(
     now: DateTime<Utc>,
 ) -> StoreResult<()> {
     let tenant = tx.tenant_id().as_uuid();
-    for chunk in deliveries.chunks(CHUNK) {
+    let delivery_bytes = |delivery: &NewDelivery| {
+        delivery.topic.len() + super::wire::json_bytes(&delivery.payload) + 12 * super::wire::FIXED
+    };
+    for chunk in super::wire::chunks(tx, &deliveries, CHUNK, delivery_bytes) {
         let rows = chunk
             .iter()
             .map(|delivery| webhook_deliveries::ActiveModel {

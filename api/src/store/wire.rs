@@ -1,0 +1,128 @@
+//! How many rows one multi-row statement carries, so that on PostgreSQL a statement never waits
+//! on the network.
+//!
+//! The driver (sqlx 0.9.0) leaves Nagle's algorithm on for its TCP connections
+//! (transact-rs/sqlx#4335; fixed after 0.9.0, not yet released). A statement that does not fit in
+//! the socket's send buffer at once (16 KiB when a connection starts) goes out in two writes, and
+//! the second waits for the server's delayed acknowledgement of the first: 40 ms on Linux, inside
+//! the transaction and its locks. A 100-event batch, about 150 KiB with its sealed contexts,
+//! waited that long in every batch; so did the upsert of a batch's profiles (their traits and
+//! trait clocks) and the insert of their sealed identities. Statements of at most
+//! [`STATEMENT_BYTES`] go out in one write. On SQLite there is no network, and only the row
+//! count bounds a statement (the limit of bound variables).
+
+use super::TenantTx;
+
+/// Bytes of bound values one statement carries at most on PostgreSQL.
+pub(super) const STATEMENT_BYTES: usize = 12 * 1024;
+
+/// `rows` cut into runs of at most `max_rows` rows and, on PostgreSQL, at most
+/// [`STATEMENT_BYTES`] by `bytes` (a row larger than that alone is a run of its own).
+pub(super) fn chunks<'a, T>(
+    tx: &TenantTx,
+    rows: &'a [T],
+    max_rows: usize,
+    bytes: impl Fn(&T) -> usize,
+) -> Vec<&'a [T]> {
+    let limit = if super::keyed::applies(tx) {
+        STATEMENT_BYTES
+    } else {
+        usize::MAX
+    };
+    cut(rows, max_rows, limit, bytes)
+}
+
+/// [`chunks`], owning: the rows moved into one vector per statement, so that building the
+/// statements clones no row.
+pub(super) fn owned_chunks<T>(
+    tx: &TenantTx,
+    rows: Vec<T>,
+    max_rows: usize,
+    bytes: impl Fn(&T) -> usize,
+) -> Vec<Vec<T>> {
+    let lengths: Vec<usize> = chunks(tx, &rows, max_rows, bytes)
+        .iter()
+        .map(|run| run.len())
+        .collect();
+    let mut rows = rows.into_iter();
+    lengths
+        .into_iter()
+        .map(|length| rows.by_ref().take(length).collect())
+        .collect()
+}
+
+fn cut<T>(rows: &[T], max_rows: usize, limit: usize, bytes: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut runs = Vec::new();
+    let (mut start, mut size) = (0, 0usize);
+    for (index, row) in rows.iter().enumerate() {
+        let row_bytes = if limit == usize::MAX { 0 } else { bytes(row) };
+        let full = index - start >= max_rows.max(1) || size.saturating_add(row_bytes) > limit;
+        if index > start && full {
+            runs.push(&rows[start..index]);
+            (start, size) = (index, 0);
+        }
+        size = size.saturating_add(row_bytes);
+    }
+    if start < rows.len() {
+        runs.push(&rows[start..]);
+    }
+    runs
+}
+
+/// The length of `value` written as JSON, without writing it anywhere.
+pub(super) fn json_bytes(value: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a JSON value to a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
+/// A fixed-size value (a UUID, an instant, a number, a flag) as bound: at most 16 bytes and its
+/// length word.
+pub(super) const FIXED: usize = 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_respect_both_bounds_and_keep_every_row_in_order() {
+        let rows: Vec<usize> = vec![5, 5, 5, 20, 1, 1, 1, 1, 1];
+        let runs = cut(&rows, 3, 10, |size| *size);
+        assert_eq!(
+            runs,
+            vec![
+                &[5, 5][..],
+                &[5][..],
+                &[20][..],
+                &[1, 1, 1][..],
+                &[1, 1][..]
+            ]
+        );
+        let unbounded = cut(&rows, 4, usize::MAX, |size| *size);
+        assert_eq!(
+            unbounded,
+            vec![&[5, 5, 5, 20][..], &[1, 1, 1, 1][..], &[1][..]]
+        );
+        assert!(cut(&Vec::<usize>::new(), 3, 10, |size| *size).is_empty());
+    }
+
+    #[test]
+    fn json_bytes_is_the_written_length() {
+        let value = serde_json::json!({"a": [1, "é\"x", null], "b": {"c": 2.5}});
+        assert_eq!(
+            json_bytes(&value),
+            serde_json::to_string(&value).unwrap().len()
+        );
+    }
+}
