@@ -36,6 +36,8 @@ use crate::workload::{Kind, Message, Workload};
 const BATCH: usize = 100;
 /// Connections of the baseline's pool, as many as the server's.
 const BASELINE_POOL: u32 = 10;
+/// Bytes of values one baseline statement carries at most on PostgreSQL (the service's bound).
+const STATEMENT_BYTES: usize = 12 * 1024;
 
 const INGEST_SETTINGS: &str = r#"mutation { updateIngestSettings(input: {
     maxMessageBytes: 32768, maxRequestBytes: 4194304, maxBatchMessages: 2500,
@@ -481,7 +483,8 @@ struct Seen {
     traits: Option<Value>,
 }
 
-/// One transaction: the batch's profiles, then its events, each as one multi-row statement.
+/// One transaction: the batch's profiles, then its events, as multi-row statements (one each on
+/// SQLite; as few as fit `STATEMENT_BYTES` on PostgreSQL).
 async fn write_batch(
     pool: &DatabaseConnection,
     workload: &Workload,
@@ -507,57 +510,102 @@ async fn write_batch(
             seen.traits = Some(message.payload.clone());
         }
     }
-    let mut profiles = Query::insert();
-    profiles.into_table("profiles").columns([
-        "tenant_id",
-        "id",
-        "traits",
-        "trait_clock",
-        "channels",
-        "first_seen_at",
-        "last_seen_at",
-        "event_count",
-        "created_at",
-        "updated_at",
-    ]);
+    // On PostgreSQL each statement carries at most STATEMENT_BYTES of values, as the service's
+    // writes do: the driver leaves Nagle's algorithm on, and a larger statement would wait 40 ms
+    // for a delayed acknowledgement (docs/PERFORMANCE.md), which would slow the baseline down
+    // for a reason that has nothing to do with the work it does.
+    let bound = if pool.get_database_backend() == DbBackend::Postgres {
+        STATEMENT_BYTES
+    } else {
+        usize::MAX
+    };
+    let new_profiles = || {
+        let mut profiles = Query::insert();
+        profiles.into_table("profiles").columns([
+            "tenant_id",
+            "id",
+            "traits",
+            "trait_clock",
+            "channels",
+            "first_seen_at",
+            "last_seen_at",
+            "event_count",
+            "created_at",
+            "updated_at",
+        ]);
+        profiles.on_conflict(
+            OnConflict::columns(["tenant_id", "id"])
+                .do_nothing()
+                .to_owned(),
+        );
+        profiles
+    };
+    let mut statements = vec![new_profiles()];
+    let mut bytes = 0;
     for (id, seen) in people {
-        profiles.values([
-            tenant.into(),
-            id.into(),
-            seen.traits.unwrap_or_else(|| json!({})).into(),
-            json!({}).into(),
-            json!(["server"]).into(),
-            seen.first.into(),
-            seen.last.into(),
-            seen.count.into(),
-            now.into(),
-            now.into(),
-        ])?;
+        let traits = seen.traits.unwrap_or_else(|| json!({}));
+        let size = traits.to_string().len() + 10 * 20;
+        if bytes > 0 && bytes + size > bound {
+            statements.push(new_profiles());
+            bytes = 0;
+        }
+        bytes += size;
+        if let Some(profiles) = statements.last_mut() {
+            profiles.values([
+                tenant.into(),
+                id.into(),
+                traits.into(),
+                json!({}).into(),
+                json!(["server"]).into(),
+                seen.first.into(),
+                seen.last.into(),
+                seen.count.into(),
+                now.into(),
+                now.into(),
+            ])?;
+        }
     }
-    profiles.on_conflict(
-        OnConflict::columns(["tenant_id", "id"])
-            .do_nothing()
-            .to_owned(),
-    );
 
-    let mut events = Query::insert();
-    events.into_table("events").columns([
-        "tenant_id",
-        "id",
-        "profile_id",
-        "message_id",
-        "type",
-        "name",
-        "properties",
-        "context",
-        "timestamp",
-        "received_at",
-        "channel",
-        "user_id",
-        "anonymous_id",
-    ]);
+    let new_events = || {
+        let mut events = Query::insert();
+        events.into_table("events").columns([
+            "tenant_id",
+            "id",
+            "profile_id",
+            "message_id",
+            "type",
+            "name",
+            "properties",
+            "context",
+            "timestamp",
+            "received_at",
+            "channel",
+            "user_id",
+            "anonymous_id",
+        ]);
+        events.on_conflict(
+            OnConflict::columns(["tenant_id", "message_id"])
+                .do_nothing()
+                .to_owned(),
+        );
+        events
+    };
+    statements.push(new_events());
+    bytes = 0;
     for message in chunk {
         let person = workload.person(message);
+        let context = Workload::context(message);
+        let size = message.payload.to_string().len()
+            + context.to_string().len()
+            + message.message_id.len()
+            + person.user_id.len()
+            + person.anonymous_id.len()
+            + 13 * 20;
+        if bytes > 0 && bytes + size > bound {
+            statements.push(new_events());
+            bytes = 0;
+        }
+        bytes += size;
         let values: [Expr; 13] = [
             tenant.into(),
             Uuid::now_v7().into(),
@@ -566,7 +614,7 @@ async fn write_batch(
             message.kind.as_str().into(),
             message.event.map(str::to_owned).into(),
             message.payload.clone().into(),
-            Workload::context(message).into(),
+            context.into(),
             message.timestamp.into(),
             now.into(),
             "server".into(),
@@ -576,13 +624,10 @@ async fn write_batch(
                 .then(|| person.anonymous_id.clone())
                 .into(),
         ];
-        events.values(values)?;
+        if let Some(events) = statements.last_mut() {
+            events.values(values)?;
+        }
     }
-    events.on_conflict(
-        OnConflict::columns(["tenant_id", "message_id"])
-            .do_nothing()
-            .to_owned(),
-    );
 
     let tx = pool
         .begin_with_options(TransactionOptions {
@@ -599,8 +644,9 @@ async fn write_batch(
         ))
         .await?;
     }
-    tx.execute(&profiles).await?;
-    tx.execute(&events).await?;
+    for statement in &statements {
+        tx.execute(statement).await?;
+    }
     tx.commit().await?;
     Ok(())
 }
