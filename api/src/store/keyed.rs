@@ -1,4 +1,4 @@
-//! Lookups by a list of keys on PostgreSQL whose plan does not depend on statistics.
+//! Lookups by a list of keys on PostgreSQL, one index probe per key.
 //!
 //! `WHERE tenant_id = $1 AND key IN (…)` is planned from the table's statistics. Before a table
 //! has any (a young table, a bulk load the autovacuum has not caught up with, or a server run
@@ -6,8 +6,14 @@
 //! all of the tenant's rows through some `(tenant_id, …)` index, filtering them by the list: the
 //! write path's duplicate check then read every event of the tenant for each batch (6.6 ms a
 //! batch at 20,000 events, growing with the tenant). Written as one index probe per key
-//! (`unnest` of the keys, each joined laterally to a subquery that cannot be flattened), the
-//! only plan left is the one the key's index was made for, whatever the statistics say.
+//! (`unnest` of the keys, each joined laterally to a subquery that cannot be flattened), each
+//! key costs one probe when the table has no statistics at all.
+//!
+//! Limit, measured (docs/PERFORMANCE.md, "A young tenant in an analyzed table"): the shape fixes
+//! the join, not the index. When the table was analyzed before a tenant existed, PostgreSQL
+//! estimates that tenant at one row, every `(tenant_id, …)` index looks as good as the key's, and
+//! it may probe through another one (`ix_events_time`, `ix_profiles_stage`), reading all of the
+//! tenant's rows for each key until the next `ANALYZE` sees the tenant.
 
 use sea_orm::sea_query::ArrayType;
 use sea_orm::{ConnectionTrait, DbBackend, EntityTrait, Statement, TryGetableMany, Value};
