@@ -17,17 +17,10 @@
 
 use chrono::{DateTime, NaiveDate, Utc};
 use domain::analytics::{CHURN_MULTIPLE, ORDER_COMPLETED};
-use sea_orm::{ConnectionTrait, DbBackend, QueryResult, Statement, Value};
+use sea_orm::{ConnectionTrait, QueryResult, Statement, Value};
 use uuid::Uuid;
 
 use super::{Backend, StoreError, StoreResult, TenantTx};
-
-fn backend_of(tx: &TenantTx) -> Backend {
-    match tx.conn().get_database_backend() {
-        DbBackend::Postgres => Backend::Postgres,
-        _ => Backend::Sqlite,
-    }
-}
 
 fn statement(tx: &TenantTx, sql: &str, values: Vec<Value>) -> Statement {
     Statement::from_sql_and_values(tx.conn().get_database_backend(), sql, values)
@@ -83,7 +76,7 @@ fn order_value_sql(backend: Backend) -> &'static str {
 /// "Order Completed" events (the rule of `domain::analytics::order_value`), writing only the rows
 /// that change. Returns the ids of the changed profiles, in id order.
 pub async fn recompute_order_totals(tx: &TenantTx) -> StoreResult<Vec<Uuid>> {
-    let backend = backend_of(tx);
+    let backend = tx.backend();
     let sql = format!(
         "WITH totals AS (
              SELECT e.profile_id AS profile_id, COUNT(*) AS orders, SUM({value}) AS revenue
@@ -132,7 +125,7 @@ pub async fn recompute_customer_attributes(
     tx: &TenantTx,
     now: DateTime<Utc>,
 ) -> StoreResult<Vec<Uuid>> {
-    let backend = backend_of(tx);
+    let backend = tx.backend();
     let tenant: Value = tx.tenant_id().as_uuid().into();
 
     let gap = format!(
@@ -468,7 +461,7 @@ pub async fn stage_reach(
 
 /// The bound instant parameter `$n`, typed on PostgreSQL.
 fn instant_param(tx: &TenantTx, n: usize) -> String {
-    match backend_of(tx) {
+    match tx.backend() {
         Backend::Postgres => format!("CAST(${n} AS timestamptz)"),
         Backend::Sqlite => format!("${n}"),
     }

@@ -178,18 +178,11 @@ fn db_backend(tx: &TenantTx) -> DbBackend {
     ConnectionTrait::get_database_backend(tx.conn())
 }
 
-fn backend_of(tx: &TenantTx) -> Backend {
-    match db_backend(tx) {
-        DbBackend::Postgres => Backend::Postgres,
-        _ => Backend::Sqlite,
-    }
-}
-
 /// Every tenant table of the database (every table with a `tenant_id` column), parents before
 /// children: inserting in this order and deleting in the reverse order satisfies every foreign
 /// key. Ties are broken by name, so the order is the same on every database with this schema.
 pub async fn tenant_tables(tx: &TenantTx) -> StoreResult<Vec<Table>> {
-    let backend = backend_of(tx);
+    let backend = tx.backend();
     let (columns_sql, foreign_keys_sql) = match backend {
         Backend::Sqlite => (
             r#"SELECT m.name, p.name, p.type, p."notnull", p.dflt_value IS NOT NULL, p.pk
@@ -341,7 +334,7 @@ pub async fn read_rows<E>(
 where
     E: From<StoreError>,
 {
-    let backend = backend_of(tx);
+    let backend = tx.backend();
     if let Some(column) = table
         .columns
         .iter()

@@ -23,24 +23,19 @@ pub async fn existing_message_ids(
     if partitioned {
         return super::partitions::existing_message_ids(tx, message_ids).await;
     }
-    let mut found = Vec::new();
-    if super::keyed::applies(tx) {
-        // One probe of the unique index per message id, whatever the statistics say.
-        for chunk in message_ids.chunks(500) {
-            let key = super::keyed::KeyColumn::Text("message_id", chunk.to_vec());
-            found.extend(
-                super::keyed::tuples::<String>(
-                    tx,
-                    "events",
-                    "message_id",
-                    vec![key],
-                    super::keyed::Probe::One,
-                )
-                .await?,
-            );
-        }
-        return Ok(found);
+    if tx.backend() == super::Backend::Postgres {
+        // One probe of the unique index per message id (see `store::keyed`).
+        let key = super::keyed::KeyColumn::Text("message_id", message_ids.to_vec());
+        return super::keyed::tuples::<String>(
+            tx,
+            "events",
+            "message_id",
+            vec![key],
+            super::keyed::Probe::One,
+        )
+        .await;
     }
+    let mut found = Vec::new();
     for chunk in message_ids.chunks(500) {
         let rows: Vec<String> = events::Entity::find()
             .select_only()

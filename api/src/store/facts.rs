@@ -40,7 +40,7 @@ pub async fn load(
     let tenant = tx.tenant_id().as_uuid();
     let mut facts: HashMap<Uuid, ProfileFacts> = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(500) {
-        let rows = if super::keyed::applies(tx) {
+        let rows = if tx.backend() == super::Backend::Postgres {
             // One primary-key probe per id (see `store::keyed`): as an `IN` list this read every
             // profile of the tenant when `profiles` had no statistics, 11 ms a batch at 10,000
             // profiles inside the write path's locks, growing with the tenant.

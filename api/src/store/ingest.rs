@@ -531,23 +531,18 @@ pub async fn identity_keys_of(
     tx: &TenantTx,
     profile_ids: &[Uuid],
 ) -> StoreResult<Vec<(Uuid, String, String)>> {
-    let mut found = Vec::new();
-    if super::keyed::applies(tx) {
-        for chunk in profile_ids.chunks(CHUNK) {
-            let key = super::keyed::KeyColumn::Uuid("profile_id", chunk.to_vec());
-            found.extend(
-                super::keyed::tuples::<(Uuid, String, String)>(
-                    tx,
-                    "identities",
-                    "profile_id, kind, lookup",
-                    vec![key],
-                    super::keyed::Probe::All,
-                )
-                .await?,
-            );
-        }
-        return Ok(found);
+    if tx.backend() == super::Backend::Postgres {
+        let key = super::keyed::KeyColumn::Uuid("profile_id", profile_ids.to_vec());
+        return super::keyed::tuples::<(Uuid, String, String)>(
+            tx,
+            "identities",
+            "profile_id, kind, lookup",
+            vec![key],
+            super::keyed::Probe::All,
+        )
+        .await;
     }
+    let mut found = Vec::new();
     for chunk in profile_ids.chunks(CHUNK) {
         found.extend(
             identities::Entity::find()

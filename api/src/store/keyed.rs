@@ -21,11 +21,6 @@ use uuid::Uuid;
 
 use super::{StoreResult, TenantTx};
 
-/// True when `tx` runs on PostgreSQL, where the lookups of this module are used.
-pub(super) fn applies(tx: &TenantTx) -> bool {
-    tx.conn().get_database_backend() == DbBackend::Postgres
-}
-
 /// Whole rows of `E`'s table, one probe per key, as `E`'s models.
 pub(super) async fn models<E: EntityTrait>(
     tx: &TenantTx,
@@ -33,8 +28,12 @@ pub(super) async fn models<E: EntityTrait>(
     probe: Probe,
 ) -> StoreResult<Vec<E::Model>> {
     let table = E::default().table_name();
-    let statement = statement(tx.tenant_id().as_uuid(), table, "*", keys, probe);
-    Ok(E::find().from_raw_sql(statement).all(tx.conn()).await?)
+    let mut out = Vec::new();
+    for keys in runs(tx, keys) {
+        let statement = statement(tx.tenant_id().as_uuid(), table, "*", keys, probe);
+        out.extend(E::find().from_raw_sql(statement).all(tx.conn()).await?);
+    }
+    Ok(out)
 }
 
 /// `columns` of `table`, one probe per key, each row read as the tuple `T`.
@@ -45,13 +44,31 @@ pub(super) async fn tuples<T: TryGetableMany>(
     keys: Vec<KeyColumn<'_>>,
     probe: Probe,
 ) -> StoreResult<Vec<T>> {
-    let statement = statement(tx.tenant_id().as_uuid(), table, columns, keys, probe);
-    let rows = tx.conn().query_all_raw(statement).await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        out.push(row.try_get_many_by_index::<T>()?);
+    let mut out = Vec::new();
+    for keys in runs(tx, keys) {
+        let statement = statement(tx.tenant_id().as_uuid(), table, columns, keys, probe);
+        for row in tx.conn().query_all_raw(statement).await? {
+            out.push(row.try_get_many_by_index::<T>()?);
+        }
     }
     Ok(out)
+}
+
+/// The keys cut, in their order, into runs whose arrays fit one statement on the wire
+/// (`store::wire`); probes that lock keep locking in the keys' order across the runs.
+fn runs<'a>(tx: &TenantTx, keys: Vec<KeyColumn<'a>>) -> Vec<Vec<KeyColumn<'a>>> {
+    split(keys, super::wire::bound(tx))
+}
+
+fn split(mut keys: Vec<KeyColumn<'_>>, limit: usize) -> Vec<Vec<KeyColumn<'_>>> {
+    let count = keys.first().map_or(0, KeyColumn::len);
+    let sizes: Vec<usize> = (0..count)
+        .map(|index| keys.iter().map(|key| key.bytes(index)).sum())
+        .collect();
+    super::wire::cut(&sizes, usize::MAX, limit, |size| *size)
+        .iter()
+        .map(|run| keys.iter_mut().map(|key| key.take(run.len())).collect())
+        .collect()
 }
 
 /// What follows the lateral subquery's `WHERE`: it also keeps PostgreSQL from flattening the
@@ -73,7 +90,30 @@ pub(super) enum KeyColumn<'a> {
     Uuid(&'a str, Vec<Uuid>),
 }
 
-impl KeyColumn<'_> {
+impl<'a> KeyColumn<'a> {
+    fn len(&self) -> usize {
+        match self {
+            KeyColumn::Text(_, values) => values.len(),
+            KeyColumn::Uuid(_, values) => values.len(),
+        }
+    }
+
+    /// The bytes the key at `index` adds to the statement (its value and its length word).
+    fn bytes(&self, index: usize) -> usize {
+        match self {
+            KeyColumn::Text(_, values) => values.get(index).map_or(0, String::len) + 4,
+            KeyColumn::Uuid(..) => super::wire::FIXED,
+        }
+    }
+
+    /// The first `count` values, removed from this column.
+    fn take(&mut self, count: usize) -> KeyColumn<'a> {
+        match self {
+            KeyColumn::Text(name, values) => KeyColumn::Text(name, values.drain(..count).collect()),
+            KeyColumn::Uuid(name, values) => KeyColumn::Uuid(name, values.drain(..count).collect()),
+        }
+    }
+
     fn name(&self) -> &str {
         match self {
             KeyColumn::Text(name, _) | KeyColumn::Uuid(name, _) => name,
@@ -145,6 +185,49 @@ fn statement(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_split_into_runs_within_the_bound_keep_their_order_and_columns_aligned() {
+        let kinds: Vec<String> = (0..300).map(|n| format!("kind-{}", n % 3)).collect();
+        let lookups: Vec<String> = (0..300).map(|n| format!("{n:0>40}")).collect();
+        let keys = vec![
+            KeyColumn::Text("kind", kinds.clone()),
+            KeyColumn::Text("lookup", lookups.clone()),
+        ];
+        let runs = split(keys, 4096);
+        assert!(
+            runs.len() > 1,
+            "300 keys of about 55 bytes need several runs"
+        );
+        let (mut all_kinds, mut all_lookups) = (Vec::new(), Vec::new());
+        for run in runs {
+            let size: usize = (0..run[0].len())
+                .map(|index| run.iter().map(|key| key.bytes(index)).sum::<usize>())
+                .sum();
+            assert!(size <= 4096, "{size}");
+            match (&run[0], &run[1]) {
+                (KeyColumn::Text(_, kinds), KeyColumn::Text(_, lookups)) => {
+                    assert_eq!(kinds.len(), lookups.len());
+                    all_kinds.extend(kinds.iter().cloned());
+                    all_lookups.extend(lookups.iter().cloned());
+                }
+                _ => panic!("the columns keep their kinds"),
+            }
+        }
+        assert_eq!((all_kinds, all_lookups), (kinds, lookups));
+        assert_eq!(
+            split(vec![KeyColumn::Uuid("id", Vec::new())], 4096).len(),
+            0
+        );
+        assert_eq!(
+            split(
+                vec![KeyColumn::Uuid("id", vec![Uuid::nil(); 10])],
+                usize::MAX
+            )
+            .len(),
+            1
+        );
+    }
 
     #[test]
     fn one_probe_per_key_with_parallel_arrays() {

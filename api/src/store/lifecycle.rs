@@ -114,7 +114,7 @@ pub async fn apply_changes(
             .exec(tx.conn())
             .await?;
     }
-    let entered: Vec<&StageChange> = changes
+    let transitions: Vec<&StageChange> = changes
         .iter()
         .filter(|change| change.to.is_some())
         .collect();
@@ -124,7 +124,7 @@ pub async fn apply_changes(
             + change.reason.len()
             + 4 * super::wire::FIXED
     };
-    for chunk in super::wire::chunks(tx, &entered, 500, change_bytes) {
+    for chunk in super::wire::chunks(tx, &transitions, 500, change_bytes) {
         let rows = chunk.iter().filter_map(|change| {
             change
                 .to

@@ -35,6 +35,8 @@ pub mod users;
 pub mod webhooks;
 mod wire;
 
+pub use wire::{json_bytes, STATEMENT_BYTES};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -468,6 +470,14 @@ impl TenantTx {
 
     pub(crate) fn conn(&self) -> &DatabaseTransaction {
         &self.tx
+    }
+
+    /// The engine this transaction runs on.
+    pub(crate) fn backend(&self) -> Backend {
+        match self.tx.get_database_backend() {
+            DbBackend::Postgres => Backend::Postgres,
+            _ => Backend::Sqlite,
+        }
     }
 
     pub async fn commit(self) -> StoreResult<()> {

@@ -29,7 +29,7 @@ pub async fn identities_by_keys(
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    if super::keyed::applies(tx) {
+    if tx.backend() == Backend::Postgres {
         let (kinds, lookups) = keys.iter().cloned().unzip();
         let keys = vec![
             super::keyed::KeyColumn::Text("kind", kinds),

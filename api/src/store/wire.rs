@@ -14,7 +14,7 @@
 use super::TenantTx;
 
 /// Bytes of bound values one statement carries at most on PostgreSQL.
-pub(super) const STATEMENT_BYTES: usize = 12 * 1024;
+pub const STATEMENT_BYTES: usize = 12 * 1024;
 
 /// `rows` cut into runs of at most `max_rows` rows and, on PostgreSQL, at most
 /// [`STATEMENT_BYTES`] by `bytes` (a row larger than that alone is a run of its own).
@@ -24,12 +24,16 @@ pub(super) fn chunks<'a, T>(
     max_rows: usize,
     bytes: impl Fn(&T) -> usize,
 ) -> Vec<&'a [T]> {
-    let limit = if super::keyed::applies(tx) {
+    cut(rows, max_rows, bound(tx), bytes)
+}
+
+/// Bytes one statement of `tx` may carry: [`STATEMENT_BYTES`] on PostgreSQL, no bound on SQLite.
+pub(super) fn bound(tx: &TenantTx) -> usize {
+    if tx.backend() == super::Backend::Postgres {
         STATEMENT_BYTES
     } else {
         usize::MAX
-    };
-    cut(rows, max_rows, limit, bytes)
+    }
 }
 
 /// [`chunks`], owning: the rows moved into one vector per statement, so that building the
@@ -51,7 +55,12 @@ pub(super) fn owned_chunks<T>(
         .collect()
 }
 
-fn cut<T>(rows: &[T], max_rows: usize, limit: usize, bytes: impl Fn(&T) -> usize) -> Vec<&[T]> {
+pub(super) fn cut<T>(
+    rows: &[T],
+    max_rows: usize,
+    limit: usize,
+    bytes: impl Fn(&T) -> usize,
+) -> Vec<&[T]> {
     let mut runs = Vec::new();
     let (mut start, mut size) = (0, 0usize);
     for (index, row) in rows.iter().enumerate() {
@@ -70,7 +79,7 @@ fn cut<T>(rows: &[T], max_rows: usize, limit: usize, bytes: impl Fn(&T) -> usize
 }
 
 /// The length of `value` written as JSON, without writing it anywhere.
-pub(super) fn json_bytes(value: &serde_json::Value) -> usize {
+pub fn json_bytes(value: &serde_json::Value) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

@@ -65,7 +65,7 @@ pub async fn run(args: GrowthArgs) -> anyhow::Result<()> {
     if args.sizes.is_empty() || args.messages == 0 || args.seconds == 0 || args.rate == 0 {
         bail!("--sizes, --messages, --seconds and --rate must not be empty or zero");
     }
-    for backend in args.backends.backends() {
+    for backend in args.backends.backends()? {
         let label = backend.name();
         eprintln!("== {label} ==");
         let db = Arc::new(BenchDb::create(&backend).await?);

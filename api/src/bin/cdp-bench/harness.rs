@@ -43,25 +43,26 @@ impl BackendArgs {
             .filter(|url| !url.trim().is_empty())
     }
 
-    /// SQLite always; PostgreSQL too unless `--sqlite-only` or no URL is known (said on stderr).
-    pub fn backends(&self) -> Vec<Backend> {
-        let mut backends = vec![Backend::Sqlite];
-        if self.sqlite_only {
-            return backends;
+    /// SQLite unless `--postgres-only`; PostgreSQL unless `--sqlite-only` or no URL is known
+    /// (said on stderr; an error with `--postgres-only`).
+    pub fn backends(&self) -> anyhow::Result<Vec<Backend>> {
+        let mut backends = Vec::new();
+        if !self.postgres_only {
+            backends.push(Backend::Sqlite);
         }
-        if self.postgres_only {
-            backends.clear();
+        if self.sqlite_only {
+            return Ok(backends);
         }
         match self.postgres_url() {
             Some(url) => backends.push(Backend::Postgres { admin_url: url }),
-            None if self.postgres_only => {
-                eprintln!("error: --postgres-only needs --postgres, CDP_BENCH_POSTGRES_URL or CDP_TEST_POSTGRES_URL")
-            }
+            None if self.postgres_only => anyhow::bail!(
+                "--postgres-only needs --postgres, CDP_BENCH_POSTGRES_URL or CDP_TEST_POSTGRES_URL"
+            ),
             None => eprintln!(
                 "note: PostgreSQL skipped (set --postgres, CDP_BENCH_POSTGRES_URL or CDP_TEST_POSTGRES_URL)"
             ),
         }
-        backends
+        Ok(backends)
     }
 }
 
@@ -264,7 +265,7 @@ where
     Fut: Future<Output = anyhow::Result<R>>,
     R: Serialize,
 {
-    for backend in args.backends() {
+    for backend in args.backends()? {
         eprintln!("== {} ==", backend.name());
         let db = Arc::new(BenchDb::create(&backend).await?);
         let outcome = tokio::select! {

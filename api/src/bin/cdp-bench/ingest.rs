@@ -19,8 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use api::store::{json_bytes, STATEMENT_BYTES};
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, OnConflict, Query};
+use sea_orm::sea_query::{Expr, InsertStatement, OnConflict, Query};
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, SqliteTransactionMode, Statement,
     TransactionOptions, TransactionTrait,
@@ -36,8 +37,6 @@ use crate::workload::{Kind, Message, Workload};
 const BATCH: usize = 100;
 /// Connections of the baseline's pool, as many as the server's.
 const BASELINE_POOL: u32 = 10;
-/// Bytes of values one baseline statement carries at most on PostgreSQL (the service's bound).
-const STATEMENT_BYTES: usize = 12 * 1024;
 
 const INGEST_SETTINGS: &str = r#"mutation { updateIngestSettings(input: {
     maxMessageBytes: 32768, maxRequestBytes: 4194304, maxBatchMessages: 2500,
@@ -519,39 +518,35 @@ async fn write_batch(
     } else {
         usize::MAX
     };
-    let new_profiles = || {
+    let mut profiles = Bounded::new(bound, || {
         let mut profiles = Query::insert();
-        profiles.into_table("profiles").columns([
-            "tenant_id",
-            "id",
-            "traits",
-            "trait_clock",
-            "channels",
-            "first_seen_at",
-            "last_seen_at",
-            "event_count",
-            "created_at",
-            "updated_at",
-        ]);
-        profiles.on_conflict(
-            OnConflict::columns(["tenant_id", "id"])
-                .do_nothing()
-                .to_owned(),
-        );
         profiles
-    };
-    let mut statements = vec![new_profiles()];
-    let mut bytes = 0;
+            .into_table("profiles")
+            .columns([
+                "tenant_id",
+                "id",
+                "traits",
+                "trait_clock",
+                "channels",
+                "first_seen_at",
+                "last_seen_at",
+                "event_count",
+                "created_at",
+                "updated_at",
+            ])
+            .on_conflict(
+                OnConflict::columns(["tenant_id", "id"])
+                    .do_nothing()
+                    .to_owned(),
+            );
+        profiles
+    });
     for (id, seen) in people {
         let traits = seen.traits.unwrap_or_else(|| json!({}));
-        let size = traits.to_string().len() + 10 * 20;
-        if bytes > 0 && bytes + size > bound {
-            statements.push(new_profiles());
-            bytes = 0;
-        }
-        bytes += size;
-        if let Some(profiles) = statements.last_mut() {
-            profiles.values([
+        let size = json_bytes(&traits) + 10 * 20;
+        profiles.push(
+            size,
+            [
                 tenant.into(),
                 id.into(),
                 traits.into(),
@@ -562,71 +557,66 @@ async fn write_batch(
                 seen.count.into(),
                 now.into(),
                 now.into(),
-            ])?;
-        }
+            ],
+        )?;
     }
 
-    let new_events = || {
+    let mut events = Bounded::new(bound, || {
         let mut events = Query::insert();
-        events.into_table("events").columns([
-            "tenant_id",
-            "id",
-            "profile_id",
-            "message_id",
-            "type",
-            "name",
-            "properties",
-            "context",
-            "timestamp",
-            "received_at",
-            "channel",
-            "user_id",
-            "anonymous_id",
-        ]);
-        events.on_conflict(
-            OnConflict::columns(["tenant_id", "message_id"])
-                .do_nothing()
-                .to_owned(),
-        );
         events
-    };
-    statements.push(new_events());
-    bytes = 0;
+            .into_table("events")
+            .columns([
+                "tenant_id",
+                "id",
+                "profile_id",
+                "message_id",
+                "type",
+                "name",
+                "properties",
+                "context",
+                "timestamp",
+                "received_at",
+                "channel",
+                "user_id",
+                "anonymous_id",
+            ])
+            .on_conflict(
+                OnConflict::columns(["tenant_id", "message_id"])
+                    .do_nothing()
+                    .to_owned(),
+            );
+        events
+    });
     for message in chunk {
         let person = workload.person(message);
         let context = Workload::context(message);
-        let size = message.payload.to_string().len()
-            + context.to_string().len()
+        let size = json_bytes(&message.payload)
+            + json_bytes(&context)
             + message.message_id.len()
             + person.user_id.len()
             + person.anonymous_id.len()
             + 13 * 20;
-        if bytes > 0 && bytes + size > bound {
-            statements.push(new_events());
-            bytes = 0;
-        }
-        bytes += size;
-        let values: [Expr; 13] = [
-            tenant.into(),
-            Uuid::now_v7().into(),
-            person.profile_id.into(),
-            message.message_id.clone().into(),
-            message.kind.as_str().into(),
-            message.event.map(str::to_owned).into(),
-            message.payload.clone().into(),
-            context.into(),
-            message.timestamp.into(),
-            now.into(),
-            "server".into(),
-            message.with_user_id.then(|| person.user_id.clone()).into(),
-            message
-                .with_anonymous_id
-                .then(|| person.anonymous_id.clone())
-                .into(),
-        ];
-        if let Some(events) = statements.last_mut() {
-            events.values(values)?;
-        }
+        events.push(
+            size,
+            [
+                tenant.into(),
+                Uuid::now_v7().into(),
+                person.profile_id.into(),
+                message.message_id.clone().into(),
+                message.kind.as_str().into(),
+                message.event.map(str::to_owned).into(),
+                message.payload.clone().into(),
+                context.into(),
+                message.timestamp.into(),
+                now.into(),
+                "server".into(),
+                message.with_user_id.then(|| person.user_id.clone()).into(),
+                message
+                    .with_anonymous_id
+                    .then(|| person.anonymous_id.clone())
+                    .into(),
+            ],
+        )?;
     }
 
     let tx = pool
@@ -644,9 +634,43 @@ async fn write_batch(
         ))
         .await?;
     }
-    for statement in &statements {
+    for statement in profiles.statements.iter().chain(&events.statements) {
         tx.execute(statement).await?;
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// Multi-row inserts into one table: a new statement whenever the next row would take the
+/// current one past `bound` bytes of values.
+struct Bounded<F: Fn() -> InsertStatement> {
+    new: F,
+    bound: usize,
+    bytes: usize,
+    statements: Vec<InsertStatement>,
+}
+
+impl<F: Fn() -> InsertStatement> Bounded<F> {
+    fn new(bound: usize, new: F) -> Self {
+        Bounded {
+            new,
+            bound,
+            bytes: 0,
+            statements: Vec::new(),
+        }
+    }
+
+    /// Adds a row of about `size` bytes.
+    fn push<const N: usize>(&mut self, size: usize, values: [Expr; N]) -> anyhow::Result<()> {
+        let full = self.bytes > 0 && self.bytes.saturating_add(size) > self.bound;
+        if self.statements.is_empty() || full {
+            self.statements.push((self.new)());
+            self.bytes = 0;
+        }
+        self.bytes = self.bytes.saturating_add(size);
+        if let Some(statement) = self.statements.last_mut() {
+            statement.values(values)?;
+        }
+        Ok(())
+    }
 }

@@ -135,7 +135,7 @@ pub async fn run(args: ReadArgs) -> anyhow::Result<()> {
         duration: Duration::from_secs(seconds),
         rate: args.rate,
     };
-    for backend in args.backends.backends() {
+    for backend in args.backends.backends()? {
         let label = backend.name();
         eprintln!("== {label} ==");
         let db = Arc::new(BenchDb::create(&backend).await?);

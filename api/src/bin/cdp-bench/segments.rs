@@ -120,7 +120,7 @@ pub async fn run(args: SegmentsArgs) -> anyhow::Result<()> {
     if args.runs == 0 || args.concurrency == 0 {
         bail!("--runs and --concurrency must be at least 1");
     }
-    for backend in args.backends.backends() {
+    for backend in args.backends.backends()? {
         let label = backend.name();
         eprintln!("== {label} ==");
         let db = Arc::new(BenchDb::create(&backend).await?);
