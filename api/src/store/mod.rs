@@ -14,6 +14,7 @@ pub mod audit;
 pub mod backup;
 pub mod campaigns;
 pub mod conditions;
+mod conn;
 pub mod events;
 pub mod facts;
 pub mod fanout;
@@ -410,7 +411,7 @@ impl Store {
 
 /// A transaction bound to one tenant. The only way to reach tenant data.
 pub struct TenantTx {
-    tx: Arc<DatabaseTransaction>,
+    tx: Arc<conn::Conn>,
     /// A [`ReadScope`]'s transaction, which the scope ends: committing this handle does nothing.
     shared: bool,
     tenant_id: TenantId,
@@ -431,11 +432,11 @@ impl TenantTx {
         tenant_id: TenantId,
         origin: uuid::Uuid,
     ) -> TenantTx {
-        TenantTx::handle(Arc::new(tx), false, tenant_id, origin)
+        TenantTx::handle(Arc::new(conn::Conn::new(tx)), false, tenant_id, origin)
     }
 
     fn handle(
-        tx: Arc<DatabaseTransaction>,
+        tx: Arc<conn::Conn>,
         shared: bool,
         tenant_id: TenantId,
         origin: uuid::Uuid,
@@ -468,7 +469,7 @@ impl TenantTx {
         self.origin
     }
 
-    pub(crate) fn conn(&self) -> &DatabaseTransaction {
+    pub(crate) fn conn(&self) -> &conn::Conn {
         &self.tx
     }
 
@@ -537,7 +538,7 @@ struct ReadScopeInner {
 struct SharedRead {
     tenant_id: TenantId,
     origin: uuid::Uuid,
-    tx: Arc<DatabaseTransaction>,
+    tx: Arc<conn::Conn>,
 }
 
 impl ReadScope {
@@ -578,7 +579,7 @@ impl ReadScope {
                 Ok::<_, StoreError>(SharedRead {
                     tenant_id,
                     origin: store.origin,
-                    tx: Arc::new(tx),
+                    tx: Arc::new(conn::Conn::new(tx)),
                 })
             })
             .await?;
