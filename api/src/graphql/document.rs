@@ -18,15 +18,10 @@
 //! at most [`MAX_DIRECTIVES`] directives on any one selection, and has no NUL in its variables,
 //! arguments or default values. A refusal is BAD_USER_INPUT.
 
-use std::collections::{HashMap, HashSet};
-use std::convert::Infallible;
-use std::sync::Arc;
-
-use async_graphql::extensions::{
-    Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest,
-};
 use async_graphql::parser::types::{Directive, ExecutableDocument, Field, Selection, SelectionSet};
 use async_graphql::{Positioned, Request, ServerError, ServerResult, Value};
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
 
 /// Deeper nesting of selections, counting fragment spreads and inline fragments, is refused.
 /// async-graphql itself refuses more than 32; this bound only keeps the measuring below from
@@ -41,46 +36,22 @@ pub const MAX_DIRECTIVES: usize = 10;
 /// already bounds the variables).
 const MAX_VALUE_NESTING: usize = 128;
 
-/// The extension: install with `Schema::build(…).extension(DocumentLimits { … })`.
-pub struct DocumentLimits {
-    /// Most selections the document may hold once its fragments are expanded.
-    pub max_selections: usize,
-}
-
-impl ExtensionFactory for DocumentLimits {
-    fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(DocumentLimitsExtension {
-            max_selections: self.max_selections,
-        })
+/// The whole-document checks of one request (see the module documentation); called by
+/// `limits::admit` before async-graphql validates or runs it.
+pub(super) fn check_request(request: &mut Request, max_selections: usize) -> ServerResult<()> {
+    if request
+        .variables
+        .values()
+        .any(|value| holds_nul(value, 0).unwrap_or(true))
+    {
+        return Err(refusal(NUL_MESSAGE));
     }
-}
-
-struct DocumentLimitsExtension {
-    max_selections: usize,
-}
-
-#[async_graphql::async_trait::async_trait]
-impl Extension for DocumentLimitsExtension {
-    async fn prepare_request(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        mut request: Request,
-        next: NextPrepareRequest<'_>,
-    ) -> ServerResult<Request> {
-        if request
-            .variables
-            .values()
-            .any(|value| holds_nul(value, 0).unwrap_or(true))
-        {
-            return Err(refusal(NUL_MESSAGE));
-        }
-        // A document that does not parse is left to the schema, which says why; a parsed one is
-        // kept, and async-graphql uses it instead of parsing again.
-        if let Ok(document) = request.parsed_query() {
-            check_document(document, self.max_selections)?;
-        }
-        next.run(ctx, request).await
+    // A document that does not parse is left to the schema, which says why; a parsed one is
+    // kept, and async-graphql uses it instead of parsing again.
+    if let Ok(document) = request.parsed_query() {
+        check_document(document, max_selections)?;
     }
+    Ok(())
 }
 
 const NUL_MESSAGE: &str = "text must not contain the NUL character (U+0000)";

@@ -9,11 +9,6 @@
 //! stops at a budget, so no document (not even one whose fragments spread each other) makes it
 //! loop.
 
-use std::sync::Arc;
-
-use async_graphql::extensions::{
-    Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest,
-};
 use async_graphql::parser::types::{
     ExecutableDocument, FragmentDefinition, OperationDefinition, OperationType, Selection,
     SelectionSet,
@@ -21,7 +16,6 @@ use async_graphql::parser::types::{
 use async_graphql::{Name, Positioned, Request, ServerError, ServerResult};
 use std::collections::HashMap;
 
-use super::subscriptions::SocketSession;
 use super::RequestContext;
 use crate::service::AppState;
 
@@ -164,50 +158,48 @@ fn refusal(message: String) -> ServerError {
     error
 }
 
-/// The extension that applies the limits to every request the schema runs.
-pub struct OperationLimits {
+/// What every operation is checked against before async-graphql validates or runs it, kept in
+/// the schema's data (see [`super::build_schema`]).
+///
+/// These checks used to be two async-graphql extensions (`prepare_request` only). Any extension
+/// at all sends every field of every response through async-graphql's extension chain (a type
+/// lookup and boxed futures per field); measured on `cdp-bench read`, a `profile(id)` with its
+/// last 20 events (about 110 fields) served 15 to 25 % more requests a second without them. So
+/// the transports call [`admit`] instead: HTTP before it executes (`transport::execute`), the
+/// WebSocket through its executor (`transport::Admitted`).
+#[derive(Debug, Clone, Copy)]
+pub struct Admission {
     pub limits: FieldLimits,
+    /// Most selections a document may expand to (`document.rs`).
+    pub max_selections: usize,
 }
 
-impl ExtensionFactory for OperationLimits {
-    fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(OperationLimitsExtension {
-            limits: self.limits,
-        })
-    }
-}
-
-struct OperationLimitsExtension {
-    limits: FieldLimits,
-}
-
-#[async_graphql::async_trait::async_trait]
-impl Extension for OperationLimitsExtension {
-    async fn prepare_request(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        mut request: Request,
-        next: NextPrepareRequest<'_>,
-    ) -> ServerResult<Request> {
-        // Only a socket's operations carry a `SocketSession`; HTTP requests were counted by the
-        // HTTP layer, which answers 429 with `Retry-After`.
-        if ctx.data_opt::<SocketSession>().is_some() {
-            let tenant_id = ctx
-                .data_opt::<RequestContext>()
-                .and_then(|context| context.principal.as_ref())
-                .map(|principal| principal.tenant_id);
-            if let (Some(state), Some(tenant_id)) = (ctx.data_opt::<AppState>(), tenant_id) {
-                if let Err(retry) = state.request_limits.graphql_of_tenant(tenant_id, 1) {
-                    return Err(super::rate_limited_error(retry.seconds));
-                }
+/// Checks one operation, whatever the transport: over a WebSocket (`socket`: the socket's
+/// session context and the service) it
+/// counts against its tenant's request rate, as HTTP requests do in `http/graphql.rs`; then its
+/// root fields and account mutations, then the document as a whole (`document.rs`). A refusal
+/// is the error to answer with; the document parsed here is kept in the request, and
+/// async-graphql uses it instead of parsing again.
+pub fn admit(
+    request: &mut Request,
+    admission: &Admission,
+    socket: Option<(&RequestContext, &AppState)>,
+) -> ServerResult<()> {
+    if let Some((context, state)) = socket {
+        if let Some(principal) = &context.principal {
+            if let Err(retry) = state
+                .request_limits
+                .graphql_of_tenant(principal.tenant_id, 1)
+            {
+                return Err(super::rate_limited_error(retry.seconds));
             }
         }
-        // A document that does not parse is left to the schema, which says why.
-        if let Ok(document) = request.parsed_query() {
-            check(document, self.limits).map_err(refusal)?;
-        }
-        next.run(ctx, request).await
     }
+    // A document that does not parse is left to the schema, which says why.
+    if let Ok(document) = request.parsed_query() {
+        check(document, admission.limits).map_err(refusal)?;
+    }
+    super::document::check_request(request, admission.max_selections)
 }
 
 #[cfg(test)]

@@ -80,10 +80,9 @@ pub fn build_schema(state: AppState, limits: &GraphqlLimits, abuse: &AbuseLimits
     .data(state)
     .limit_depth(limits.max_depth)
     .limit_complexity(limits.max_complexity)
-    .extension(limits::OperationLimits {
+    // Checked by the transports before each operation runs (`limits::admit`).
+    .data(limits::Admission {
         limits: field_limits(abuse),
-    })
-    .extension(document::DocumentLimits {
         max_selections: limits.max_complexity,
     });
     if !abuse.graphql_introspection {

@@ -233,7 +233,20 @@ pub async fn execute(
             response
         }
     };
-    let response = schema.execute_batch(operations.batch.data(context)).await;
+    let run = |mut request: async_graphql::Request| async move {
+        match admit(schema, &mut request, None) {
+            Ok(()) => schema.execute(request).await,
+            Err(refusal) => GraphqlResponse::from_errors(vec![refusal]),
+        }
+    };
+    let response = match operations.batch.data(context) {
+        BatchRequest::Single(request) => BatchResponse::Single(run(request).await),
+        BatchRequest::Batch(requests) => BatchResponse::Batch(
+            futures::stream::FuturesOrdered::from_iter(requests.into_iter().map(run))
+                .collect()
+                .await,
+        ),
+    };
     // The operations of a batch run together: each counts the batch's time.
     let elapsed = started.elapsed();
     let oks: Vec<bool> = match &response {
@@ -248,6 +261,63 @@ pub async fn execute(
         BatchResponse::Batch(responses) => {
             let responses: Vec<_> = responses.into_iter().map(finish).collect();
             json_outcome(200, &responses)
+        }
+    }
+}
+
+/// [`super::limits::admit`] with the checks kept in the schema's data by
+/// [`super::build_schema`]. A schema without them is refused, never run unchecked.
+fn admit(
+    schema: &CdpSchema,
+    request: &mut async_graphql::Request,
+    socket: Option<(&RequestContext, &AppState)>,
+) -> async_graphql::ServerResult<()> {
+    let Some(admission) = schema.data::<super::limits::Admission>() else {
+        let mut error = async_graphql::ServerError::new("internal error", None);
+        error
+            .extensions
+            .get_or_insert_with(Default::default)
+            .set("code", "INTERNAL");
+        return Err(error);
+    };
+    super::limits::admit(request, admission, socket)
+}
+
+/// The schema as the WebSocket protocol runs it: every operation passes [`super::limits::admit`]
+/// (with its socket's tenant rate) before the schema sees it.
+#[derive(Clone)]
+struct Admitted(CdpSchema);
+
+impl async_graphql::Executor for Admitted {
+    async fn execute(&self, mut request: async_graphql::Request) -> GraphqlResponse {
+        match admit(&self.0, &mut request, None) {
+            Ok(()) => self.0.execute(request).await,
+            Err(refusal) => GraphqlResponse::from_errors(vec![refusal]),
+        }
+    }
+
+    fn execute_stream(
+        &self,
+        mut request: async_graphql::Request,
+        session_data: Option<Arc<Data>>,
+    ) -> futures::stream::BoxStream<'static, GraphqlResponse> {
+        let socket = session_data.as_deref().and_then(|data| {
+            let context = data
+                .get(&std::any::TypeId::of::<RequestContext>())?
+                .downcast_ref::<RequestContext>()?;
+            data.get(&std::any::TypeId::of::<SocketSession>())?;
+            Some(context)
+        });
+        let state = self.0.data::<AppState>();
+        let socket = socket.zip(state);
+        match admit(&self.0, &mut request, socket) {
+            Ok(()) => self
+                .0
+                .execute_stream_with_session_data(request, session_data.unwrap_or_default()),
+            Err(refusal) => {
+                futures::stream::once(async move { GraphqlResponse::from_errors(vec![refusal]) })
+                    .boxed()
+            }
         }
     }
 }
@@ -546,8 +616,8 @@ async fn serve(
         let handshake = handshake.clone();
         move |payload| authenticate_socket(state, meta, payload, handshake)
     };
-    let messages =
-        async_graphql::http::WebSocket::new(schema, input, protocol).on_connection_init(on_init);
+    let messages = async_graphql::http::WebSocket::new(Admitted(schema), input, protocol)
+        .on_connection_init(on_init);
     futures::pin_mut!(messages);
     let mut acked = false;
     let mut deadline = tokio::time::Instant::now() + INIT_TIMEOUT;
