@@ -165,8 +165,8 @@ fn refusal(message: String) -> ServerError {
 /// at all sends every field of every response through async-graphql's extension chain (a type
 /// lookup and boxed futures per field); measured on `cdp-bench read`, a `profile(id)` with its
 /// last 20 events (about 110 fields) served 15 to 25 % more requests a second without them. So
-/// the transports call [`admit`] instead: HTTP before it executes (`transport::execute`), the
-/// WebSocket through its executor (`transport::Admitted`).
+/// the transports call [`admit`] instead: HTTP and the WebSocket both run operations through
+/// one executor (`transport::Admitted`) that checks each first.
 #[derive(Debug, Clone, Copy)]
 pub struct Admission {
     pub limits: FieldLimits,

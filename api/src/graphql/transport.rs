@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use async_graphql::http::{WebSocketProtocols, WsMessage, ALL_WEBSOCKET_PROTOCOLS};
 use async_graphql::parser::types::{DocumentOperations, OperationType};
-use async_graphql::{BatchRequest, BatchResponse, Data, Response as GraphqlResponse};
+use async_graphql::{
+    BatchRequest, BatchResponse, Data, Executor as _, Response as GraphqlResponse,
+};
 use chrono::{DateTime, Utc};
 use futures::{SinkExt, StreamExt};
 use poem::web::websocket::{Message, WebSocket, WebSocketConfig, WebSocketStream};
@@ -233,20 +235,9 @@ pub async fn execute(
             response
         }
     };
-    let run = |mut request: async_graphql::Request| async move {
-        match admit(schema, &mut request, None) {
-            Ok(()) => schema.execute(request).await,
-            Err(refusal) => GraphqlResponse::from_errors(vec![refusal]),
-        }
-    };
-    let response = match operations.batch.data(context) {
-        BatchRequest::Single(request) => BatchResponse::Single(run(request).await),
-        BatchRequest::Batch(requests) => BatchResponse::Batch(
-            futures::stream::FuturesOrdered::from_iter(requests.into_iter().map(run))
-                .collect()
-                .await,
-        ),
-    };
+    let response = Admitted(schema.clone())
+        .execute_batch(operations.batch.data(context))
+        .await;
     // The operations of a batch run together: each counts the batch's time.
     let elapsed = started.elapsed();
     let oks: Vec<bool> = match &response {
@@ -265,59 +256,52 @@ pub async fn execute(
     }
 }
 
-/// [`super::limits::admit`] with the checks kept in the schema's data by
-/// [`super::build_schema`]. A schema without them is refused, never run unchecked.
-fn admit(
-    schema: &CdpSchema,
-    request: &mut async_graphql::Request,
-    socket: Option<(&RequestContext, &AppState)>,
-) -> async_graphql::ServerResult<()> {
-    let Some(admission) = schema.data::<super::limits::Admission>() else {
-        let mut error = async_graphql::ServerError::new("internal error", None);
-        error
-            .extensions
-            .get_or_insert_with(Default::default)
-            .set("code", "INTERNAL");
-        return Err(error);
-    };
-    super::limits::admit(request, admission, socket)
-}
-
-/// The schema as the WebSocket protocol runs it: every operation passes [`super::limits::admit`]
-/// (with its socket's tenant rate) before the schema sees it.
+/// The schema as the transports run it: every operation passes [`super::limits::admit`], with
+/// the checks [`super::build_schema`] keeps in the schema's data (a schema without them refuses
+/// every operation, never runs one unchecked), before the schema sees it. Over a socket the
+/// operation also counts against its tenant's rate.
 #[derive(Clone)]
 struct Admitted(CdpSchema);
 
+impl Admitted {
+    /// Checks `request`: the response to send instead of running it, if it is refused.
+    fn refusal(
+        &self,
+        request: &mut async_graphql::Request,
+        socket: Option<(&RequestContext, &AppState)>,
+    ) -> Option<GraphqlResponse> {
+        let Some(admission) = self.0.data::<super::limits::Admission>() else {
+            return Some(error_response("internal error", "INTERNAL"));
+        };
+        super::limits::admit(request, admission, socket)
+            .err()
+            .map(|refusal| GraphqlResponse::from_errors(vec![refusal]))
+    }
+}
+
 impl async_graphql::Executor for Admitted {
     async fn execute(&self, mut request: async_graphql::Request) -> GraphqlResponse {
-        match admit(&self.0, &mut request, None) {
-            Ok(()) => self.0.execute(request).await,
-            Err(refusal) => GraphqlResponse::from_errors(vec![refusal]),
+        match self.refusal(&mut request, None) {
+            None => self.0.execute(request).await,
+            Some(refused) => refused,
         }
     }
 
+    /// The socket's operations (async-graphql's WebSocket runs every operation as a stream).
     fn execute_stream(
         &self,
         mut request: async_graphql::Request,
         session_data: Option<Arc<Data>>,
     ) -> futures::stream::BoxStream<'static, GraphqlResponse> {
-        let socket = session_data.as_deref().and_then(|data| {
-            let context = data
-                .get(&std::any::TypeId::of::<RequestContext>())?
-                .downcast_ref::<RequestContext>()?;
-            data.get(&std::any::TypeId::of::<SocketSession>())?;
-            Some(context)
+        let context = session_data.as_deref().and_then(|data| {
+            data.get(&std::any::TypeId::of::<RequestContext>())?
+                .downcast_ref::<RequestContext>()
         });
-        let state = self.0.data::<AppState>();
-        let socket = socket.zip(state);
-        match admit(&self.0, &mut request, socket) {
-            Ok(()) => self
+        match self.refusal(&mut request, context.zip(self.0.data::<AppState>())) {
+            None => self
                 .0
                 .execute_stream_with_session_data(request, session_data.unwrap_or_default()),
-            Err(refusal) => {
-                futures::stream::once(async move { GraphqlResponse::from_errors(vec![refusal]) })
-                    .boxed()
-            }
+            Some(refused) => futures::stream::once(futures::future::ready(refused)).boxed(),
         }
     }
 }
