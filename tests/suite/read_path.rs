@@ -92,3 +92,119 @@ async fn a_query_request_reads_in_one_transaction_and_a_page_costs_what_one_prof
         server.stop().await;
     }
 }
+
+/// An event's context is read only when it is selected, and then read whole: for one profile,
+/// for a list of profiles (the batched first page) and for a page after a cursor alike. The
+/// other fields do not depend on whether it is selected.
+#[tokio::test]
+async fn an_event_context_is_answered_when_selected_and_the_rest_alike_without_it() {
+    for backend in backends() {
+        let smtp = SmtpSink::start().await;
+        let server = TestServer::start(backend, &smtp).await;
+        let owner = new_tenant(&server, &smtp, &slug("ctx"), "owner@ctx.example").await;
+        let key = write_key(&server, &owner, "site", "WEB").await;
+        let batch: Vec<Value> = (0..4)
+            .map(|n| {
+                json!({"type": "track", "userId": "c-1", "event": format!("Step {n}"),
+                    "messageId": format!("ctx-{n}"),
+                    "timestamp": format!("2026-11-0{}T00:00:00Z", n + 1),
+                    "properties": {"n": n},
+                    "context": {"ip": "203.0.113.9", "page": {"path": format!("/step/{n}")},
+                        "library": {"name": "analytics.js", "version": "5.0.0"}}})
+            })
+            .collect();
+        let (status, _) = collect(&server, "/v1/batch", &key, &json!({"batch": batch})).await;
+        assert_eq!(status, 200);
+        let token = Some(owner.access_token.as_str());
+        let id = profile_by(&server, &owner.access_token, "user_id", "c-1").await["id"]
+            .as_str()
+            .expect("an id")
+            .to_owned();
+
+        let node = |with_context: bool| {
+            if with_context {
+                "id name properties timestamp context"
+            } else {
+                "id name properties timestamp"
+            }
+        };
+        let nodes = |page: &Value| -> Vec<Value> {
+            page["edges"]
+                .as_array()
+                .expect("edges")
+                .iter()
+                .map(|edge| edge["node"].clone())
+                .collect()
+        };
+        let check = |label: &str, with: Vec<Value>, without: Vec<Value>, paths: &[usize]| {
+            assert_eq!(with.len(), paths.len(), "[{backend:?}] {label}: {with:#?}");
+            for ((event, plain), n) in with.iter().zip(&without).zip(paths) {
+                assert_eq!(
+                    event["context"]["ip"], "203.0.113.9",
+                    "[{backend:?}] {label}"
+                );
+                assert_eq!(event["context"]["page"]["path"], format!("/step/{n}"));
+                assert_eq!(event["context"]["library"]["name"], "analytics.js");
+                assert_eq!(event["properties"]["n"], *n, "[{backend:?}] {label}");
+                let mut stripped = event.clone();
+                stripped
+                    .as_object_mut()
+                    .expect("an object")
+                    .remove("context");
+                assert_eq!(&stripped, plain, "[{backend:?}] {label}");
+            }
+        };
+
+        // One profile: its first page.
+        let one = |with: bool| {
+            format!(
+                "query($id: ID!) {{ profile(id: $id) {{ events(first: 3) {{ edges {{ node {{ {} }} }} pageInfo {{ endCursor }} }} }} }}",
+                node(with)
+            )
+        };
+        let with = server.gql_ok(token, &one(true), json!({"id": id})).await;
+        let without = server.gql_ok(token, &one(false), json!({"id": id})).await;
+        let first = &with["profile"]["events"];
+        check(
+            "profile(id)",
+            nodes(first),
+            nodes(&without["profile"]["events"]),
+            &[3, 2, 1],
+        );
+
+        // A list of profiles: the batched first pages.
+        let list = |with: bool| {
+            format!(
+                "{{ profiles(first: 10) {{ edges {{ node {{ events(first: 3) {{ edges {{ node {{ {} }} }} }} }} }} }} }}",
+                node(with)
+            )
+        };
+        let with_list = server.gql_ok(token, &list(true), json!({})).await;
+        let without_list = server.gql_ok(token, &list(false), json!({})).await;
+        check(
+            "profiles",
+            nodes(&with_list["profiles"]["edges"][0]["node"]["events"]),
+            nodes(&without_list["profiles"]["edges"][0]["node"]["events"]),
+            &[3, 2, 1],
+        );
+
+        // The page after a cursor.
+        let after = |with: bool| {
+            format!(
+                "query($id: ID!, $after: String) {{ profile(id: $id) {{ events(first: 3, after: $after) {{ edges {{ node {{ {} }} }} }} }} }}",
+                node(with)
+            )
+        };
+        let cursor = first["pageInfo"]["endCursor"].clone();
+        let variables = json!({"id": id, "after": cursor});
+        let with_after = server.gql_ok(token, &after(true), variables.clone()).await;
+        let without_after = server.gql_ok(token, &after(false), variables).await;
+        check(
+            "events after a cursor",
+            nodes(&with_after["profile"]["events"]),
+            nodes(&without_after["profile"]["events"]),
+            &[0],
+        );
+        server.stop().await;
+    }
+}

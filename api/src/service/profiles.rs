@@ -541,6 +541,17 @@ pub struct EventPageWants {
     pub context: bool,
 }
 
+impl EventPageWants {
+    /// The columns a read of such a page decodes: the sealed context only when it is selected.
+    fn columns(&self) -> store::events::Columns {
+        if self.context {
+            store::events::Columns::All
+        } else {
+            store::events::Columns::WithoutContext
+        }
+    }
+}
+
 impl Default for EventPageWants {
     fn default() -> Self {
         EventPageWants {
@@ -596,8 +607,15 @@ pub async fn events(
         },
     };
     let filter = store::events::EventFilter { profile_id, name };
-    let (mut rows, total) =
-        store::events::page(&tx, &filter, position, limit + 1, wants.total_count).await?;
+    let (mut rows, total) = store::events::page(
+        &tx,
+        &filter,
+        position,
+        limit + 1,
+        wants.total_count,
+        wants.columns(),
+    )
+    .await?;
     let has_next_page = rows.len() as u64 > limit;
     rows.truncate(limit as usize);
     Ok(Page {
@@ -651,7 +669,7 @@ pub async fn first_event_pages(
     let principal = require_permission(principal, Permission::ProfilesRead)?;
     let limit = page_size(first)?;
     let tx = state.store.read(principal.tenant_id).await?;
-    let rows = store::events::latest_of(&tx, profile_ids, limit + 1).await?;
+    let rows = store::events::latest_of(&tx, profile_ids, limit + 1, wants.columns()).await?;
     let totals: HashMap<Uuid, i64> = if wants.total_count {
         store::events::counts_of(&tx, profile_ids)
             .await?

@@ -84,6 +84,42 @@ fn filtered(tx: &TenantTx, filter: &EventFilter) -> sea_orm::Select<events::Enti
     query
 }
 
+/// Which columns of an event a read decodes: all of them, or all but the (sealed) context, which
+/// is then answered as JSON `null` without being read or decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Columns {
+    All,
+    WithoutContext,
+}
+
+impl Columns {
+    fn apply(
+        self,
+        query: sea_orm::Select<events::Entity>,
+        backend: super::Backend,
+    ) -> sea_orm::Select<events::Entity> {
+        use sea_orm::sea_query::Expr;
+        use sea_orm::Iterable;
+        match self {
+            Columns::All => query,
+            Columns::WithoutContext => {
+                // A literal JSON null of the column's own type, so that the row decodes as usual.
+                let null = match backend {
+                    super::Backend::Postgres => "'null'::jsonb",
+                    super::Backend::Sqlite => "'null'",
+                };
+                query
+                    .select_only()
+                    .columns(
+                        events::Column::iter()
+                            .filter(|column| !matches!(column, events::Column::Context)),
+                    )
+                    .column_as(Expr::cust(null), "context")
+            }
+        }
+    }
+}
+
 /// One page of events, newest first (by timestamp, then id), after the cursor position, with
 /// the number of events the filter matches when `with_total`.
 pub async fn page(
@@ -92,13 +128,15 @@ pub async fn page(
     after: Option<EventPosition>,
     limit: u64,
     with_total: bool,
+    columns: Columns,
 ) -> StoreResult<(Vec<EventRow>, Option<u64>)> {
     let total = if with_total {
         Some(filtered(tx, filter).count(tx.conn()).await?)
     } else {
         None
     };
-    let mut query = filtered(tx, filter)
+    let mut query = columns
+        .apply(filtered(tx, filter), tx.backend())
         .order_by_desc(events::Column::Timestamp)
         .order_by_desc(events::Column::Id)
         .limit(limit);
@@ -124,11 +162,13 @@ pub async fn latest_of(
     tx: &TenantTx,
     profile_ids: &[Uuid],
     limit: u64,
+    columns: Columns,
 ) -> StoreResult<Vec<EventRow>> {
     use sea_orm::sea_query::{Alias, Asterisk, Query, SelectStatement, UnionType};
     let tenant = tx.tenant_id().as_uuid();
     let branch = |profile_id: Uuid, n: usize| -> SelectStatement {
-        let newest = events::Entity::find()
+        let newest = columns
+            .apply(events::Entity::find(), tx.backend())
             .filter(events::Column::TenantId.eq(tenant))
             .filter(events::Column::ProfileId.eq(profile_id))
             .order_by_desc(events::Column::Timestamp)
