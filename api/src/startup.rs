@@ -59,6 +59,9 @@ pub async fn state(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppS
         persisted_queries: Arc::new(crate::graphql::persisted::PersistedQueries::new(
             config.graphql.apq_capacity,
         )),
+        documents: Arc::new(crate::graphql::documents::ParsedDocuments::new(
+            crate::graphql::documents::CAPACITY,
+        )),
         draining: Arc::default(),
         stopping: Arc::new(watch::channel(false).0),
         config: Arc::new(config),

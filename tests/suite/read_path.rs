@@ -208,3 +208,38 @@ async fn an_event_context_is_answered_when_selected_and_the_rest_alike_without_i
         server.stop().await;
     }
 }
+
+/// The same document sent again is answered from the process's parse of it, exactly as the
+/// first time; a document with a syntax error is not kept and is refused every time.
+#[tokio::test]
+async fn a_repeated_document_answers_alike_and_a_broken_one_is_refused_each_time() {
+    for backend in backends() {
+        let smtp = SmtpSink::start().await;
+        let server = TestServer::start(backend, &smtp).await;
+        let owner = new_tenant(&server, &smtp, &slug("docs"), "owner@docs.example").await;
+        let token = Some(owner.access_token.as_str());
+        let documents = &server
+            .app
+            .as_ref()
+            .expect("a running server")
+            .state()
+            .documents;
+        let query = "query Me { me { user { email } } }";
+        let kept = documents.len();
+        let first = server.gql_ok(token, query, json!({})).await;
+        assert_eq!(documents.len(), kept + 1, "[{backend:?}]");
+        let again = server.gql_ok(token, query, json!({})).await;
+        assert_eq!(first, again);
+        assert_eq!(first["me"]["user"]["email"], "owner@docs.example");
+        assert_eq!(documents.len(), kept + 1, "[{backend:?}]");
+
+        let broken = "query Me { me { user { email } }";
+        for _ in 0..2 {
+            let answer = server.gql(token, broken, json!({})).await;
+            let message = answer["errors"][0]["message"].as_str().unwrap_or_default();
+            assert!(message.contains("expected"), "[{backend:?}] {answer:#}");
+            assert_eq!(documents.len(), kept + 1, "[{backend:?}]");
+        }
+        server.stop().await;
+    }
+}

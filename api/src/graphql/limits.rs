@@ -194,6 +194,8 @@ pub fn admit(
                 return Err(super::rate_limited_error(retry.seconds));
             }
         }
+        // HTTP requests got their parse when their body was read (`transport.rs`).
+        state.documents.fill(request);
     }
     // A document that does not parse is left to the schema, which says why.
     if let Ok(document) = request.parsed_query() {

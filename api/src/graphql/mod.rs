@@ -9,6 +9,7 @@ mod analytics;
 mod campaigns;
 mod customers;
 mod document;
+pub mod documents;
 pub mod limits;
 mod loaders;
 pub mod persisted;

@@ -18,6 +18,7 @@ use futures::{SinkExt, StreamExt};
 use poem::web::websocket::{Message, WebSocket, WebSocketConfig, WebSocketStream};
 use poem::{Endpoint, FromRequest, IntoResponse, Request, Response, Result};
 
+use super::documents::ParsedDocuments;
 use super::limits::FieldLimits;
 use super::persisted::{PersistedQueries, Refusal, NOT_FOUND};
 use super::subscriptions::SocketSession;
@@ -109,6 +110,7 @@ pub fn parse_operations(
     max_batch: usize,
     limits: FieldLimits,
     persisted: &PersistedQueries,
+    documents: &ParsedDocuments,
 ) -> Result<Operations, HttpOutcome> {
     let batch: BatchRequest = serde_json::from_slice(body).map_err(|error| {
         error_outcome(
@@ -117,7 +119,7 @@ pub fn parse_operations(
             "BAD_USER_INPUT",
         )
     })?;
-    check_operations(batch, max_batch, limits, persisted)
+    check_operations(batch, max_batch, limits, persisted, documents)
 }
 
 /// Reads a GraphQL GET request (`query`, `operationName`, `variables`, `extensions` in the query
@@ -127,6 +129,7 @@ pub fn parse_get(
     query_string: &str,
     limits: FieldLimits,
     persisted: &PersistedQueries,
+    documents: &ParsedDocuments,
 ) -> Result<Operations, HttpOutcome> {
     let request = async_graphql::http::parse_query_string(query_string).map_err(|error| {
         error_outcome(
@@ -135,7 +138,13 @@ pub fn parse_get(
             "BAD_USER_INPUT",
         )
     })?;
-    let mut operations = check_operations(BatchRequest::Single(request), 1, limits, persisted)?;
+    let mut operations = check_operations(
+        BatchRequest::Single(request),
+        1,
+        limits,
+        persisted,
+        documents,
+    )?;
     if let BatchRequest::Single(request) = &mut operations.batch {
         if matches!(
             operation_type(request),
@@ -158,6 +167,7 @@ fn check_operations(
     max_batch: usize,
     limits: FieldLimits,
     persisted: &PersistedQueries,
+    documents: &ParsedDocuments,
 ) -> Result<Operations, HttpOutcome> {
     for request in batch.iter_mut() {
         match persisted.resolve(request) {
@@ -171,6 +181,7 @@ fn check_operations(
                 return Err(error_outcome(400, &message, "BAD_USER_INPUT"));
             }
         }
+        documents.fill(request);
     }
     let size = batch.iter().count();
     if size == 0 || size > max_batch {
@@ -732,6 +743,7 @@ mod operation_kinds {
                 introspection: true,
             },
             &PersistedQueries::new(10),
+            &ParsedDocuments::new(10),
         )
         .unwrap_or_else(|_| panic!("{body} parses"))
     }

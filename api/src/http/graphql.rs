@@ -154,6 +154,7 @@ pub async fn post(
         state.config.graphql.max_batch,
         field_limits(&state.config.abuse),
         &state.persisted_queries,
+        &state.documents,
     ) {
         Ok(operations) => operations,
         Err(outcome) => return answer(request, outcome, None),
@@ -195,6 +196,7 @@ pub async fn get(
         query_string,
         field_limits(&state.config.abuse),
         &state.persisted_queries,
+        &state.documents,
     ) {
         Ok(operations) => operations,
         Err(outcome) => return answer(request, outcome, None),
