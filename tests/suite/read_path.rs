@@ -243,3 +243,106 @@ async fn a_repeated_document_answers_alike_and_a_broken_one_is_refused_each_time
         server.stop().await;
     }
 }
+
+/// The reads that answer profiles (`profile(id)`, `profileByIdentity`, `profiles`) skip the
+/// trait clock: their rows equal the full ones but for it, and the clock the write path merges
+/// by is intact after them (a late message with an older timestamp still loses).
+#[tokio::test]
+async fn profile_reads_skip_the_trait_clock_and_leave_it_intact() {
+    use api::store::profiles;
+    for backend in backends() {
+        let smtp = SmtpSink::start().await;
+        let server = TestServer::start(backend, &smtp).await;
+        let owner = new_tenant(&server, &smtp, &slug("clock"), "owner@clock.example").await;
+        let key = write_key(&server, &owner, "site", "WEB").await;
+        let identify = |plan: &str, at: &str, id: &str| {
+            json!({"type": "identify", "userId": "k-1", "traits": {"plan": plan, "seats": 3},
+                "timestamp": at, "messageId": id})
+        };
+        let (status, _) = collect(
+            &server,
+            "/v1/batch",
+            &key,
+            &json!({"batch": [identify("pro", "2026-11-20T00:00:00Z", "k-a")]}),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let token = Some(owner.access_token.as_str());
+        let id = profile_by(&server, &owner.access_token, "user_id", "k-1").await["id"]
+            .as_str()
+            .expect("an id")
+            .to_owned();
+        // The three reads over HTTP.
+        let read = server
+            .gql_ok(
+                token,
+                "query($id: ID!) { profile(id: $id) { traits } profiles(first: 5) { edges { node { traits } } } }",
+                json!({"id": id}),
+            )
+            .await;
+        assert_eq!(read["profile"]["traits"]["plan"], "pro", "[{backend:?}]");
+        assert_eq!(
+            read["profiles"]["edges"][0]["node"]["traits"]["plan"],
+            "pro"
+        );
+
+        // In the store: the shown rows are the full row without its clock.
+        let state = server.app.as_ref().expect("a running server").state();
+        let tenant_id = domain::TenantId(owner.tenant_id.parse().expect("a tenant id"));
+        let profile_id: uuid::Uuid = id.parse().expect("a profile id");
+        let tx = state.store.read(tenant_id).await.expect("a read");
+        let full = profiles::get_resolved(&tx, profile_id)
+            .await
+            .expect("read")
+            .expect("the profile");
+        assert!(
+            full.trait_clock.get("plan").is_some(),
+            "[{backend:?}] the full row carries the clock: {:?}",
+            full.trait_clock
+        );
+        let shown = profiles::get_resolved_shown(&tx, profile_id)
+            .await
+            .expect("read")
+            .expect("the profile");
+        let (page, _) = profiles::page(
+            &tx,
+            state.store.backend(),
+            &profiles::ProfileFilter::default(),
+            None,
+            10,
+            false,
+        )
+        .await
+        .expect("a page");
+        drop(tx);
+        let without_clock = profiles::ProfileRow {
+            trait_clock: json!({}),
+            ..full.clone()
+        };
+        assert_eq!(shown, without_clock, "[{backend:?}]");
+        assert_eq!(page, vec![without_clock], "[{backend:?}]");
+
+        // After the reads, an older message still loses to the newer value, a newer one wins.
+        let (status, _) = collect(
+            &server,
+            "/v1/batch",
+            &key,
+            &json!({"batch": [identify("free", "2026-11-10T00:00:00Z", "k-b")]}),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let after = profile_by(&server, &owner.access_token, "user_id", "k-1").await;
+        assert_eq!(after["traits"]["plan"], "pro", "[{backend:?}] {after:#}");
+        let (status, _) = collect(
+            &server,
+            "/v1/batch",
+            &key,
+            &json!({"batch": [identify("team", "2026-11-25T00:00:00Z", "k-c")]}),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let last = profile_by(&server, &owner.access_token, "user_id", "k-1").await;
+        assert_eq!(last["traits"]["plan"], "team", "[{backend:?}] {last:#}");
+        server.stop().await;
+    }
+}

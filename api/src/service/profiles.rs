@@ -233,7 +233,7 @@ pub async fn get(
         return Ok(None);
     };
     let tx = state.store.read(principal.tenant_id).await?;
-    let Some(row) = store::profiles::get_resolved(&tx, id).await? else {
+    let Some(row) = store::profiles::get_resolved_shown(&tx, id).await? else {
         return Ok(None);
     };
     let reveal = Reveal::load(state, &tx, masks(principal), [&row.traits], []).await?;
@@ -268,7 +268,7 @@ pub async fn by_identity(
     let Some(identity) = found.first() else {
         return Ok(None);
     };
-    let Some(row) = store::profiles::get_resolved(&tx, identity.profile_id).await? else {
+    let Some(row) = store::profiles::get_resolved_shown(&tx, identity.profile_id).await? else {
         return Ok(None);
     };
     let reveal = Reveal::load(state, &tx, masks(principal), [&row.traits], []).await?;

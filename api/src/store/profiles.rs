@@ -104,19 +104,72 @@ pub async fn load(
         .await?)
 }
 
+/// Which columns of a profile a read decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Columns {
+    All,
+    /// All but the trait clock (the timestamp of each trait, which only the write path merges
+    /// by): it is answered as an empty JSON object without being read or decoded. A row read
+    /// so must never be written back.
+    Shown,
+}
+
+impl Columns {
+    fn apply(
+        self,
+        query: sea_orm::Select<profiles::Entity>,
+        backend: Backend,
+    ) -> sea_orm::Select<profiles::Entity> {
+        use sea_orm::sea_query::Expr;
+        use sea_orm::Iterable;
+        match self {
+            Columns::All => query,
+            Columns::Shown => {
+                // A literal of the column's own type, so that the row decodes as usual.
+                let empty = match backend {
+                    Backend::Postgres => "'{}'::jsonb",
+                    Backend::Sqlite => "'{}'",
+                };
+                query
+                    .select_only()
+                    .columns(
+                        profiles::Column::iter()
+                            .filter(|column| !matches!(column, profiles::Column::TraitClock)),
+                    )
+                    .column_as(Expr::cust(empty), "trait_clock")
+            }
+        }
+    }
+}
+
 /// A profile by id, following a merge to its survivor.
 pub async fn get_resolved(tx: &TenantTx, id: Uuid) -> StoreResult<Option<ProfileRow>> {
-    let Some(row) = get_raw(tx, id).await? else {
+    get_resolved_as(tx, id, Columns::All).await
+}
+
+/// [`get_resolved`] for reads that answer the profile: without its trait clock (an empty
+/// object), so the row must not be written back.
+pub async fn get_resolved_shown(tx: &TenantTx, id: Uuid) -> StoreResult<Option<ProfileRow>> {
+    get_resolved_as(tx, id, Columns::Shown).await
+}
+
+async fn get_resolved_as(
+    tx: &TenantTx,
+    id: Uuid,
+    columns: Columns,
+) -> StoreResult<Option<ProfileRow>> {
+    let Some(row) = get_raw(tx, id, columns).await? else {
         return Ok(None);
     };
     match row.merged_into {
-        Some(survivor) => get_raw(tx, survivor).await,
+        Some(survivor) => get_raw(tx, survivor, columns).await,
         None => Ok(Some(row)),
     }
 }
 
-async fn get_raw(tx: &TenantTx, id: Uuid) -> StoreResult<Option<ProfileRow>> {
-    Ok(profiles::Entity::find()
+async fn get_raw(tx: &TenantTx, id: Uuid, columns: Columns) -> StoreResult<Option<ProfileRow>> {
+    Ok(columns
+        .apply(profiles::Entity::find(), tx.backend())
         .filter(profiles::Column::TenantId.eq(tx.tenant_id().as_uuid()))
         .filter(profiles::Column::Id.eq(id))
         .one(tx.conn())
@@ -289,7 +342,9 @@ pub async fn page(
     } else {
         None
     };
-    let mut query = filtered(tx, backend, filter)
+    // A page answers profiles and is never written back: no trait clocks.
+    let mut query = Columns::Shown
+        .apply(filtered(tx, backend, filter), backend)
         .order_by_asc(profiles::Column::Id)
         .limit(limit);
     if let Some(after) = after {
