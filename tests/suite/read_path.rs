@@ -255,23 +255,21 @@ async fn profile_reads_skip_the_trait_clock_and_leave_it_intact() {
         let server = TestServer::start(backend, &smtp).await;
         let owner = new_tenant(&server, &smtp, &slug("clock"), "owner@clock.example").await;
         let key = write_key(&server, &owner, "site", "WEB").await;
-        let identify = |plan: &str, at: &str, id: &str| {
-            json!({"type": "identify", "userId": "k-1", "traits": {"plan": plan, "seats": 3},
-                "timestamp": at, "messageId": id})
+        // Sends one identify of k-1 and returns k-1's profile as read afterwards.
+        let identify = |plan: &'static str, at: &'static str, id: &'static str| {
+            let (server, key, token) = (&server, &key, &owner.access_token);
+            async move {
+                let message = json!({"type": "identify", "userId": "k-1",
+                    "traits": {"plan": plan, "seats": 3}, "timestamp": at, "messageId": id});
+                let (status, _) =
+                    collect(server, "/v1/batch", key, &json!({"batch": [message]})).await;
+                assert_eq!(status, 200);
+                profile_by(server, token, "user_id", "k-1").await
+            }
         };
-        let (status, _) = collect(
-            &server,
-            "/v1/batch",
-            &key,
-            &json!({"batch": [identify("pro", "2026-11-20T00:00:00Z", "k-a")]}),
-        )
-        .await;
-        assert_eq!(status, 200);
+        let first = identify("pro", "2026-11-20T00:00:00Z", "k-a").await;
         let token = Some(owner.access_token.as_str());
-        let id = profile_by(&server, &owner.access_token, "user_id", "k-1").await["id"]
-            .as_str()
-            .expect("an id")
-            .to_owned();
+        let id = first["id"].as_str().expect("an id").to_owned();
         // The three reads over HTTP.
         let read = server
             .gql_ok(
@@ -323,25 +321,9 @@ async fn profile_reads_skip_the_trait_clock_and_leave_it_intact() {
         assert_eq!(page, vec![without_clock], "[{backend:?}]");
 
         // After the reads, an older message still loses to the newer value, a newer one wins.
-        let (status, _) = collect(
-            &server,
-            "/v1/batch",
-            &key,
-            &json!({"batch": [identify("free", "2026-11-10T00:00:00Z", "k-b")]}),
-        )
-        .await;
-        assert_eq!(status, 200);
-        let after = profile_by(&server, &owner.access_token, "user_id", "k-1").await;
+        let after = identify("free", "2026-11-10T00:00:00Z", "k-b").await;
         assert_eq!(after["traits"]["plan"], "pro", "[{backend:?}] {after:#}");
-        let (status, _) = collect(
-            &server,
-            "/v1/batch",
-            &key,
-            &json!({"batch": [identify("team", "2026-11-25T00:00:00Z", "k-c")]}),
-        )
-        .await;
-        assert_eq!(status, 200);
-        let last = profile_by(&server, &owner.access_token, "user_id", "k-1").await;
+        let last = identify("team", "2026-11-25T00:00:00Z", "k-c").await;
         assert_eq!(last["traits"]["plan"], "team", "[{backend:?}] {last:#}");
         server.stop().await;
     }

@@ -10,58 +10,43 @@
 //! costs a bounded amount of memory. Documents carry no data (variables are not part of them),
 //! so sharing them between tenants discloses nothing.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{PoisonError, RwLock};
 
 use async_graphql::parser::types::ExecutableDocument;
+
+use super::fifo::Fifo;
 
 /// The longest text kept; longer ones are parsed per request.
 pub const MAX_TEXT: usize = 8 * 1024;
 /// How many documents a process keeps (each of at most [`MAX_TEXT`] bytes of text).
 pub const CAPACITY: usize = 256;
 
+#[derive(Debug)]
 pub struct ParsedDocuments {
-    capacity: usize,
-    known: RwLock<Known>,
-}
-
-#[derive(Default)]
-struct Known {
-    documents: HashMap<Arc<str>, ExecutableDocument>,
-    order: VecDeque<Arc<str>>,
-}
-
-impl std::fmt::Debug for ParsedDocuments {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("ParsedDocuments")
-            .field("capacity", &self.capacity)
-            .finish_non_exhaustive()
-    }
+    known: RwLock<Fifo<ExecutableDocument>>,
 }
 
 impl ParsedDocuments {
     /// A cache of at most `capacity` documents; 0 keeps none.
     pub fn new(capacity: usize) -> ParsedDocuments {
         ParsedDocuments {
-            capacity,
-            known: RwLock::default(),
+            known: RwLock::new(Fifo::new(capacity)),
         }
     }
 
     /// Gives the request the parse of its text: a copy of the kept one, or a new parse, kept
     /// when it succeeds. A text that does not parse is left to the schema.
     pub fn fill(&self, request: &mut async_graphql::Request) {
-        if self.capacity == 0 || request.query.is_empty() || request.query.len() > MAX_TEXT {
+        if request.query.is_empty() || request.query.len() > MAX_TEXT {
             return;
         }
-        let kept = self
-            .known
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .documents
-            .get(request.query.as_str())
-            .cloned();
+        let kept = {
+            let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
+            if known.capacity() == 0 {
+                return;
+            }
+            known.get(&request.query).cloned()
+        };
         if let Some(document) = kept {
             request.set_parsed_query(document);
             return;
@@ -69,19 +54,10 @@ impl ParsedDocuments {
         let Ok(document) = async_graphql::parser::parse_query(&request.query) else {
             return;
         };
-        {
-            let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
-            if !known.documents.contains_key(request.query.as_str()) {
-                while known.order.len() >= self.capacity {
-                    if let Some(oldest) = known.order.pop_front() {
-                        known.documents.remove(&oldest);
-                    }
-                }
-                let text: Arc<str> = Arc::from(request.query.as_str());
-                known.order.push_back(text.clone());
-                known.documents.insert(text, document.clone());
-            }
-        }
+        self.known
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(&request.query, document.clone());
         request.set_parsed_query(document);
     }
 
@@ -90,7 +66,6 @@ impl ParsedDocuments {
         self.known
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .documents
             .len()
     }
 
@@ -163,8 +138,8 @@ mod tests {
         }
         assert_eq!(documents.len(), 2);
         let known = documents.known.read().expect("not poisoned");
-        assert!(!known.documents.contains_key("{ a }"));
-        assert!(known.documents.contains_key("{ b }"));
-        assert!(known.documents.contains_key("{ c }"));
+        assert!(known.get("{ a }").is_none());
+        assert!(known.get("{ b }").is_some());
+        assert!(known.get("{ c }").is_some());
     }
 }

@@ -10,6 +10,7 @@ mod campaigns;
 mod customers;
 mod document;
 pub mod documents;
+mod fifo;
 pub mod limits;
 mod loaders;
 pub mod persisted;

@@ -9,11 +9,12 @@
 //! foresees. Queries carry no data, so sharing the cache between tenants discloses nothing a
 //! client could not compute itself.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_graphql::Value;
 use sha2::{Digest, Sha256};
+
+use super::fifo::Fifo;
 
 /// The error a client of the protocol recognizes, with its code.
 pub const NOT_FOUND: (&str, &str) = ("PersistedQueryNotFound", "PERSISTED_QUERY_NOT_FOUND");
@@ -27,24 +28,10 @@ pub enum Refusal {
     Invalid(String),
 }
 
+/// Queries by the SHA-256 of their text (hex, lower case).
+#[derive(Debug)]
 pub struct PersistedQueries {
-    capacity: usize,
-    known: Mutex<Known>,
-}
-
-#[derive(Default)]
-struct Known {
-    queries: HashMap<String, Arc<str>>,
-    order: VecDeque<String>,
-}
-
-impl std::fmt::Debug for PersistedQueries {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("PersistedQueries")
-            .field("capacity", &self.capacity)
-            .finish_non_exhaustive()
-    }
+    known: Mutex<Fifo<Arc<str>>>,
 }
 
 impl PersistedQueries {
@@ -52,8 +39,7 @@ impl PersistedQueries {
     /// always "not found", and a hash with its query is run without being remembered).
     pub fn new(capacity: usize) -> PersistedQueries {
         PersistedQueries {
-            capacity,
-            known: Mutex::default(),
+            known: Mutex::new(Fifo::new(capacity)),
         }
     }
 
@@ -90,7 +76,7 @@ impl PersistedQueries {
         };
         if request.query.is_empty() {
             let known = self.lock();
-            let query = known.queries.get(&hash).ok_or(Refusal::NotFound)?;
+            let query = known.get(&hash).ok_or(Refusal::NotFound)?;
             request.query = query.to_string();
             return Ok(());
         }
@@ -99,24 +85,11 @@ impl PersistedQueries {
                 "extensions.persistedQuery.sha256Hash is not the SHA-256 of the query".to_owned(),
             ));
         }
-        if self.capacity > 0 {
-            let mut known = self.lock();
-            if !known.queries.contains_key(&hash) {
-                while known.order.len() >= self.capacity {
-                    if let Some(oldest) = known.order.pop_front() {
-                        known.queries.remove(&oldest);
-                    }
-                }
-                known.order.push_back(hash.clone());
-                known
-                    .queries
-                    .insert(hash, Arc::from(request.query.as_str()));
-            }
-        }
+        self.lock().insert(&hash, Arc::from(request.query.as_str()));
         Ok(())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Fifo<Arc<str>>> {
         self.known.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

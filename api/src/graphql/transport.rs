@@ -181,7 +181,6 @@ fn check_operations(
                 return Err(error_outcome(400, &message, "BAD_USER_INPUT"));
             }
         }
-        documents.fill(request);
     }
     let size = batch.iter().count();
     if size == 0 || size > max_batch {
@@ -191,8 +190,12 @@ fn check_operations(
             "BAD_USER_INPUT",
         ));
     }
+    // Parsed once here (or copied from an earlier parse of the same text) and kept in the
+    // request, so that nothing after parses it again.
+    for request in batch.iter_mut() {
+        documents.fill(request);
+    }
     if size > 1 {
-        // Parsed once here and kept in the request, so the schema does not parse it again.
         let account_fields: usize = batch
             .iter_mut()
             .filter_map(|request| {

@@ -619,26 +619,20 @@ pub async fn events(
     let has_next_page = rows.len() as u64 > limit;
     rows.truncate(limit as usize);
     Ok(Page {
-        items: reveal_events(state, &tx, principal, rows, wants).await?,
+        items: reveal_events(state, &tx, principal, rows).await?,
         has_next_page,
         total_count: total,
     })
 }
 
-/// Events read for `principal` as it may see them, each with its cursor: contexts dropped
-/// unless `wants` them (before any key is read for them), then opened and masked.
+/// Events read for `principal` as it may see them, each with its cursor: opened and masked.
+/// Rows read without their context (`EventPageWants::columns`) carry `null`, which reads no key.
 async fn reveal_events(
     state: &AppState,
     tx: &store::TenantTx,
     principal: &Principal,
-    mut rows: Vec<store::events::EventRow>,
-    wants: EventPageWants,
+    rows: Vec<store::events::EventRow>,
 ) -> ServiceResult<Vec<(Event, String)>> {
-    if !wants.context {
-        for row in &mut rows {
-            row.context = Value::Null;
-        }
-    }
     let reveal = Reveal::load(
         state,
         tx,
@@ -706,7 +700,7 @@ pub async fn first_event_pages(
         *count += 1;
         kept.push(row);
     }
-    for (event, cursor) in reveal_events(state, &tx, principal, kept, wants).await? {
+    for (event, cursor) in reveal_events(state, &tx, principal, kept).await? {
         if let Some(page) = pages.get_mut(&event.profile_id) {
             page.items.push((event, cursor));
         }

@@ -98,23 +98,10 @@ impl Columns {
         query: sea_orm::Select<events::Entity>,
         backend: super::Backend,
     ) -> sea_orm::Select<events::Entity> {
-        use sea_orm::sea_query::Expr;
-        use sea_orm::Iterable;
         match self {
             Columns::All => query,
             Columns::WithoutContext => {
-                // A literal JSON null of the column's own type, so that the row decodes as usual.
-                let null = match backend {
-                    super::Backend::Postgres => "'null'::jsonb",
-                    super::Backend::Sqlite => "'null'",
-                };
-                query
-                    .select_only()
-                    .columns(
-                        events::Column::iter()
-                            .filter(|column| !matches!(column, events::Column::Context)),
-                    )
-                    .column_as(Expr::cust(null), "context")
+                super::without_json_column(query, events::Column::Context, "null", backend)
             }
         }
     }

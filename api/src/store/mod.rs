@@ -105,6 +105,27 @@ pub enum Backend {
     Postgres,
 }
 
+/// `query` with every column of its entity but the JSON column `skipped`, which is answered as
+/// the JSON literal `json` (of the column's type) without being read or decoded: for reads that
+/// do not answer a large JSON column. A row read so must never be written back.
+fn without_json_column<E: sea_orm::EntityTrait>(
+    query: sea_orm::Select<E>,
+    skipped: E::Column,
+    json: &str,
+    backend: Backend,
+) -> sea_orm::Select<E> {
+    use sea_orm::sea_query::Expr;
+    use sea_orm::{IdenStatic, Iterable, QuerySelect};
+    let literal = match backend {
+        Backend::Postgres => format!("'{json}'::jsonb"),
+        Backend::Sqlite => format!("'{json}'"),
+    };
+    query
+        .select_only()
+        .columns(E::Column::iter().filter(|column| column.as_str() != skipped.as_str()))
+        .column_as(Expr::cust(literal), skipped.as_str())
+}
+
 /// The connection pool. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {

@@ -120,23 +120,10 @@ impl Columns {
         query: sea_orm::Select<profiles::Entity>,
         backend: Backend,
     ) -> sea_orm::Select<profiles::Entity> {
-        use sea_orm::sea_query::Expr;
-        use sea_orm::Iterable;
         match self {
             Columns::All => query,
             Columns::Shown => {
-                // A literal of the column's own type, so that the row decodes as usual.
-                let empty = match backend {
-                    Backend::Postgres => "'{}'::jsonb",
-                    Backend::Sqlite => "'{}'",
-                };
-                query
-                    .select_only()
-                    .columns(
-                        profiles::Column::iter()
-                            .filter(|column| !matches!(column, profiles::Column::TraitClock)),
-                    )
-                    .column_as(Expr::cust(empty), "trait_clock")
+                super::without_json_column(query, profiles::Column::TraitClock, "{}", backend)
             }
         }
     }
