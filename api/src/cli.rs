@@ -28,6 +28,7 @@ pub async fn partition_events(
     let store = store::Store::connect(&store::StoreOptions {
         url: config.database_url.clone(),
         max_connections: 2,
+        min_connections: 1,
     })
     .await?;
     store.migrate().await?;

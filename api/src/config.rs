@@ -145,6 +145,9 @@ pub struct TlsFiles {
 pub struct Config {
     pub database_url: String,
     pub database_max_connections: u32,
+    /// Connections the pool opens at start and keeps (`CDP_DATABASE_MIN_CONNECTIONS`, by
+    /// default the pool's size).
+    pub database_min_connections: u32,
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     /// HTTPS and WSS on the listener when set; plain HTTP otherwise (behind a TLS-terminating
@@ -292,9 +295,17 @@ impl Config {
         if let Some(path) = &smtp_ca_cert {
             crate::mail::read_ca_certificates(path).context("CDP_SMTP_CA_CERT")?;
         }
+        let database_max_connections: u32 = parse_var("CDP_DATABASE_MAX_CONNECTIONS", "10")?;
+        let database_min_connections = min_connections(
+            database_max_connections,
+            var("CDP_DATABASE_MIN_CONNECTIONS")
+                .map(|_| parse_var::<u32>("CDP_DATABASE_MIN_CONNECTIONS", ""))
+                .transpose()?,
+        )?;
         Ok(Config {
             database_url,
-            database_max_connections: parse_var("CDP_DATABASE_MAX_CONNECTIONS", "10")?,
+            database_max_connections,
+            database_min_connections,
             events_retention_days: var("CDP_EVENTS_RETENTION_DAYS")
                 .map(|_| parse_var::<u32>("CDP_EVENTS_RETENTION_DAYS", ""))
                 .transpose()?,
@@ -385,6 +396,8 @@ impl Config {
         Config {
             database_url: database_url.to_owned(),
             database_max_connections: 5,
+            // Tests open many short-lived servers: connections are opened as they are needed.
+            database_min_connections: 1,
             events_retention_days: None,
             data_dir: data_dir.to_path_buf(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -443,6 +456,17 @@ impl Config {
     /// The folder where emails are written when no SMTP server is configured.
     pub fn mailbox_dir(&self) -> PathBuf {
         self.data_dir.join("mail")
+    }
+}
+
+/// The connections the pool keeps open: by default the whole pool, never more than it.
+fn min_connections(max: u32, min: Option<u32>) -> anyhow::Result<u32> {
+    match min {
+        None => Ok(max),
+        Some(min) if min > max => bail!(
+            "CDP_DATABASE_MIN_CONNECTIONS ({min}) is larger than CDP_DATABASE_MAX_CONNECTIONS ({max})"
+        ),
+        Some(min) => Ok(min),
     }
 }
 
@@ -580,6 +604,19 @@ mod tests {
 
     fn message(result: anyhow::Result<Option<TlsFiles>>) -> String {
         format!("{:#}", result.unwrap_err())
+    }
+
+    #[test]
+    fn the_pool_keeps_all_its_connections_unless_told_fewer() {
+        assert_eq!(min_connections(10, None).unwrap(), 10);
+        assert_eq!(min_connections(10, Some(2)).unwrap(), 2);
+        assert_eq!(min_connections(10, Some(10)).unwrap(), 10);
+        let error = min_connections(4, Some(5)).unwrap_err().to_string();
+        assert!(
+            error.contains("CDP_DATABASE_MIN_CONNECTIONS (5)")
+                && error.contains("CDP_DATABASE_MAX_CONNECTIONS (4)"),
+            "{error}"
+        );
     }
 
     #[test]

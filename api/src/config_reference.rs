@@ -35,6 +35,12 @@ pub const VARIABLES: &[Variable] = &[
     },
     Variable {
         section: Section::General,
+        name: "CDP_DATABASE_MIN_CONNECTIONS",
+        default: "`CDP_DATABASE_MAX_CONNECTIONS`",
+        meaning: "connections opened at start and kept open, so that no request waits for one to open (`operations.md`, sizing)",
+    },
+    Variable {
+        section: Section::General,
         name: "CDP_DATA_DIR",
         default: "`./data`",
         meaning: "generated secrets, the SQLite file, the mailbox folder",

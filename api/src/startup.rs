@@ -25,6 +25,7 @@ pub async fn state(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppS
     let store = Store::connect(&StoreOptions {
         url: config.database_url.clone(),
         max_connections: config.database_max_connections,
+        min_connections: config.database_min_connections,
     })
     .await
     .context("cannot connect to the database (CDP_DATABASE_URL)")?;

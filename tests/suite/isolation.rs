@@ -155,6 +155,7 @@ async fn row_level_security_holds_even_when_a_query_forgets_the_tenant() {
     let store = api::store::Store::connect(&api::store::StoreOptions {
         url: server.db.service_url.clone(),
         max_connections: 2,
+        min_connections: 1,
     })
     .await
     .unwrap();

@@ -11,6 +11,7 @@ async fn outbox_rows(db: &TestDb, tenant_id: &str) -> Vec<api::store::outbox::Ou
     let store = api::store::Store::connect(&api::store::StoreOptions {
         url: db.service_url.clone(),
         max_connections: 1,
+        min_connections: 1,
     })
     .await
     .unwrap();
@@ -304,6 +305,7 @@ async fn a_campaign_email_claimed_by_a_process_that_died_is_sent_once_after_its_
         let store = api::store::Store::connect(&api::store::StoreOptions {
             url: db.service_url.clone(),
             max_connections: 1,
+            min_connections: 1,
         })
         .await
         .unwrap();

@@ -43,6 +43,7 @@ async fn convert(db: &TestDb) -> api::store::partitions::Conversion {
     let store = api::store::Store::connect(&api::store::StoreOptions {
         url: db.owner_url.clone(),
         max_connections: 2,
+        min_connections: 1,
     })
     .await
     .unwrap();

@@ -663,6 +663,7 @@ async fn open_with_live_keys(world: &World, sealed: &[String]) -> Vec<Option<Str
     let store = api::store::Store::connect(&api::store::StoreOptions {
         url: world.server.db.service_url.clone(),
         max_connections: 1,
+        min_connections: 1,
     })
     .await
     .unwrap();
@@ -1038,6 +1039,7 @@ async fn erasure_knows_every_table_that_holds_rows_of_a_person() {
         api::store::Store::connect(&api::store::StoreOptions {
             url: db.owner_url.clone(),
             max_connections: 1,
+            min_connections: 1,
         })
         .await
         .unwrap()

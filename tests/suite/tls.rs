@@ -395,6 +395,7 @@ async fn outbox_when(
     let store = api::store::Store::connect(&api::store::StoreOptions {
         url: db.service_url.clone(),
         max_connections: 1,
+        min_connections: 1,
     })
     .await
     .unwrap();

@@ -1758,6 +1758,7 @@ mod tests {
         let store = Store::connect(&StoreOptions {
             url: "sqlite::memory:".into(),
             max_connections: 1,
+            min_connections: 1,
         })
         .await
         .unwrap();
@@ -1783,6 +1784,7 @@ mod tests {
             let store = Store::connect(&StoreOptions {
                 url: format!("{base}/{name}"),
                 max_connections: 2,
+                min_connections: 1,
             })
             .await
             .unwrap();

@@ -22,6 +22,7 @@ pub mod ingest;
 mod keyed;
 pub mod keys;
 pub mod lifecycle;
+pub mod nodelay;
 pub mod outbox;
 pub mod partitions;
 pub mod privacy;
@@ -151,6 +152,11 @@ pub struct Store {
 pub struct StoreOptions {
     pub url: String,
     pub max_connections: u32,
+    /// Connections opened when the pool starts and kept open (at most `max_connections`).
+    /// A connection opened while a request waits for it costs that request the opening: on
+    /// PostgreSQL over TCP with TLS about 90 ms here (the handshake runs before `nodelay` can
+    /// turn Nagle's algorithm off), so a service keeps its whole pool open.
+    pub min_connections: u32,
 }
 
 impl Store {
@@ -163,7 +169,11 @@ impl Store {
         let mut connect = ConnectOptions::new(options.url.clone());
         connect
             .max_connections(options.max_connections)
-            .min_connections(1)
+            .min_connections(
+                options
+                    .min_connections
+                    .clamp(1, options.max_connections.max(1)),
+            )
             .acquire_timeout(Duration::from_secs(10))
             .sqlx_logging(false)
             // SQLite has one writer at a time: a writer waits up to 30 s for the lock instead of
@@ -188,6 +198,7 @@ impl Store {
             .map_sqlx_postgres_opts(|options| {
                 options.options([("plan_cache_mode", "force_custom_plan")])
             });
+        nodelay::on_every_connection(&mut connect, &options.url);
         // The pool reports an unreachable server only as "pool timed out" after its acquire
         // timeout: one plain connection first says why (refused, unknown host, bad password,
         // no such database), at once.
@@ -678,6 +689,7 @@ mod tests {
         let store = Store::connect(&StoreOptions {
             url: format!("sqlite://{}?mode=rwc", dir.join("scope.db").display()),
             max_connections: 4,
+            min_connections: 1,
         })
         .await
         .expect("a store");
@@ -749,6 +761,53 @@ mod tests {
         assert_eq!(tenants_seen(&outside).await, 3);
     }
 
+    /// sqlx 0.9.0 leaves Nagle's algorithm on (see `nodelay`); every connection the pool opens
+    /// over TCP has it off, seen on the socket whose local port PostgreSQL reports for it.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn every_pooled_connection_over_tcp_has_nagles_algorithm_off() {
+        let Ok(url) = std::env::var("CDP_TEST_POSTGRES_URL") else {
+            eprintln!("CDP_TEST_POSTGRES_URL not set; skipped");
+            return;
+        };
+        if nodelay::tcp_port(&url).is_none() {
+            eprintln!("CDP_TEST_POSTGRES_URL is a Unix socket; skipped");
+            return;
+        }
+        let store = Store::connect(&StoreOptions {
+            url,
+            max_connections: 3,
+            min_connections: 1,
+        })
+        .await
+        .unwrap();
+        // Three transactions at once hold three connections of the pool.
+        let tenant = TenantId(uuid::Uuid::new_v4());
+        let mut open = Vec::new();
+        let mut ports = Vec::new();
+        for _ in 0..3 {
+            let tx = store.read(tenant).await.unwrap();
+            let port = tx
+                .raw_query_strings(
+                    "SELECT client_port::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                )
+                .await
+                .unwrap();
+            ports.push(port[0].parse::<u16>().unwrap());
+            open.push(tx);
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 3, "three connections: {ports:?}");
+        for port in ports {
+            assert_eq!(
+                nodelay::nodelay_of_local_port(port).unwrap(),
+                Some(true),
+                "the connection from local port {port}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_read_transaction_is_read_only_and_bound_to_its_tenant_on_postgres() {
         let Ok(admin_url) = std::env::var("CDP_TEST_POSTGRES_URL") else {
@@ -767,6 +826,7 @@ mod tests {
             let store = Store::connect(&StoreOptions {
                 url,
                 max_connections: 2,
+                min_connections: 1,
             })
             .await
             .unwrap();

@@ -99,6 +99,7 @@ impl TestDb {
                 let store = api::store::Store::connect(&api::store::StoreOptions {
                     url: owner_url.clone(),
                     max_connections: 2,
+                    min_connections: 1,
                 })
                 .await
                 .expect("connect as owner");

@@ -147,6 +147,7 @@ async fn measure(db: &BenchDb, emails: usize, workers: usize) -> anyhow::Result<
     let mut config = Config::for_tests(&db.data_dir, &db.service_url);
     config.outbox_workers = workers;
     config.database_max_connections = 10;
+    config.database_min_connections = 10;
     config.smtp_url = Some(format!("smtp://127.0.0.1:{}?tls=none", sink.port));
     config.log_filter = "warn".to_owned();
     let started = Instant::now();

@@ -176,6 +176,7 @@ impl BenchDb {
         let store = api::store::Store::connect(&api::store::StoreOptions {
             url: self.owner_url.clone(),
             max_connections: 2,
+            min_connections: 1,
         })
         .await
         .context("cannot connect to the bench database as its owner")?;
@@ -230,6 +231,8 @@ impl BenchDb {
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(30))
             .sqlx_logging(false);
+        // The baseline's connections without Nagle's algorithm, as the service's.
+        api::store::nodelay::on_every_connection(&mut options, &self.owner_url);
         let db = Database::connect(options)
             .await
             .context("cannot connect to the bench database as its owner")?;
@@ -324,6 +327,7 @@ impl Server {
         }
         config.outbox_workers = 0;
         config.database_max_connections = 10;
+        config.database_min_connections = 10;
         config.log_filter = "warn".to_owned();
         let app = api::startup::build(config)
             .await
@@ -436,6 +440,7 @@ pub async fn service_pool(db: &BenchDb, connections: u32) -> anyhow::Result<Data
         .map_sqlx_postgres_opts(|options| {
             options.options([("plan_cache_mode", "force_custom_plan")])
         });
+    api::store::nodelay::on_every_connection(&mut options, &db.service_url);
     Database::connect(options)
         .await
         .context("cannot connect as the service role")

@@ -95,6 +95,7 @@ async fn start(db: &BenchDb, subscribers: usize) -> anyhow::Result<Server> {
     let mut config = api::config::Config::for_tests(&db.data_dir, &db.service_url);
     config.outbox_workers = 0;
     config.database_max_connections = 10;
+    config.database_min_connections = 10;
     config.log_filter = "warn".to_owned();
     config.ws_max_sockets_per_tenant = subscribers.max(1000);
     config.ws_max_subscriptions_per_tenant = subscribers.max(5000);

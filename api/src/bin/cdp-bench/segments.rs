@@ -159,6 +159,7 @@ async fn run_on(db: Arc<BenchDb>, args: &SegmentsArgs) -> anyhow::Result<()> {
     let store = Store::connect(&StoreOptions {
         url: db.service_url.clone(),
         max_connections: 2,
+        min_connections: 1,
     })
     .await
     .context("cannot connect the store")?;
@@ -959,6 +960,7 @@ async fn realtime(
     let store = Store::connect(&StoreOptions {
         url: db.service_url.clone(),
         max_connections: 2,
+        min_connections: 1,
     })
     .await
     .context("cannot connect the store")?;
