@@ -16,6 +16,7 @@ mod m20261128_000013_webhooks;
 mod m20261128_000014_protect;
 mod m20261128_000015_scale;
 mod m20261128_000016_replicas;
+mod m20261129_000017_user_standing;
 pub mod partitions;
 pub mod tenancy;
 
@@ -34,6 +35,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000014_protect::Migration),
             Box::new(m20261128_000015_scale::Migration),
             Box::new(m20261128_000016_replicas::Migration),
+            Box::new(m20261129_000017_user_standing::Migration),
         ]
     }
 }

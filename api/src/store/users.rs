@@ -26,15 +26,29 @@ pub struct Standing {
 }
 
 /// A user's [`Standing`] for a token of session family `family_id`, or `None` for no such user:
-/// the user row joined to its roles, with the family's revocation as a subquery.
+/// the user row joined to its roles, with the family's revocation as a subquery. On PostgreSQL
+/// through `cdp_user_standing`, the same query planned once per connection (see the migration
+/// `m20261129_000017_user_standing`).
 pub async fn standing(
     tx: &TenantTx,
     user_id: UserId,
     family_id: Uuid,
 ) -> StoreResult<Option<Standing>> {
     use sea_orm::sea_query::{Condition, ExprTrait, Query};
-    use sea_orm::ConnectionTrait;
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
     let tenant = tx.tenant_id().as_uuid();
+    if tx.backend() == super::Backend::Postgres {
+        let rows = tx
+            .conn()
+            .query_all_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT status, email, family_revoked, permissions \
+                 FROM cdp_user_standing($1, $2, $3)",
+                [tenant.into(), user_id.as_uuid().into(), family_id.into()],
+            ))
+            .await?;
+        return standing_of(&rows);
+    }
     let revoked = Query::select()
         .expr(Expr::val(1))
         .from(refresh_sessions::Entity)
@@ -76,6 +90,11 @@ pub async fn standing(
         .and_where(Expr::col((users::Entity, users::Column::Id)).eq(user_id.as_uuid()))
         .to_owned();
     let rows = tx.conn().query_all(&query).await?;
+    standing_of(&rows)
+}
+
+/// The standing in the rows of the standing query: one per role, or one with no permissions.
+fn standing_of(rows: &[sea_orm::QueryResult]) -> StoreResult<Option<Standing>> {
     let Some(first) = rows.first() else {
         return Ok(None);
     };
@@ -85,7 +104,7 @@ pub async fn standing(
         family_revoked: first.try_get_by_index(2)?,
         role_permissions: Vec::with_capacity(rows.len()),
     };
-    for row in &rows {
+    for row in rows {
         if let Some(permissions) = row.try_get_by_index::<Option<serde_json::Value>>(3)? {
             standing.role_permissions.push(permissions);
         }
