@@ -71,15 +71,19 @@ pub fn sweep(port: u16) -> std::io::Result<Sweep> {
         if !tcp || peer.is_none_or(|peer| peer.port() != port) {
             continue;
         }
-        if sockopt::tcp_nodelay(&duplicate)? {
-            done.already += 1;
-        } else {
-            sockopt::set_tcp_nodelay(&duplicate, true)?;
-            done.set += 1;
+        match sockopt::tcp_nodelay(&duplicate) {
+            Ok(true) => done.already += 1,
+            Ok(false) => match sockopt::set_tcp_nodelay(&duplicate, true) {
+                Ok(()) => done.set += 1,
+                Err(error) => refused = Some(error),
+            },
+            Err(error) => refused = Some(error),
         }
     }
+    // One socket that could not be set (closed meanwhile, say) does not fail the others; a sweep
+    // that was refused and set nothing (so not the new connection either) says so.
     match refused {
-        Some(error) if done == Sweep::default() => Err(error.into()),
+        Some(error) if done.set == 0 => Err(error.into()),
         _ => Ok(done),
     }
 }
