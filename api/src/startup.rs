@@ -57,12 +57,6 @@ pub async fn state(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppS
         )),
         request_limits: Arc::new(crate::service::limits::RequestLimits::new(&config.abuse)),
         metrics: Arc::new(crate::metrics::Metrics::new()),
-        persisted_queries: Arc::new(crate::graphql::persisted::PersistedQueries::new(
-            config.graphql.apq_capacity,
-        )),
-        documents: Arc::new(crate::graphql::documents::ParsedDocuments::new(
-            crate::graphql::documents::CAPACITY,
-        )),
         draining: Arc::default(),
         stopping: Arc::new(watch::channel(false).0),
         config: Arc::new(config),
@@ -78,6 +72,7 @@ pub struct Application {
     /// Whether the listener serves HTTPS.
     tls: bool,
     state: AppState,
+    schema: graphql::CdpSchema,
     server: JoinHandle<std::io::Result<()>>,
     jobs: Vec<JoinHandle<()>>,
 }
@@ -129,7 +124,7 @@ pub async fn build_with_clock(
     )));
 
     let schema = graphql::build_schema(state.clone(), &state.config.graphql, &state.config.abuse);
-    let app = http::app(state.clone(), schema);
+    let app = http::app(state.clone(), schema.clone());
     let acceptor = TcpListener::bind(listen)
         .into_acceptor()
         .await
@@ -163,6 +158,7 @@ pub async fn build_with_clock(
         address,
         tls,
         state,
+        schema,
         server,
         jobs: background,
     })
@@ -211,6 +207,11 @@ impl Application {
 
     pub fn state(&self) -> &AppState {
         &self.state
+    }
+
+    /// The schema it serves, with the transport's caches in its data.
+    pub fn schema(&self) -> &graphql::CdpSchema {
+        &self.schema
     }
 
     /// Drains, then stops: readiness answers 503 at once; after `CDP_DRAIN_DELAY_SECS` the

@@ -218,12 +218,10 @@ async fn a_repeated_document_answers_alike_and_a_broken_one_is_refused_each_time
         let server = TestServer::start(backend, &smtp).await;
         let owner = new_tenant(&server, &smtp, &slug("docs"), "owner@docs.example").await;
         let token = Some(owner.access_token.as_str());
-        let documents = &server
-            .app
-            .as_ref()
-            .expect("a running server")
-            .state()
-            .documents;
+        let documents = &api::graphql::transport::Caches::of(
+            server.app.as_ref().expect("a running server").schema(),
+        )
+        .documents;
         let query = "query Me { me { user { email } } }";
         let kept = documents.len();
         let first = server.gql_ok(token, query, json!({})).await;

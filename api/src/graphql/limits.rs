@@ -14,6 +14,8 @@ use async_graphql::parser::types::{
     SelectionSet,
 };
 use async_graphql::{Name, Positioned, Request, ServerError, ServerResult};
+
+use super::documents::ParsedDocuments;
 use std::collections::HashMap;
 
 use super::RequestContext;
@@ -178,12 +180,13 @@ pub struct Admission {
 /// session context and the service) it
 /// counts against its tenant's request rate, as HTTP requests do in `http/graphql.rs`; then its
 /// root fields and account mutations, then the document as a whole (`document.rs`). A refusal
-/// is the error to answer with; the document parsed here is kept in the request, and
-/// async-graphql uses it instead of parsing again.
+/// is the error to answer with; the document parsed here (or copied from `documents`) is kept in
+/// the request, and async-graphql uses it instead of parsing again.
 pub fn admit(
     request: &mut Request,
     admission: &Admission,
     socket: Option<(&RequestContext, &AppState)>,
+    documents: &ParsedDocuments,
 ) -> ServerResult<()> {
     if let Some((context, state)) = socket {
         if let Some(principal) = &context.principal {
@@ -195,7 +198,7 @@ pub fn admit(
             }
         }
         // HTTP requests got their parse when their body was read (`transport.rs`).
-        state.documents.fill(request);
+        documents.fill(request);
     }
     // A document that does not parse is left to the schema, which says why.
     if let Ok(document) = request.parsed_query() {

@@ -86,7 +86,12 @@ pub fn build_schema(state: AppState, limits: &GraphqlLimits, abuse: &AbuseLimits
     .data(limits::Admission {
         limits: field_limits(abuse),
         max_selections: limits.max_complexity,
-    });
+    })
+    // Filled and read by the transports (`transport::Caches::of`).
+    .data(transport::Caches::new(
+        limits.apq_capacity,
+        documents::CAPACITY,
+    ));
     if !abuse.graphql_introspection {
         builder = builder.disable_introspection();
     }

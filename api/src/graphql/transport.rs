@@ -101,6 +101,31 @@ fn operation_type(request: &mut async_graphql::Request) -> Option<OperationType>
     }
 }
 
+/// The transport's per-process caches: automatic persisted queries and parsed documents. Kept in
+/// the schema's data ([`super::build_schema`]), so the service's state knows nothing of GraphQL.
+#[derive(Debug)]
+pub struct Caches {
+    pub persisted: PersistedQueries,
+    pub documents: ParsedDocuments,
+}
+
+impl Caches {
+    /// At most `persisted` queries and `documents` parsed documents; 0 keeps none.
+    pub fn new(persisted: usize, documents: usize) -> Caches {
+        Caches {
+            persisted: PersistedQueries::new(persisted),
+            documents: ParsedDocuments::new(documents),
+        }
+    }
+
+    /// The caches of `schema`; a schema built without them (only [`super::sdl`]'s) gets caches
+    /// that keep nothing, which answer as a process that has seen nothing yet.
+    pub fn of(schema: &CdpSchema) -> &Caches {
+        static NONE: std::sync::LazyLock<Caches> = std::sync::LazyLock::new(|| Caches::new(0, 0));
+        schema.data::<Caches>().unwrap_or(&NONE)
+    }
+}
+
 /// Reads a JSON body (one operation or a batch) and checks the limits that span the batch: its
 /// size, and the account mutations (`login` and its kin) over all its operations together, so
 /// that batching cannot multiply them. Each operation's own limits are checked when it runs
@@ -109,8 +134,7 @@ pub fn parse_operations(
     body: &[u8],
     max_batch: usize,
     limits: FieldLimits,
-    persisted: &PersistedQueries,
-    documents: &ParsedDocuments,
+    caches: &Caches,
 ) -> Result<Operations, HttpOutcome> {
     let batch: BatchRequest = serde_json::from_slice(body).map_err(|error| {
         error_outcome(
@@ -119,7 +143,7 @@ pub fn parse_operations(
             "BAD_USER_INPUT",
         )
     })?;
-    check_operations(batch, max_batch, limits, persisted, documents)
+    check_operations(batch, max_batch, limits, caches)
 }
 
 /// Reads a GraphQL GET request (`query`, `operationName`, `variables`, `extensions` in the query
@@ -128,8 +152,7 @@ pub fn parse_operations(
 pub fn parse_get(
     query_string: &str,
     limits: FieldLimits,
-    persisted: &PersistedQueries,
-    documents: &ParsedDocuments,
+    caches: &Caches,
 ) -> Result<Operations, HttpOutcome> {
     let request = async_graphql::http::parse_query_string(query_string).map_err(|error| {
         error_outcome(
@@ -138,13 +161,7 @@ pub fn parse_get(
             "BAD_USER_INPUT",
         )
     })?;
-    let mut operations = check_operations(
-        BatchRequest::Single(request),
-        1,
-        limits,
-        persisted,
-        documents,
-    )?;
+    let mut operations = check_operations(BatchRequest::Single(request), 1, limits, caches)?;
     if let BatchRequest::Single(request) = &mut operations.batch {
         if matches!(
             operation_type(request),
@@ -166,11 +183,10 @@ fn check_operations(
     mut batch: BatchRequest,
     max_batch: usize,
     limits: FieldLimits,
-    persisted: &PersistedQueries,
-    documents: &ParsedDocuments,
+    caches: &Caches,
 ) -> Result<Operations, HttpOutcome> {
     for request in batch.iter_mut() {
-        match persisted.resolve(request) {
+        match caches.persisted.resolve(request) {
             Ok(()) => {}
             // The protocol's answer: 200 with this error, which clients take as "send the
             // query with the hash".
@@ -193,7 +209,7 @@ fn check_operations(
     // Parsed once here (or copied from an earlier parse of the same text) and kept in the
     // request, so that nothing after parses it again.
     for request in batch.iter_mut() {
-        documents.fill(request);
+        caches.documents.fill(request);
     }
     if size > 1 {
         let account_fields: usize = batch
@@ -287,7 +303,7 @@ impl Admitted {
         let Some(admission) = self.0.data::<super::limits::Admission>() else {
             return Some(error_response("internal error", "INTERNAL"));
         };
-        super::limits::admit(request, admission, socket)
+        super::limits::admit(request, admission, socket, &Caches::of(&self.0).documents)
             .err()
             .map(|refusal| GraphqlResponse::from_errors(vec![refusal]))
     }
@@ -745,8 +761,7 @@ mod operation_kinds {
                 max_account_fields: 10,
                 introspection: true,
             },
-            &PersistedQueries::new(10),
-            &ParsedDocuments::new(10),
+            &Caches::new(10, 10),
         )
         .unwrap_or_else(|_| panic!("{body} parses"))
     }

@@ -15,7 +15,7 @@ use poem::{handler, Body, Endpoint, IntoResponse, Request, Response};
 
 use super::client;
 use crate::graphql::transport::{
-    error_outcome, execute, parse_get, parse_operations, rate_limited_outcome, HttpOutcome,
+    error_outcome, execute, parse_get, parse_operations, rate_limited_outcome, Caches, HttpOutcome,
     Operations,
 };
 use crate::graphql::{field_limits, CdpSchema, RequestContext};
@@ -153,8 +153,7 @@ pub async fn post(
         &bytes,
         state.config.graphql.max_batch,
         field_limits(&state.config.abuse),
-        &state.persisted_queries,
-        &state.documents,
+        Caches::of(schema),
     ) {
         Ok(operations) => operations,
         Err(outcome) => return answer(request, outcome, None),
@@ -195,8 +194,7 @@ pub async fn get(
     let operations = match parse_get(
         query_string,
         field_limits(&state.config.abuse),
-        &state.persisted_queries,
-        &state.documents,
+        Caches::of(schema),
     ) {
         Ok(operations) => operations,
         Err(outcome) => return answer(request, outcome, None),

@@ -114,10 +114,6 @@ pub struct AppState {
     pub vault: Arc<vault::Vault>,
     /// Request rates per client address and per tenant.
     pub request_limits: Arc<limits::RequestLimits>,
-    /// Automatic persisted queries known to this process.
-    pub persisted_queries: Arc<crate::graphql::persisted::PersistedQueries>,
-    /// Parsed GraphQL documents known to this process.
-    pub documents: Arc<crate::graphql::documents::ParsedDocuments>,
     /// This process's counters and gauges, served at `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Set when the process starts shutting down: readiness answers 503 from then on.

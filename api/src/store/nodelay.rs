@@ -32,10 +32,40 @@ pub struct Sweep {
 #[cfg(target_os = "linux")]
 pub fn sweep(port: u16) -> std::io::Result<Sweep> {
     use rustix::net::sockopt;
-    use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
-
-    let pidfd = pidfd_open(getpid(), PidfdFlags::empty())?;
     let mut done = Sweep::default();
+    let refused = each_tcp_socket(|socket| {
+        let peer = rustix::net::getpeername(socket)
+            .ok()
+            .flatten()
+            .and_then(|address| std::net::SocketAddr::try_from(address).ok());
+        if peer.is_none_or(|peer| peer.port() != port) {
+            return Ok(());
+        }
+        if sockopt::tcp_nodelay(socket)? {
+            done.already += 1;
+        } else {
+            sockopt::set_tcp_nodelay(socket, true)?;
+            done.set += 1;
+        }
+        Ok(())
+    })?;
+    // One socket that could not be set (closed meanwhile, say) does not fail the others; a sweep
+    // that was refused and set nothing (so not the new connection either) says so.
+    match refused {
+        Some(error) if done.set == 0 => Err(error.into()),
+        _ => Ok(done),
+    }
+}
+
+/// Calls `visit` with a duplicate of each TCP socket of this process (an IPv4 or IPv6 stream
+/// socket), duplicated through `pidfd_getfd`; returns the last error of a socket that could not
+/// be duplicated or visited (a descriptor closed since the listing is skipped silently).
+#[cfg(target_os = "linux")]
+fn each_tcp_socket(
+    mut visit: impl FnMut(&rustix::fd::OwnedFd) -> rustix::io::Result<()>,
+) -> std::io::Result<Option<rustix::io::Errno>> {
+    use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
+    let pidfd = pidfd_open(getpid(), PidfdFlags::empty())?;
     let mut refused = None;
     for entry in std::fs::read_dir("/proc/self/fd")? {
         let entry = entry?;
@@ -53,66 +83,42 @@ pub fn sweep(port: u16) -> std::io::Result<Sweep> {
         if !is_socket {
             continue;
         }
-        let duplicate = match pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()) {
-            Ok(duplicate) => duplicate,
-            // Closed meanwhile.
+        let socket = match pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()) {
+            Ok(socket) => socket,
             Err(rustix::io::Errno::BADF) => continue,
             Err(error) => {
                 refused = Some(error);
                 continue;
             }
         };
-        let peer = rustix::net::getpeername(&duplicate)
-            .ok()
-            .flatten()
-            .and_then(|address| std::net::SocketAddr::try_from(address).ok());
-        let tcp =
-            sockopt::socket_type(&duplicate).is_ok_and(|t| t == rustix::net::SocketType::STREAM);
-        if !tcp || peer.is_none_or(|peer| peer.port() != port) {
-            continue;
-        }
-        match sockopt::tcp_nodelay(&duplicate) {
-            Ok(true) => done.already += 1,
-            Ok(false) => match sockopt::set_tcp_nodelay(&duplicate, true) {
-                Ok(()) => done.set += 1,
-                Err(error) => refused = Some(error),
-            },
-            Err(error) => refused = Some(error),
+        let stream = rustix::net::sockopt::socket_type(&socket)
+            .is_ok_and(|kind| kind == rustix::net::SocketType::STREAM);
+        let internet = rustix::net::getsockname(&socket)
+            .is_ok_and(|address| std::net::SocketAddr::try_from(address).is_ok());
+        if stream && internet {
+            if let Err(error) = visit(&socket) {
+                refused = Some(error);
+            }
         }
     }
-    // One socket that could not be set (closed meanwhile, say) does not fail the others; a sweep
-    // that was refused and set nothing (so not the new connection either) says so.
-    match refused {
-        Some(error) if done.set == 0 => Err(error.into()),
-        _ => Ok(done),
-    }
+    Ok(refused)
 }
 
 /// Whether this process's TCP socket with local port `port` has `TCP_NODELAY` on (`None`: no
 /// such socket). For tests.
 #[cfg(all(test, target_os = "linux"))]
 pub(crate) fn nodelay_of_local_port(port: u16) -> std::io::Result<Option<bool>> {
-    use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
-    let pidfd = pidfd_open(getpid(), PidfdFlags::empty())?;
-    for entry in std::fs::read_dir("/proc/self/fd")? {
-        let Some(fd) = entry?
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(duplicate) = pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()) else {
-            continue;
-        };
-        let local = rustix::net::getsockname(&duplicate)
+    let mut found = None;
+    each_tcp_socket(|socket| {
+        let local = rustix::net::getsockname(socket)
             .ok()
             .and_then(|address| std::net::SocketAddr::try_from(address).ok());
         if local.is_some_and(|local| local.port() == port) {
-            return Ok(Some(rustix::net::sockopt::tcp_nodelay(&duplicate)?));
+            found = Some(rustix::net::sockopt::tcp_nodelay(socket)?);
         }
-    }
-    Ok(None)
+        Ok(())
+    })?;
+    Ok(found)
 }
 
 #[cfg(not(target_os = "linux"))]

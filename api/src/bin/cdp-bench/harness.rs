@@ -223,15 +223,15 @@ impl BenchDb {
     }
 
     /// A pool on the owner URL, set up as the service's store sets up its own (WAL and
-    /// `synchronous=NORMAL` on SQLite).
+    /// `synchronous=NORMAL` on SQLite, `TCP_NODELAY` on PostgreSQL, every connection opened at
+    /// start).
     pub async fn owner_pool(&self, max_connections: u32) -> anyhow::Result<DatabaseConnection> {
         let mut options = ConnectOptions::new(self.owner_url.clone());
         options
             .max_connections(max_connections)
-            .min_connections(1)
+            .min_connections(max_connections)
             .acquire_timeout(Duration::from_secs(30))
             .sqlx_logging(false);
-        // The baseline's connections without Nagle's algorithm, as the service's.
         api::store::nodelay::on_every_connection(&mut options, &self.owner_url);
         let db = Database::connect(options)
             .await
@@ -421,14 +421,14 @@ pub fn round(value: f64, digits: i32) -> f64 {
     (value * factor).round() / factor
 }
 
-/// A pool of `connections` on the service's URL, set up as the store sets up its own (WAL and
-/// `synchronous=NORMAL` on SQLite, custom plans on PostgreSQL): for the baselines that read and
-/// write the same database as the server.
+/// A pool of `connections` on the service's URL, set up as the store sets up the server's (WAL
+/// and `synchronous=NORMAL` on SQLite, custom plans and `TCP_NODELAY` on PostgreSQL, every
+/// connection opened at start): for the baselines that read and write the same database.
 pub async fn service_pool(db: &BenchDb, connections: u32) -> anyhow::Result<DatabaseConnection> {
     let mut options = ConnectOptions::new(db.service_url.clone());
     options
         .max_connections(connections)
-        .min_connections(1)
+        .min_connections(connections)
         .acquire_timeout(Duration::from_secs(30))
         .sqlx_logging(false)
         .map_sqlx_sqlite_opts(|options| {
