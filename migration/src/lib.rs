@@ -17,6 +17,7 @@ mod m20261128_000014_protect;
 mod m20261128_000015_scale;
 mod m20261128_000016_replicas;
 mod m20261129_000017_user_standing;
+mod m20261129_000018_timeline_order;
 pub mod partitions;
 pub mod tenancy;
 
@@ -36,6 +37,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000015_scale::Migration),
             Box::new(m20261128_000016_replicas::Migration),
             Box::new(m20261129_000017_user_standing::Migration),
+            Box::new(m20261129_000018_timeline_order::Migration),
         ]
     }
 }

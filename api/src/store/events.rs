@@ -72,9 +72,8 @@ pub struct EventPosition {
     pub id: Uuid,
 }
 
-fn filtered(tx: &TenantTx, filter: &EventFilter) -> sea_orm::Select<events::Entity> {
-    let mut query =
-        events::Entity::find().filter(events::Column::TenantId.eq(tx.tenant_id().as_uuid()));
+fn filtered(tenant: Uuid, filter: &EventFilter) -> sea_orm::Select<events::Entity> {
+    let mut query = events::Entity::find().filter(events::Column::TenantId.eq(tenant));
     if let Some(profile_id) = filter.profile_id {
         query = query.filter(events::Column::ProfileId.eq(profile_id));
     }
@@ -117,13 +116,28 @@ pub async fn page(
     with_total: bool,
     columns: Columns,
 ) -> StoreResult<(Vec<EventRow>, Option<u64>)> {
+    let tenant = tx.tenant_id().as_uuid();
     let total = if with_total {
-        Some(filtered(tx, filter).count(tx.conn()).await?)
+        Some(filtered(tenant, filter).count(tx.conn()).await?)
     } else {
         None
     };
+    let query = page_select(tenant, tx.backend(), filter, after, limit, columns);
+    Ok((query.all(tx.conn()).await?, total))
+}
+
+/// The statement of [`page`]: newest first by `(timestamp, id)`, the order of the timeline index
+/// `ix_events_timeline`, so that a profile's page is read off the index without a sort.
+fn page_select(
+    tenant: Uuid,
+    backend: super::Backend,
+    filter: &EventFilter,
+    after: Option<EventPosition>,
+    limit: u64,
+    columns: Columns,
+) -> sea_orm::Select<events::Entity> {
     let mut query = columns
-        .apply(filtered(tx, filter), tx.backend())
+        .apply(filtered(tenant, filter), backend)
         .order_by_desc(events::Column::Timestamp)
         .order_by_desc(events::Column::Id)
         .limit(limit);
@@ -138,7 +152,7 @@ pub async fn page(
                 ),
         );
     }
-    Ok((query.all(tx.conn()).await?, total))
+    query
 }
 
 /// The newest `limit` events of each of `profile_ids` (newest first per profile), in one
@@ -151,32 +165,17 @@ pub async fn latest_of(
     limit: u64,
     columns: Columns,
 ) -> StoreResult<Vec<EventRow>> {
-    use sea_orm::sea_query::{Alias, Asterisk, Query, SelectStatement, UnionType};
-    let tenant = tx.tenant_id().as_uuid();
-    let branch = |profile_id: Uuid, n: usize| -> SelectStatement {
-        let newest = columns
-            .apply(events::Entity::find(), tx.backend())
-            .filter(events::Column::TenantId.eq(tenant))
-            .filter(events::Column::ProfileId.eq(profile_id))
-            .order_by_desc(events::Column::Timestamp)
-            .order_by_desc(events::Column::Id)
-            .limit(limit)
-            .into_query();
-        // SQLite allows ORDER BY and LIMIT only in a subquery of a compound select's branch.
-        Query::select()
-            .column(Asterisk)
-            .from_subquery(newest, Alias::new(format!("p{n}")))
-            .to_owned()
-    };
     let mut rows = Vec::new();
     for chunk in profile_ids.chunks(100) {
-        let mut branches = chunk.iter().enumerate().map(|(n, id)| branch(*id, n));
-        let Some(mut query) = branches.next() else {
+        let Some(query) = latest_select(
+            tx.tenant_id().as_uuid(),
+            tx.backend(),
+            chunk,
+            limit,
+            columns,
+        ) else {
             continue;
         };
-        for other in branches {
-            query.union(UnionType::All, other);
-        }
         let statement = tx.conn().get_database_backend().build(&query);
         rows.extend(
             events::Entity::find()
@@ -186,6 +185,42 @@ pub async fn latest_of(
         );
     }
     Ok(rows)
+}
+
+/// The statement of [`latest_of`] for some profiles (none for none).
+fn latest_select(
+    tenant: Uuid,
+    backend: super::Backend,
+    profile_ids: &[Uuid],
+    limit: u64,
+    columns: Columns,
+) -> Option<sea_orm::sea_query::SelectStatement> {
+    use sea_orm::sea_query::{Alias, Asterisk, Query, SelectStatement, UnionType};
+    let branch = |profile_id: Uuid, n: usize| -> SelectStatement {
+        let newest = page_select(
+            tenant,
+            backend,
+            &EventFilter {
+                profile_id: Some(profile_id),
+                name: None,
+            },
+            None,
+            limit,
+            columns,
+        )
+        .into_query();
+        // SQLite allows ORDER BY and LIMIT only in a subquery of a compound select's branch.
+        Query::select()
+            .column(Asterisk)
+            .from_subquery(newest, Alias::new(format!("p{n}")))
+            .to_owned()
+    };
+    let mut branches = profile_ids.iter().enumerate().map(|(n, id)| branch(*id, n));
+    let mut query = branches.next()?;
+    for other in branches {
+        query.union(UnionType::All, other);
+    }
+    Some(query)
 }
 
 /// How many events each of `profile_ids` has.
@@ -306,4 +341,80 @@ pub async fn purge_before(
             .await?;
     }
     Ok(per_profile.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The timeline's statements in SQLite's plans: read off `ix_events_timeline` in its order,
+    //! without a sort. (PostgreSQL's choice depends on statistics; SQLite's on the indexes.)
+
+    use super::*;
+    use crate::store::{Backend, Store, StoreOptions};
+    use domain::TenantId;
+    use sea_orm::{DbBackend, Statement};
+
+    async fn plan(store: &Store, statement: Statement) -> Vec<String> {
+        let tx = store
+            .read(TenantId(Uuid::new_v4()))
+            .await
+            .expect("a read transaction");
+        let explain = Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            format!("EXPLAIN QUERY PLAN {}", statement.sql),
+            statement.values.map(|values| values.0).unwrap_or_default(),
+        );
+        tx.conn()
+            .query_all_raw(explain)
+            .await
+            .expect("a plan")
+            .iter()
+            .map(|row| row.try_get::<String>("", "detail").expect("a detail"))
+            .collect()
+    }
+
+    fn assert_read_off_the_timeline_index(plan: &[String], what: &str) {
+        assert!(
+            plan.iter().any(|step| step.contains("ix_events_timeline")),
+            "{what}: not read through the timeline index: {plan:?}"
+        );
+        assert!(
+            !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+            "{what}: sorted outside the index: {plan:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn timeline_pages_are_read_off_the_index_without_a_sort() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = Store::connect(&StoreOptions {
+            url: format!("sqlite://{}?mode=rwc", dir.path().join("plan.db").display()),
+            max_connections: 1,
+            min_connections: 1,
+        })
+        .await
+        .expect("a store");
+        store.migrate().await.expect("migrations");
+        let tenant = Uuid::new_v4();
+        let profile = EventFilter {
+            profile_id: Some(Uuid::new_v4()),
+            name: None,
+        };
+        let after = EventPosition {
+            timestamp: Utc::now(),
+            id: Uuid::new_v4(),
+        };
+        for (what, cursor) in [("first page", None), ("page after a cursor", Some(after))] {
+            for columns in [Columns::All, Columns::WithoutContext] {
+                let select = page_select(tenant, Backend::Sqlite, &profile, cursor, 20, columns);
+                let steps = plan(&store, select.build(DbBackend::Sqlite)).await;
+                assert_read_off_the_timeline_index(&steps, what);
+            }
+        }
+        let profiles = [Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()];
+        let latest = latest_select(tenant, Backend::Sqlite, &profiles, 20, Columns::All)
+            .expect("a statement for three profiles");
+        let steps = plan(&store, DbBackend::Sqlite.build(&latest)).await;
+        assert_read_off_the_timeline_index(&steps, "the newest events of a list of profiles");
+        assert!(latest_select(tenant, Backend::Sqlite, &[], 20, Columns::All).is_none());
+    }
 }
