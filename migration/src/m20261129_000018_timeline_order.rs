@@ -26,29 +26,27 @@ impl MigrationName for Migration {
     }
 }
 
+const TIMELINE: &str = "CREATE INDEX IF NOT EXISTS \"ix_events_timeline\" \
+     ON \"events\" (\"tenant_id\", \"profile_id\", \"timestamp\", \"id\")";
+const PROFILE_TIME: &str = "CREATE INDEX IF NOT EXISTS \"ix_events_profile_time\" \
+     ON \"events\" (\"tenant_id\", \"profile_id\", \"timestamp\")";
+
+/// Creates one index, then drops the other (by name).
+async fn replace(manager: &SchemaManager<'_>, create: &str, drop: &str) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    db.execute_unprepared(create).await?;
+    db.execute_unprepared(&format!("DROP INDEX IF EXISTS \"{drop}\""))
+        .await?;
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
-        db.execute_unprepared(
-            "CREATE INDEX IF NOT EXISTS \"ix_events_timeline\" \
-             ON \"events\" (\"tenant_id\", \"profile_id\", \"timestamp\", \"id\")",
-        )
-        .await?;
-        db.execute_unprepared("DROP INDEX IF EXISTS \"ix_events_profile_time\"")
-            .await?;
-        Ok(())
+        replace(manager, TIMELINE, "ix_events_profile_time").await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
-        db.execute_unprepared(
-            "CREATE INDEX IF NOT EXISTS \"ix_events_profile_time\" \
-             ON \"events\" (\"tenant_id\", \"profile_id\", \"timestamp\")",
-        )
-        .await?;
-        db.execute_unprepared("DROP INDEX IF EXISTS \"ix_events_timeline\"")
-            .await?;
-        Ok(())
+        replace(manager, PROFILE_TIME, "ix_events_timeline").await
     }
 }
