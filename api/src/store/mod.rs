@@ -159,21 +159,19 @@ pub struct StoreOptions {
     pub min_connections: u32,
 }
 
-impl Store {
-    /// Connects. On SQLite every connection runs in WAL mode with `synchronous=NORMAL`, so that
-    /// readers never block the writer and a commit does not wait for a disk flush (a power cut
-    /// may lose the last commits, never corrupt the file). On PostgreSQL every connection plans
-    /// each execution of a prepared statement with its actual parameters (see below).
-    pub async fn connect(options: &StoreOptions) -> StoreResult<Store> {
+impl StoreOptions {
+    /// The pool's settings, for every pool on the database (the store's, and the bench's
+    /// baselines, which must run as the service runs). On SQLite every connection runs in WAL
+    /// mode with `synchronous=NORMAL`, so that readers never block the writer and a commit does
+    /// not wait for a disk flush (a power cut may lose the last commits, never corrupt the file).
+    /// On PostgreSQL every connection plans each execution of a prepared statement with its
+    /// actual parameters (see below), and has Nagle's algorithm off (`nodelay`).
+    pub fn connect_options(&self) -> ConnectOptions {
         use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
-        let mut connect = ConnectOptions::new(options.url.clone());
+        let mut connect = ConnectOptions::new(self.url.clone());
         connect
-            .max_connections(options.max_connections)
-            .min_connections(
-                options
-                    .min_connections
-                    .clamp(1, options.max_connections.max(1)),
-            )
+            .max_connections(self.max_connections)
+            .min_connections(self.min_connections.clamp(1, self.max_connections.max(1)))
             .acquire_timeout(Duration::from_secs(10))
             .sqlx_logging(false)
             // SQLite has one writer at a time: a writer waits up to 30 s for the lock instead of
@@ -198,7 +196,15 @@ impl Store {
             .map_sqlx_postgres_opts(|options| {
                 options.options([("plan_cache_mode", "force_custom_plan")])
             });
-        nodelay::on_every_connection(&mut connect, &options.url);
+        nodelay::on_every_connection(&mut connect, &self.url);
+        connect
+    }
+}
+
+impl Store {
+    /// Connects, with the pool settings of [`StoreOptions::connect_options`].
+    pub async fn connect(options: &StoreOptions) -> StoreResult<Store> {
+        let connect = options.connect_options();
         // The pool reports an unreachable server only as "pool timed out" after its acquire
         // timeout: one plain connection first says why (refused, unknown host, bad password,
         // no such database), at once.

@@ -222,25 +222,11 @@ impl BenchDb {
         }
     }
 
-    /// A pool on the owner URL, set up as the service's store sets up its own (WAL and
-    /// `synchronous=NORMAL` on SQLite, `TCP_NODELAY` on PostgreSQL, every connection opened at
-    /// start).
+    /// A pool on the owner URL, set up as the service's store sets up its own.
     pub async fn owner_pool(&self, max_connections: u32) -> anyhow::Result<DatabaseConnection> {
-        let mut options = ConnectOptions::new(self.owner_url.clone());
-        options
-            .max_connections(max_connections)
-            .min_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(30))
-            .sqlx_logging(false);
-        api::store::nodelay::on_every_connection(&mut options, &self.owner_url);
-        let db = Database::connect(options)
+        Database::connect(baseline_options(&self.owner_url, max_connections))
             .await
-            .context("cannot connect to the bench database as its owner")?;
-        if self.db_backend == DbBackend::Sqlite {
-            db.execute_unprepared("PRAGMA journal_mode=WAL;").await?;
-            db.execute_unprepared("PRAGMA synchronous=NORMAL;").await?;
-        }
-        Ok(db)
+            .context("cannot connect to the bench database as its owner")
     }
 }
 
@@ -421,29 +407,27 @@ pub fn round(value: f64, digits: i32) -> f64 {
     (value * factor).round() / factor
 }
 
-/// A pool of `connections` on the service's URL, set up as the store sets up the server's (WAL
-/// and `synchronous=NORMAL` on SQLite, custom plans and `TCP_NODELAY` on PostgreSQL, every
-/// connection opened at start): for the baselines that read and write the same database.
+/// A pool of `connections` on the service's URL, set up as the store sets up the server's: for
+/// the baselines that read and write the same database.
 pub async fn service_pool(db: &BenchDb, connections: u32) -> anyhow::Result<DatabaseConnection> {
-    let mut options = ConnectOptions::new(db.service_url.clone());
-    options
-        .max_connections(connections)
-        .min_connections(connections)
-        .acquire_timeout(Duration::from_secs(30))
-        .sqlx_logging(false)
-        .map_sqlx_sqlite_opts(|options| {
-            options
-                .busy_timeout(Duration::from_secs(30))
-                .journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
-                .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
-        })
-        .map_sqlx_postgres_opts(|options| {
-            options.options([("plan_cache_mode", "force_custom_plan")])
-        });
-    api::store::nodelay::on_every_connection(&mut options, &db.service_url);
-    Database::connect(options)
+    Database::connect(baseline_options(&db.service_url, connections))
         .await
         .context("cannot connect as the service role")
+}
+
+/// The store's pool settings ([`api::store::StoreOptions::connect_options`]: WAL and
+/// `synchronous=NORMAL` on every SQLite connection, custom plans and `TCP_NODELAY` on
+/// PostgreSQL), every connection opened at start, and a longer wait for one under the bench's
+/// load.
+fn baseline_options(url: &str, connections: u32) -> ConnectOptions {
+    let mut options = api::store::StoreOptions {
+        url: url.to_owned(),
+        max_connections: connections,
+        min_connections: connections,
+    }
+    .connect_options();
+    options.acquire_timeout(Duration::from_secs(30));
+    options
 }
 
 /// A baseline HTTP server on a free loopback port, serving until [`Loopback::stop`].
