@@ -25,7 +25,7 @@ pub const VARIABLES: &[Variable] = &[
         section: Section::General,
         name: "CDP_DATABASE_URL",
         default: "`sqlite://$CDP_DATA_DIR/cdp.db?mode=rwc`",
-        meaning: "`postgres://user@host:5432/db` for PostgreSQL; `?sslmode=require` for TLS, `?sslmode=verify-full&sslrootcert=/path/ca.pem` to check the server's certificate too (`operations.md`, TLS)",
+        meaning: "`postgres://user@host:5432/db` for PostgreSQL; `?sslmode=require` for TLS, `?sslmode=verify-full&sslrootcert=/path/ca.pem` to check the server's certificate too; without `sslmode`, a server on loopback is reached without TLS (`operations.md`, TLS)",
     },
     Variable {
         section: Section::General,

@@ -358,6 +358,73 @@ async fn sslmode_require_encrypts_every_connection_of_the_service_to_postgresql(
     plain.stop().await;
 }
 
+/// Whether `url` names this host's loopback address over TCP.
+fn on_loopback(url: &str) -> bool {
+    let url = reqwest::Url::parse(url).unwrap();
+    let host = url.host_str().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_loopback())
+}
+
+#[tokio::test]
+async fn a_loopback_url_without_sslmode_connects_in_plain_text_and_an_explicit_prefer_keeps_tls() {
+    let Some(admin_url) = postgres_admin_url() else {
+        return;
+    };
+    init_logs();
+    let smtp = SmtpSink::start().await;
+    let db = TestDb::create(Backend::Postgres).await;
+    assert!(
+        on_loopback(&db.service_url),
+        "this test needs CDP_TEST_POSTGRES_URL on 127.0.0.1, ::1 or localhost: {}",
+        db.service_url
+    );
+    let name = format!(
+        "cdp_loop_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let prefer_name = format!("{name}_prefer");
+    let default_url = with_query(&db.service_url, &[("application_name", &name)]);
+    let prefer_url = with_query(
+        &db.service_url,
+        &[("sslmode", "prefer"), ("application_name", &prefer_name)],
+    );
+    let server = TestServer::start_on(db.clone(), Some(&smtp), |config| {
+        config.database_url = default_url.clone()
+    })
+    .await;
+    // The control: the same database with `prefer` said, which must negotiate TLS (the test
+    // server offers it, as the one of the test above must).
+    let prefer = TestServer::start_on(db.clone(), Some(&smtp), |config| {
+        config.database_url = prefer_url.clone()
+    })
+    .await;
+    new_tenant(&server, &smtp, &slug("pg-loop"), "owner@pg-loop.example").await;
+    new_tenant(
+        &prefer,
+        &smtp,
+        &slug("pg-prefer"),
+        "owner@pg-prefer.example",
+    )
+    .await;
+
+    let plain = ssl_of_connections(&admin_url, &name).await;
+    assert!(
+        !plain.is_empty() && plain.iter().all(|ssl| !*ssl),
+        "a loopback URL without sslmode should connect without TLS: {plain:?}"
+    );
+    let preferred = ssl_of_connections(&admin_url, &prefer_name).await;
+    assert!(
+        !preferred.is_empty() && preferred.iter().all(|ssl| *ssl),
+        "sslmode=prefer said in the URL should negotiate TLS: {preferred:?}"
+    );
+    server.stop().await;
+    prefer.stop().await;
+}
+
 #[tokio::test]
 async fn sslmode_verify_full_refuses_a_postgresql_certificate_not_signed_by_the_given_ca() {
     if postgres_admin_url().is_none() {

@@ -165,9 +165,11 @@ impl StoreOptions {
     /// mode with `synchronous=NORMAL`, so that readers never block the writer and a commit does
     /// not wait for a disk flush (a power cut may lose the last commits, never corrupt the file).
     /// On PostgreSQL every connection plans each execution of a prepared statement with its
-    /// actual parameters (see below), and has Nagle's algorithm off (`nodelay`).
+    /// actual parameters (see below), and has Nagle's algorithm off (`nodelay`); a connection to
+    /// this host's loopback address whose URL does not set `sslmode` runs without TLS.
     pub fn connect_options(&self) -> ConnectOptions {
         use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+        let sslmode_unset = !sslmode_in_url(&self.url) && std::env::var_os("PGSSLMODE").is_none();
         let mut connect = ConnectOptions::new(self.url.clone());
         connect
             .max_connections(self.max_connections)
@@ -193,12 +195,47 @@ impl StoreOptions {
             // which pick the wrong index for the duplicate check, the identity lookups and the
             // foreign-key checks once the tables grow. Custom plans cost a little planning per
             // execution and always see the real parameters and the current statistics.
-            .map_sqlx_postgres_opts(|options| {
-                options.options([("plan_cache_mode", "force_custom_plan")])
+            .map_sqlx_postgres_opts(move |options| {
+                let options = options.options([("plan_cache_mode", "force_custom_plan")]);
+                // A database on this host, and nobody asked for TLS: plain text (ADR 0014).
+                if sslmode_unset && plain_on_loopback(&options) {
+                    options.ssl_mode(sea_orm::sqlx::postgres::PgSslMode::Disable)
+                } else {
+                    options
+                }
             });
         nodelay::on_every_connection(&mut connect, &self.url);
         connect
     }
+}
+
+/// Whether the URL says how to protect a PostgreSQL connection (`sslmode`, or sqlx's
+/// `ssl-mode`).
+fn sslmode_in_url(url: &str) -> bool {
+    let query = url.split_once('?').map_or("", |(_, query)| query);
+    query.split('&').any(|pair| {
+        let key = pair.split_once('=').map_or(pair, |(key, _)| key);
+        key.eq_ignore_ascii_case("sslmode") || key.eq_ignore_ascii_case("ssl-mode")
+    })
+}
+
+/// Whether a connection with these options, left at the driver's default `prefer`, goes over TCP
+/// to this host's loopback interface, where TLS protects nothing: whoever can read loopback
+/// traffic can read the process's memory too. There it costs about a tenth of the ingest rate
+/// (docs/PERFORMANCE.md), so such a connection runs in plain text, as a Unix socket does.
+fn plain_on_loopback(options: &sea_orm::sqlx::postgres::PgConnectOptions) -> bool {
+    use sea_orm::sqlx::postgres::PgSslMode;
+    if options.get_socket().is_some() || !matches!(options.get_ssl_mode(), PgSslMode::Prefer) {
+        return false;
+    }
+    let host = options
+        .get_host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_loopback())
 }
 
 impl Store {
@@ -866,5 +903,63 @@ mod tests {
         assert!(shared[0].starts_with("on "), "{shared:?}");
         assert!(written[0].starts_with("off "), "{written:?}");
         assert_eq!(tenant_of(&seen), tenant_of(&written));
+    }
+}
+
+#[cfg(test)]
+mod tls_by_default {
+    //! Which PostgreSQL connections run without TLS by default (ADR 0014).
+
+    use super::{plain_on_loopback, sslmode_in_url};
+    use sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
+    use std::str::FromStr;
+
+    /// The options the store would start from: without an `sslmode` in the URL, the driver's
+    /// default (`prefer`), whatever `PGSSLMODE` the test run has.
+    fn options(url: &str) -> PgConnectOptions {
+        let options = PgConnectOptions::from_str(url).expect("a URL");
+        if sslmode_in_url(url) {
+            options
+        } else {
+            options.ssl_mode(PgSslMode::Prefer)
+        }
+    }
+
+    #[test]
+    fn a_url_that_names_an_sslmode_is_taken_as_it_is() {
+        assert!(sslmode_in_url("postgres://u@127.0.0.1/cdp?sslmode=prefer"));
+        assert!(sslmode_in_url(
+            "postgres://u@db/cdp?application_name=x&SSLMODE=require"
+        ));
+        assert!(sslmode_in_url("postgres://u@db/cdp?ssl-mode=disable"));
+        assert!(!sslmode_in_url("postgres://u@127.0.0.1/cdp"));
+        assert!(!sslmode_in_url("postgres://u@db/cdp?sslrootcert=/ca.pem"));
+    }
+
+    /// The decision of `StoreOptions::connect_options` for `url` (with `PGSSLMODE` unset).
+    fn without_tls(url: &str) -> bool {
+        !sslmode_in_url(url) && plain_on_loopback(&options(url))
+    }
+
+    #[test]
+    fn only_loopback_over_tcp_at_the_default_mode_goes_without_tls() {
+        for url in [
+            "postgres://u@127.0.0.1:5432/cdp",
+            "postgres://u@127.0.0.2/cdp",
+            "postgres://u@localhost/cdp",
+            "postgres://u@[::1]:5432/cdp",
+        ] {
+            assert!(without_tls(url), "{url}");
+        }
+        for url in [
+            "postgres://u@db.internal/cdp",
+            "postgres://u@10.0.0.5/cdp",
+            "postgres://u@localhost/cdp?host=/var/run/postgresql",
+            "postgres://u@127.0.0.1/cdp?sslmode=prefer",
+            "postgres://u@127.0.0.1/cdp?sslmode=require",
+            "postgres://u@127.0.0.1/cdp?sslmode=disable",
+        ] {
+            assert!(!without_tls(url), "{url}");
+        }
     }
 }
