@@ -145,6 +145,7 @@ async fn run_on(
         .graphql(&owner.access_token, INGEST_SETTINGS, json!({}))
         .await
         .context("cannot set the ingestion settings")?;
+    db.checkpoint().await?;
     eprintln!(
         "[{label}] CDP: {messages} messages in {} requests of {BATCH}, {concurrency} concurrent clients",
         bodies.len()
@@ -188,15 +189,16 @@ async fn run_on(
         );
     }
 
-    // The baseline, on the same database.
+    // The baseline, on the same database, as the service's role (the read and segments
+    // baselines do the same): on PostgreSQL under the same row-level security, so it binds its
+    // tenant in each transaction as the service does.
     let tenant = insert_tenant(&pool).await?;
-    let set_tenant = !harness::bypasses_rls(&pool).await?;
-    if set_tenant {
-        eprintln!("[{label}] note: the owner is subject to row-level security; the baseline sets app.tenant_id in each transaction");
-    }
+    let writer = harness::service_pool(&db, BASELINE_POOL).await?;
+    let set_tenant = !harness::bypasses_rls(&writer).await?;
+    db.checkpoint().await?;
     eprintln!("[{label}] baseline: the same messages as plain INSERTs, {concurrency} concurrent writers, pool of {BASELINE_POOL}");
     let elapsed = baseline(
-        &pool,
+        &writer,
         workload.clone(),
         tenant,
         concurrency,
@@ -214,6 +216,7 @@ async fn run_on(
     if baseline_events != messages as u64 {
         bail!("the baseline stored {baseline_events} events for {messages} messages");
     }
+    writer.close().await?;
     pool.close().await?;
 
     Ok(IngestResult {
