@@ -310,6 +310,34 @@ async fn ssl_of_connections(admin_url: &str, application_name: &str) -> Vec<bool
         .collect()
 }
 
+/// Whether each of the connections a server holds to PostgreSQL is encrypted, as PostgreSQL sees
+/// it, when the service's URL is `db`'s with `sslmode` set to `sslmode` (or left out for `None`).
+/// The server starts, serves a sign-up (so its pool is in use), is asked about and stops.
+async fn encryption_of_a_server(
+    admin_url: &str,
+    db: &Arc<TestDb>,
+    smtp: &SmtpSink,
+    sslmode: Option<&str>,
+) -> Vec<bool> {
+    let name = format!(
+        "cdp_tls_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut pairs = vec![("application_name", name.as_str())];
+    pairs.extend(sslmode.map(|mode| ("sslmode", mode)));
+    let url = with_query(&db.service_url, &pairs);
+    let server = TestServer::start_on(db.clone(), Some(smtp), |config| {
+        config.database_url = url.clone()
+    })
+    .await;
+    let tenant = slug(&format!("pg-{}", sslmode.unwrap_or("default")));
+    new_tenant(&server, smtp, &tenant, &format!("owner@{tenant}.example")).await;
+    let encrypted = ssl_of_connections(admin_url, &name).await;
+    server.stop().await;
+    assert!(!encrypted.is_empty(), "the service holds no connection");
+    encrypted
+}
+
 #[tokio::test]
 async fn sslmode_require_encrypts_every_connection_of_the_service_to_postgresql() {
     let Some(admin_url) = postgres_admin_url() else {
@@ -318,44 +346,17 @@ async fn sslmode_require_encrypts_every_connection_of_the_service_to_postgresql(
     init_logs();
     let smtp = SmtpSink::start().await;
     let db = TestDb::create(Backend::Postgres).await;
-    let name = format!(
-        "cdp_tls_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let plain_name = format!("{name}_plain");
-    let url = with_query(
-        &db.service_url,
-        &[("sslmode", "require"), ("application_name", &name)],
-    );
-    let plain_url = with_query(
-        &db.service_url,
-        &[("sslmode", "disable"), ("application_name", &plain_name)],
-    );
-    let server = TestServer::start_on(db.clone(), Some(&smtp), |config| {
-        config.database_url = url.clone()
-    })
-    .await;
-    // The control: the same server with TLS turned off, so that the check below can tell.
-    let plain = TestServer::start_on(db.clone(), Some(&smtp), |config| {
-        config.database_url = plain_url.clone()
-    })
-    .await;
-    new_tenant(&server, &smtp, &slug("pg-tls"), "owner@pg-tls.example").await;
-    new_tenant(&plain, &smtp, &slug("pg-plain"), "owner@pg-plain.example").await;
-
-    let encrypted = ssl_of_connections(&admin_url, &name).await;
-    assert!(!encrypted.is_empty(), "the service holds no connection");
+    let encrypted = encryption_of_a_server(&admin_url, &db, &smtp, Some("require")).await;
     assert!(
         encrypted.iter().all(|ssl| *ssl),
         "connections without TLS: {encrypted:?}"
     );
-    let control = ssl_of_connections(&admin_url, &plain_name).await;
+    // The control: the same database with TLS turned off, so that the check above can tell.
+    let control = encryption_of_a_server(&admin_url, &db, &smtp, Some("disable")).await;
     assert!(
-        !control.is_empty() && control.iter().all(|ssl| !*ssl),
+        control.iter().all(|ssl| !*ssl),
         "sslmode=disable should show unencrypted connections: {control:?}"
     );
-    server.stop().await;
-    plain.stop().await;
 }
 
 /// Whether `url` names this host's loopback address over TCP.
@@ -382,47 +383,18 @@ async fn a_loopback_url_without_sslmode_connects_in_plain_text_and_an_explicit_p
         "this test needs CDP_TEST_POSTGRES_URL on 127.0.0.1, ::1 or localhost: {}",
         db.service_url
     );
-    let name = format!(
-        "cdp_loop_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let prefer_name = format!("{name}_prefer");
-    let default_url = with_query(&db.service_url, &[("application_name", &name)]);
-    let prefer_url = with_query(
-        &db.service_url,
-        &[("sslmode", "prefer"), ("application_name", &prefer_name)],
-    );
-    let server = TestServer::start_on(db.clone(), Some(&smtp), |config| {
-        config.database_url = default_url.clone()
-    })
-    .await;
-    // The control: the same database with `prefer` said, which must negotiate TLS (the test
-    // server offers it, as the one of the test above must).
-    let prefer = TestServer::start_on(db.clone(), Some(&smtp), |config| {
-        config.database_url = prefer_url.clone()
-    })
-    .await;
-    new_tenant(&server, &smtp, &slug("pg-loop"), "owner@pg-loop.example").await;
-    new_tenant(
-        &prefer,
-        &smtp,
-        &slug("pg-prefer"),
-        "owner@pg-prefer.example",
-    )
-    .await;
-
-    let plain = ssl_of_connections(&admin_url, &name).await;
+    let plain = encryption_of_a_server(&admin_url, &db, &smtp, None).await;
     assert!(
-        !plain.is_empty() && plain.iter().all(|ssl| !*ssl),
+        plain.iter().all(|ssl| !*ssl),
         "a loopback URL without sslmode should connect without TLS: {plain:?}"
     );
-    let preferred = ssl_of_connections(&admin_url, &prefer_name).await;
+    // The control: the same database with `prefer` said, which must negotiate TLS (the test
+    // server offers it, as the one of the test above must).
+    let preferred = encryption_of_a_server(&admin_url, &db, &smtp, Some("prefer")).await;
     assert!(
-        !preferred.is_empty() && preferred.iter().all(|ssl| *ssl),
+        preferred.iter().all(|ssl| *ssl),
         "sslmode=prefer said in the URL should negotiate TLS: {preferred:?}"
     );
-    server.stop().await;
-    prefer.stop().await;
 }
 
 #[tokio::test]
