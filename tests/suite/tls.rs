@@ -359,17 +359,6 @@ async fn sslmode_require_encrypts_every_connection_of_the_service_to_postgresql(
     );
 }
 
-/// Whether `url` names this host's loopback address over TCP.
-fn on_loopback(url: &str) -> bool {
-    let url = reqwest::Url::parse(url).unwrap();
-    let host = url.host_str().unwrap_or_default();
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|address| address.is_loopback())
-}
-
 #[tokio::test]
 async fn a_loopback_url_without_sslmode_connects_in_plain_text_and_an_explicit_prefer_keeps_tls() {
     let Some(admin_url) = postgres_admin_url() else {
@@ -379,7 +368,10 @@ async fn a_loopback_url_without_sslmode_connects_in_plain_text_and_an_explicit_p
     let smtp = SmtpSink::start().await;
     let db = TestDb::create(Backend::Postgres).await;
     assert!(
-        on_loopback(&db.service_url),
+        reqwest::Url::parse(&db.service_url)
+            .unwrap()
+            .host_str()
+            .is_some_and(api::store::is_loopback_host),
         "this test needs CDP_TEST_POSTGRES_URL on 127.0.0.1, ::1 or localhost: {}",
         db.service_url
     );

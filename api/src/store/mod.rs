@@ -169,7 +169,8 @@ impl StoreOptions {
     /// this host's loopback address whose URL does not set `sslmode` runs without TLS.
     pub fn connect_options(&self) -> ConnectOptions {
         use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
-        let sslmode_unset = !sslmode_in_url(&self.url) && std::env::var_os("PGSSLMODE").is_none();
+        let pgsslmode_set = std::env::var_os("PGSSLMODE").is_some();
+        let url = self.url.clone();
         let mut connect = ConnectOptions::new(self.url.clone());
         connect
             .max_connections(self.max_connections)
@@ -198,7 +199,7 @@ impl StoreOptions {
             .map_sqlx_postgres_opts(move |options| {
                 let options = options.options([("plan_cache_mode", "force_custom_plan")]);
                 // A database on this host, and nobody asked for TLS: plain text (ADR 0014).
-                if sslmode_unset && plain_on_loopback(&options) {
+                if plain_on_loopback(&url, &options, pgsslmode_set) {
                     options.ssl_mode(sea_orm::sqlx::postgres::PgSslMode::Disable)
                 } else {
                     options
@@ -219,19 +220,26 @@ fn sslmode_in_url(url: &str) -> bool {
     })
 }
 
-/// Whether a connection with these options, left at the driver's default `prefer`, goes over TCP
-/// to this host's loopback interface, where TLS protects nothing: whoever can read loopback
-/// traffic can read the process's memory too. There it costs about a tenth of the ingest rate
-/// (docs/PERFORMANCE.md), so such a connection runs in plain text, as a Unix socket does.
-fn plain_on_loopback(options: &sea_orm::sqlx::postgres::PgConnectOptions) -> bool {
-    use sea_orm::sqlx::postgres::PgSslMode;
-    if options.get_socket().is_some() || !matches!(options.get_ssl_mode(), PgSslMode::Prefer) {
-        return false;
-    }
-    let host = options
-        .get_host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
+/// Whether a connection to `url` (parsed into `options`) runs in plain text by default: neither
+/// the URL nor `PGSSLMODE` says how to protect it (so the driver would use `prefer`), and it goes
+/// over TCP to this host's loopback interface, where TLS protects nothing: whoever can read
+/// loopback traffic can read the process's memory too. There it costs about a tenth of the ingest
+/// rate (docs/PERFORMANCE.md), so such a connection runs in plain text, as a Unix socket does.
+fn plain_on_loopback(
+    url: &str,
+    options: &sea_orm::sqlx::postgres::PgConnectOptions,
+    pgsslmode_set: bool,
+) -> bool {
+    !pgsslmode_set
+        && !sslmode_in_url(url)
+        && options.get_socket().is_none()
+        && is_loopback_host(options.get_host())
+}
+
+/// Whether `host` (a name, an address, or a bracketed IPv6 address as URLs write it) is this
+/// host's loopback: `localhost`, `127.0.0.0/8` or `::1`.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost")
         || host
             .parse::<std::net::IpAddr>()
@@ -911,19 +919,8 @@ mod tls_by_default {
     //! Which PostgreSQL connections run without TLS by default (ADR 0014).
 
     use super::{plain_on_loopback, sslmode_in_url};
-    use sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
+    use sea_orm::sqlx::postgres::PgConnectOptions;
     use std::str::FromStr;
-
-    /// The options the store would start from: without an `sslmode` in the URL, the driver's
-    /// default (`prefer`), whatever `PGSSLMODE` the test run has.
-    fn options(url: &str) -> PgConnectOptions {
-        let options = PgConnectOptions::from_str(url).expect("a URL");
-        if sslmode_in_url(url) {
-            options
-        } else {
-            options.ssl_mode(PgSslMode::Prefer)
-        }
-    }
 
     #[test]
     fn a_url_that_names_an_sslmode_is_taken_as_it_is() {
@@ -936,9 +933,13 @@ mod tls_by_default {
         assert!(!sslmode_in_url("postgres://u@db/cdp?sslrootcert=/ca.pem"));
     }
 
-    /// The decision of `StoreOptions::connect_options` for `url` (with `PGSSLMODE` unset).
-    fn without_tls(url: &str) -> bool {
-        !sslmode_in_url(url) && plain_on_loopback(&options(url))
+    /// The decision of `StoreOptions::connect_options` for `url`, with `PGSSLMODE` unset or set.
+    fn without_tls(url: &str, pgsslmode_set: bool) -> bool {
+        plain_on_loopback(
+            url,
+            &PgConnectOptions::from_str(url).expect("a URL"),
+            pgsslmode_set,
+        )
     }
 
     #[test]
@@ -949,7 +950,8 @@ mod tls_by_default {
             "postgres://u@localhost/cdp",
             "postgres://u@[::1]:5432/cdp",
         ] {
-            assert!(without_tls(url), "{url}");
+            assert!(without_tls(url, false), "{url}");
+            assert!(!without_tls(url, true), "{url} with PGSSLMODE set");
         }
         for url in [
             "postgres://u@db.internal/cdp",
@@ -959,7 +961,7 @@ mod tls_by_default {
             "postgres://u@127.0.0.1/cdp?sslmode=require",
             "postgres://u@127.0.0.1/cdp?sslmode=disable",
         ] {
-            assert!(!without_tls(url), "{url}");
+            assert!(!without_tls(url, false), "{url}");
         }
     }
 }
