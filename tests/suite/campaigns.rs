@@ -797,3 +797,82 @@ async fn a_subscriber_sees_a_campaign_email_queued_and_then_sent() {
         env.server.stop().await;
     }
 }
+
+/// Ingestion keeps the tenant's definitions (segments, lifecycle model, campaigns) between
+/// batches, keyed by a version the database raises with every change: each change made between
+/// two batches must be in force for the second one.
+#[tokio::test]
+async fn definitions_changed_between_batches_are_in_force_for_the_next_batch() {
+    for backend in backends() {
+        let env = setup(backend, "defs").await;
+        let state = |user: &'static str| {
+            let env = &env;
+            async move {
+                let id = env.profile_id(user).await;
+                env.server
+                    .gql_ok(
+                        env.token(),
+                        "query($id: ID!) { profile(id: $id) { stage segments { name } } }",
+                        json!({"id": id}),
+                    )
+                    .await["profile"]
+                    .clone()
+            }
+        };
+        // A batch with nothing defined yet: the definitions of that version are now held.
+        env.send(json!([identify(
+            "al",
+            json!({"email": "al@example.com", "plan": "free"}),
+            Some(true)
+        )]))
+        .await;
+        assert_eq!(state("al").await["segments"], json!([]), "[{backend:?}]");
+
+        // A segment, a lifecycle model and an active campaign, each created between batches.
+        env.segment(
+            "Gold",
+            json!({"trait": "plan", "op": "eq", "value": "gold"}),
+        )
+        .await;
+        env.server
+            .gql_ok(
+                env.token(),
+                "mutation($s: [LifecycleStageInput!]!) { setLifecycleModel(stages: $s) { key } }",
+                json!({"s": [{"key": "vip", "name": "VIP",
+                              "condition": {"trait": "plan", "op": "eq", "value": "gold"}}]}),
+            )
+            .await;
+        let campaign = env
+            .active_campaign("Cart", json!({"event": "Cart Abandoned"}), "Cart", "Yours.")
+            .await;
+        let before = env.smtp.received().len();
+        env.send(json!([
+            identify("al", json!({"plan": "gold"}), None),
+            track("al", "Cart Abandoned")
+        ]))
+        .await;
+        assert_eq!(
+            state("al").await,
+            json!({"stage": "vip", "segments": [{"name": "Gold"}]}),
+            "[{backend:?}]"
+        );
+        mail_to(&env.smtp, before + 1, "al@example.com").await;
+
+        // Paused between batches: the next batch's event sends nothing.
+        env.set_status(&campaign, "PAUSED").await;
+        env.send(json!([
+            identify("bo", json!({"email": "bo@example.com"}), Some(true)),
+            track("bo", "Cart Abandoned")
+        ]))
+        .await;
+        let bo = env.profile_id("bo").await;
+        assert!(
+            env.deliveries(&campaign)
+                .await
+                .iter()
+                .all(|delivery| delivery["profileId"] != bo.as_str()),
+            "[{backend:?}] a paused campaign sent"
+        );
+        env.stop_and_check_count(before + 1).await;
+    }
+}

@@ -27,15 +27,31 @@ async fn a_retried_batch_is_stored_once() {
         let batch = json!({"batch": [
             {"type": "track", "userId": "u1", "event": "A", "messageId": "m-1"},
             {"type": "track", "userId": "u1", "event": "B", "messageId": "m-2"},
-            {"type": "track", "userId": "u1", "event": "B", "messageId": "m-2"}
+            {"type": "track", "userId": "u1", "event": "B", "messageId": "m-2"},
+            {"type": "track", "userId": "u1", "event": "Order Completed",
+             "properties": {"revenue": 12.5}, "messageId": "m-3"}
         ]});
         for _ in 0..3 {
             let (status, body) = collect(&server, "/v1/batch", &key, &batch).await;
             assert_eq!((status, body), (200, json!({"success": true})));
         }
-        assert_eq!(event_total(&server, &owner.access_token).await, 2);
+        assert_eq!(event_total(&server, &owner.access_token).await, 3);
         let profile = profile_by(&server, &owner.access_token, "user_id", "u1").await;
-        assert_eq!(profile["eventCount"], 2);
+        assert_eq!(profile["eventCount"], 3);
+        // The order counts once: the attempts that met the stored messages left nothing behind.
+        let attributes = server
+            .gql_ok(
+                Some(&owner.access_token),
+                "query($id: ID!) { profile(id: $id) { attributes { orderCount totalRevenue } } }",
+                json!({"id": profile["id"]}),
+            )
+            .await["profile"]["attributes"]
+            .clone();
+        assert_eq!(
+            attributes,
+            json!({"orderCount": 1, "totalRevenue": 12.5}),
+            "[{backend:?}]"
+        );
         let quality = data_quality(&server, &owner.access_token).await;
         let source = quality
             .as_array()
@@ -43,8 +59,8 @@ async fn a_retried_batch_is_stored_once() {
             .iter()
             .find(|s| s["name"] == "retry")
             .unwrap();
-        assert_eq!(source["accepted"], 2);
-        assert_eq!(source["duplicates"], 7);
+        assert_eq!(source["accepted"], 3);
+        assert_eq!(source["duplicates"], 9);
         server.stop().await;
     }
 }

@@ -578,7 +578,7 @@ pub async fn set_status(
         )
         .await?;
     }
-    let reactions = super::reactions::react(&tx, backend, &notices, now).await?;
+    let reactions = super::reactions::react(&tx, backend, None, &notices, now).await?;
     let row = stored::get(&tx, id)
         .await?
         .ok_or(ServiceError::NotFound("campaign"))?;
@@ -687,6 +687,7 @@ pub async fn announced_delivery(
 pub async fn trigger(
     tx: &TenantTx,
     backend: Backend,
+    active: Option<&[CampaignRow]>,
     notices: &[Notice],
     now: DateTime<Utc>,
 ) -> StoreResult<Vec<Notice>> {
@@ -703,10 +704,17 @@ pub async fn trigger(
     if !may_trigger {
         return Ok(Vec::new());
     }
-    let campaigns = stored::active(tx).await?;
+    let read;
+    let campaigns = match active {
+        Some(active) => active,
+        None => {
+            read = stored::active(tx).await?;
+            read.as_slice()
+        }
+    };
     let mut cap = None;
     let mut out = Vec::new();
-    for campaign in &campaigns {
+    for campaign in campaigns {
         let Some(trigger) = Trigger::of(campaign) else {
             continue;
         };
@@ -965,7 +973,7 @@ pub async fn unsubscribe(state: &AppState, meta: &RequestMeta, token: &str) -> S
         Some(json!({"purpose": link.purpose, "granted": false, "via": "List-Unsubscribe"})),
     )
     .await?;
-    let reactions = super::reactions::react(&tx, backend, &notices, now).await?;
+    let reactions = super::reactions::react(&tx, backend, None, &notices, now).await?;
     tx.commit().await?;
     state.bus.publish(notices);
     state.bus.publish(reactions);

@@ -333,6 +333,8 @@ async fn commit_group(
         .collect();
     let rules = &group[0].rules;
     let mut attempt = 0;
+    // Whether `apply` looks up stored message ids first: not until a conflict says it must.
+    let mut look_up_stored = false;
     loop {
         let tx = match state.store.begin(tenant_id).await {
             Ok(tx) => tx,
@@ -343,7 +345,7 @@ async fn commit_group(
             }
             Err(error) => return Err(error.into()),
         };
-        match apply(state, &tx, rules, &jobs).await {
+        match apply(state, &tx, rules, &jobs, look_up_stored).await {
             Ok((reports, notices)) => match tx.commit().await {
                 Ok(()) => {
                     state.bus.publish(notices);
@@ -353,10 +355,18 @@ async fn commit_group(
                 Err(error) if error.is_retryable() && attempt < 8 => {}
                 Err(error) => return Err(error.into()),
             },
-            Err(error)
-                if (error.is_retryable() || matches!(error, StoreError::Conflict(_)))
-                    && attempt < 8 =>
-            {
+            Err(StoreError::Conflict(_)) if attempt < 8 => {
+                // A message stored before (or concurrently), or an identifier linked
+                // concurrently: the retry sees what was committed.
+                drop(tx);
+                if !look_up_stored {
+                    // Most likely a message sent again: retry at once, looking it up.
+                    look_up_stored = true;
+                    attempt += 1;
+                    continue;
+                }
+            }
+            Err(error) if error.is_retryable() && attempt < 8 => {
                 drop(tx);
             }
             Err(error) => return Err(error.into()),
@@ -584,16 +594,18 @@ async fn apply<'a>(
     tx: &TenantTx,
     rules: &'a domain::identity::IdentityRules,
     jobs: &[Job<'a>],
+    look_up_stored: bool,
 ) -> Result<(Vec<IngestReport>, Vec<super::bus::Notice>), StoreError> {
     let now = state.now();
     // The tenant's personal keys, read under the segment barrier (shared; a change of the keys
     // takes it exclusively while it re-seals), so that a batch seals exactly what the committed
     // settings say, never with keys that changed meanwhile.
     store::segments::barrier(tx, state.store.backend(), false).await?;
-    let pii = &privacy::settings_in(tx)
-        .await
-        .map_err(|error| StoreError::corrupt(format!("the privacy settings: {error}")))?
-        .pii_keys();
+    // The tenant's row, read once: its privacy settings, and the version of its definitions
+    // (segments, lifecycle model, campaigns, webhooks), which this process may hold already.
+    let tenant = store::tenants::get(tx).await?;
+    let pii = &privacy::settings_of(&tenant).pii_keys();
+    let definitions = super::definitions::at(tx, tenant.definitions_version).await?;
     let all_parsed = || jobs.iter().flat_map(|job| job.parsed.iter());
     let tenant_keys = state.vault.tenant(tx).await?;
     let mut work = Work {
@@ -660,18 +672,23 @@ async fn apply<'a>(
     }
     let owner_ids: BTreeSet<Uuid> = owned.iter().map(|row| row.profile_id).collect();
     let rows = store::profiles::load(tx, backend, &owner_ids, true).await?;
-    // Duplicates: stored before, or earlier in this batch. Checked under the locks of every
-    // identifier and profile the batch touches, so that a concurrent retry of the same batch is
-    // seen once it commits.
-    let message_ids: Vec<String> = all_parsed()
-        .flatten()
-        .map(|message| message.message_id.clone())
-        .collect();
-    let stored: HashSet<String> =
+    // Duplicates: stored before, or earlier in this batch. Stored ones are looked up only when
+    // asked: a first attempt assumes none (the common case) and the events' unique message ids
+    // fail it with a conflict when one was, and the retry looks them up. Looked up under the
+    // locks of every identifier and profile the batch touches, so that a concurrent retry of the
+    // same batch is seen once it commits.
+    let stored: HashSet<String> = if look_up_stored {
+        let message_ids: Vec<String> = all_parsed()
+            .flatten()
+            .map(|message| message.message_id.clone())
+            .collect();
         store::events::existing_message_ids(tx, state.store.events_partitioned(), &message_ids)
             .await?
             .into_iter()
-            .collect();
+            .collect()
+    } else {
+        HashSet::new()
+    };
     let owner_list: Vec<Uuid> = owner_ids.iter().copied().collect();
     work.sealer = state.vault.sealer(tx, pii.clone(), &owner_list).await?;
     // Read after the profiles' locks: an erasure that held them has committed its suppressions.
@@ -859,6 +876,7 @@ async fn apply<'a>(
     stats.sort();
     set.stats = stats;
     let understanding = Understanding::of(&set, jobs, &reports, &owner_ids);
+    set.orders = understanding.orders.clone();
     work.sealer.save(tx, now).await?;
     store::ingest::apply(tx, set, now).await?;
     // Every write of the batch is done and the transaction is still open: the stage and the
@@ -866,19 +884,21 @@ async fn apply<'a>(
     for (merged, survivor) in &understanding.merges {
         store::lifecycle::fold_order_totals(tx, *merged, *survivor).await?;
     }
-    store::lifecycle::add_order_totals(tx, &understanding.orders).await?;
     let mut notices = understanding.data_notices(tx.tenant_id());
     notices.extend(
         super::understand::after_write(
             tx,
             state.store.backend(),
+            Some(&definitions),
             &understanding.deltas,
             &understanding.merges,
             now,
         )
         .await?,
     );
-    let reactions = super::reactions::react(tx, state.store.backend(), &notices, now).await?;
+    let reactions =
+        super::reactions::react(tx, state.store.backend(), Some(&definitions), &notices, now)
+            .await?;
     notices.extend(reactions);
     Ok((reports, notices))
 }

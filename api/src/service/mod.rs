@@ -12,6 +12,7 @@ pub mod auth;
 pub mod backup;
 pub mod bus;
 pub mod campaigns;
+pub mod definitions;
 pub mod emails;
 pub mod fanout;
 pub mod ingest;

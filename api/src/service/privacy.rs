@@ -94,8 +94,16 @@ pub async fn blinder(state: &AppState, tx: &TenantTx) -> ServiceResult<Blinder> 
 
 /// Reads the privacy settings in a transaction of the tenant.
 pub async fn settings_in(tx: &TenantTx) -> ServiceResult<PrivacySettings> {
-    Ok(store::tenants::settings_section(tx, "privacy").await?)
+    Ok(store::tenants::settings_section(tx, SETTINGS_SECTION).await?)
 }
+
+/// [`settings_in`] of a tenant row already read.
+pub fn settings_of(tenant: &store::tenants::TenantRow) -> PrivacySettings {
+    store::tenants::section_of(tenant, SETTINGS_SECTION)
+}
+
+/// The section of the tenant's settings document that holds the privacy settings.
+const SETTINGS_SECTION: &str = "privacy";
 
 pub async fn get_settings(
     state: &AppState,
@@ -182,7 +190,7 @@ pub async fn set_settings(
     }
     let value =
         serde_json::to_value(&settings).map_err(|error| ServiceError::Unexpected(error.into()))?;
-    store::tenants::set_settings_section(&tx, "privacy", value.clone()).await?;
+    store::tenants::set_settings_section(&tx, SETTINGS_SECTION, value.clone()).await?;
     audit::record(
         state,
         &tx,
@@ -556,7 +564,7 @@ pub async fn erase_as(
         profile_id: profile.id,
         kind: super::bus::ProfileChangeKind::Erased,
     }];
-    let reactions = super::reactions::react(&tx, backend, &notices, now).await?;
+    let reactions = super::reactions::react(&tx, backend, None, &notices, now).await?;
     tx.commit().await?;
     state.store.truncate_wal().await;
     state.bus.publish(notices);

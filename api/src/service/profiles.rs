@@ -834,6 +834,7 @@ pub async fn merge(
         super::understand::after_write(
             &tx,
             state.store.backend(),
+            None,
             &[(keep, super::understand::Delta::everything())].into(),
             &[(gone, keep)],
             now,
@@ -850,7 +851,8 @@ pub async fn merge(
         Some(json!({"merged": gone})),
     )
     .await?;
-    let reactions = super::reactions::react(&tx, state.store.backend(), &notices, now).await?;
+    let reactions =
+        super::reactions::react(&tx, state.store.backend(), None, &notices, now).await?;
     let reveal = Reveal::load(state, &tx, masks(principal), [&keep_row.traits], []).await?;
     tx.commit().await?;
     state.bus.publish(notices);
@@ -989,6 +991,7 @@ pub async fn split(
         super::understand::after_write(
             &tx,
             state.store.backend(),
+            None,
             &[
                 (new_id, super::understand::Delta::everything()),
                 (source_row.id, super::understand::Delta::everything()),
@@ -1009,7 +1012,8 @@ pub async fn split(
         Some(json!({"newProfile": new_id, "kind": key.kind, "eventsMoved": moved_ids.len()})),
     )
     .await?;
-    let reactions = super::reactions::react(&tx, state.store.backend(), &notices, now).await?;
+    let reactions =
+        super::reactions::react(&tx, state.store.backend(), None, &notices, now).await?;
     let reveal = Reveal::load(state, &tx, masks(principal), [&new_row.traits], []).await?;
     tx.commit().await?;
     state.bus.publish(notices);
@@ -1138,7 +1142,7 @@ pub(crate) async fn record_consent(
         ..Default::default()
     };
     notices.extend(
-        super::understand::after_write(tx, backend, &[(profile_id, delta)].into(), &[], now)
+        super::understand::after_write(tx, backend, None, &[(profile_id, delta)].into(), &[], now)
             .await?,
     );
     Ok(notices)
@@ -1191,7 +1195,8 @@ pub async fn set_consent(
         Some(json!({"purpose": purpose, "granted": granted})),
     )
     .await?;
-    let reactions = super::reactions::react(&tx, state.store.backend(), &notices, now).await?;
+    let reactions =
+        super::reactions::react(&tx, state.store.backend(), None, &notices, now).await?;
     let reveal = Reveal::load(state, &tx, masks(principal), [&row.traits], []).await?;
     tx.commit().await?;
     state.bus.publish(notices);

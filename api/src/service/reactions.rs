@@ -12,17 +12,22 @@ use super::bus::Notice;
 use crate::store::{Backend, StoreResult, TenantTx};
 
 /// Queues what `notices` trigger; returns further notices (queued deliveries) to publish.
+/// `definitions` are the tenant's definitions when the caller holds them (see
+/// `super::definitions`); without them the active campaigns and webhooks are read here.
 pub async fn react(
     tx: &TenantTx,
     backend: Backend,
+    definitions: Option<&super::definitions::Definitions>,
     notices: &[Notice],
     now: DateTime<Utc>,
 ) -> StoreResult<Vec<Notice>> {
     if notices.is_empty() {
         return Ok(Vec::new());
     }
-    let mut more = super::campaigns::trigger(tx, backend, notices, now).await?;
-    more.extend(super::webhooks::enqueue(tx, backend, notices, now).await?);
+    let campaigns = definitions.map(|definitions| definitions.campaigns.as_slice());
+    let webhooks = definitions.map(|definitions| definitions.webhooks.as_slice());
+    let mut more = super::campaigns::trigger(tx, backend, campaigns, notices, now).await?;
+    more.extend(super::webhooks::enqueue(tx, backend, webhooks, notices, now).await?);
     // Other replicas learn of this transaction's notices when (and only if) it commits.
     super::fanout::announce(tx, backend, &[notices, more.as_slice()].concat()).await?;
     Ok(more)

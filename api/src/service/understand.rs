@@ -204,9 +204,13 @@ fn event_needs<'a>(deps: impl Iterator<Item = &'a Dependencies>, now: DateTime<U
 /// Re-evaluates the stage and the affected segments of the profiles in `deltas` (survivors, by
 /// id), and takes the profiles in `merged_away` out of every segment. Writes the changes and
 /// returns them as notices for the caller to publish after commit.
+///
+/// `definitions` are the tenant's definitions when the caller holds them (see
+/// `super::definitions`); without them they are read here.
 pub async fn after_write(
     tx: &TenantTx,
     backend: Backend,
+    definitions: Option<&super::definitions::Definitions>,
     deltas: &BTreeMap<Uuid, Delta>,
     merged_away: &[(Uuid, Uuid)],
     now: DateTime<Utc>,
@@ -237,8 +241,14 @@ pub async fn after_write(
         }
     }
 
-    let segments = ready_segments(tx).await?;
-    let model = lifecycle_model(tx).await?;
+    let read;
+    let (segments, model): (&[Definition], &LifecycleModel) = match definitions {
+        Some(definitions) => (&definitions.segments, &definitions.model),
+        None => {
+            read = (ready_segments(tx).await?, lifecycle_model(tx).await?);
+            (&read.0, &read.1)
+        }
+    };
     let model_deps = model.dependencies();
     let stage_segments: Vec<&Definition> = segments
         .iter()
@@ -291,7 +301,7 @@ pub async fn after_write(
             .unwrap_or_default();
         let mut to_check = affected;
         if stage {
-            let new = lifecycle::stage_of(&model, profile, now).map(str::to_owned);
+            let new = lifecycle::stage_of(model, profile, now).map(str::to_owned);
             if new != profile.stage {
                 stage_changes.push(store::lifecycle::StageChange {
                     profile_id,
@@ -631,7 +641,7 @@ async fn commit_with_reactions(
     now: DateTime<Utc>,
     out: &mut Vec<Notice>,
 ) -> StoreResult<()> {
-    let reactions = super::reactions::react(&tx, backend, &batch, now).await?;
+    let reactions = super::reactions::react(&tx, backend, None, &batch, now).await?;
     tx.commit().await?;
     out.extend(batch);
     out.extend(reactions);

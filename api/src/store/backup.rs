@@ -581,7 +581,7 @@ pub struct TenantRecord {
 /// when it exists, sets its name and settings (its slug and creation time stay). Returns true
 /// when it created the tenant. Fails with `Conflict` when another tenant has the slug.
 pub async fn put_tenant(tx: &TenantTx, record: &TenantRecord) -> StoreResult<bool> {
-    use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, Set};
+    use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, NotSet, QueryFilter, Set};
     let tenant = tx.tenant_id().as_uuid();
     let existing = tenants::Entity::find_by_id(tenant).one(tx.conn()).await?;
     if existing.is_some() {
@@ -602,6 +602,8 @@ pub async fn put_tenant(tx: &TenantTx, record: &TenantRecord) -> StoreResult<boo
         name: Set(record.name.clone()),
         settings: Set(record.settings.clone()),
         created_at: Set(record.created_at),
+        // The database's default; the restored definitions' triggers raise it.
+        definitions_version: NotSet,
     }
     .insert(tx.conn())
     .await

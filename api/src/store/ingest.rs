@@ -5,8 +5,10 @@
 //! rows of merged profiles), identities, events, consents, groups, the ledger, the counts
 //! (appended as deltas, see [`compact_stats`]).
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict, Query};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, IntoIden, OnConflict, Query};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect,
 };
@@ -46,7 +48,13 @@ pub struct WriteSet {
     pub stats: Vec<(Uuid, String, i64)>,
     /// Consent changes to append to the history.
     pub consent_changes: Vec<super::keys::ConsentChangeRow>,
+    /// (profile id, orders, revenue) to add to each profile's order totals.
+    pub orders: Vec<(Uuid, i64, f64)>,
 }
+
+/// The profile columns of the order totals, kept by the write path (`profile_state`).
+const ORDER_COUNT: &str = "order_count";
+const TOTAL_REVENUE: &str = "total_revenue";
 
 pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreResult<()> {
     let tenant = tx.tenant_id().as_uuid();
@@ -56,38 +64,82 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
             + wire::json_bytes(&row.channels)
             + 9 * wire::FIXED
     };
+    // Order totals ride on the profile's own upsert (one row version a batch, not two): each
+    // upserted profile adds its batch's orders to the stored totals.
+    let mut orders: HashMap<Uuid, (i64, f64)> = set
+        .orders
+        .iter()
+        .map(|(id, count, revenue)| (*id, (*count, *revenue)))
+        .collect();
     for chunk in wire::owned_chunks(tx, set.profiles, CHUNK, profile_bytes) {
-        let rows = chunk.into_iter().map(|row| profiles::ActiveModel {
-            tenant_id: Set(tenant),
-            id: Set(row.id),
-            traits: Set(row.traits),
-            trait_clock: Set(row.trait_clock),
-            channels: Set(row.channels),
-            first_seen_at: Set(row.first_seen_at),
-            last_seen_at: Set(row.last_seen_at),
-            event_count: Set(row.event_count),
-            merged_into: Set(row.merged_into),
-            created_at: Set(row.created_at),
-            updated_at: Set(now),
-        });
-        profiles::Entity::insert_many(rows)
-            .on_conflict(
-                OnConflict::columns([profiles::Column::TenantId, profiles::Column::Id])
-                    .update_columns([
-                        profiles::Column::Traits,
-                        profiles::Column::TraitClock,
-                        profiles::Column::Channels,
-                        profiles::Column::FirstSeenAt,
-                        profiles::Column::LastSeenAt,
-                        profiles::Column::EventCount,
-                        profiles::Column::MergedInto,
-                        profiles::Column::UpdatedAt,
-                    ])
-                    .to_owned(),
-            )
-            .exec(tx.conn())
-            .await?;
+        let mut insert = Query::insert();
+        insert.into_table(profiles::Entity).columns(
+            [
+                profiles::Column::TenantId,
+                profiles::Column::Id,
+                profiles::Column::Traits,
+                profiles::Column::TraitClock,
+                profiles::Column::Channels,
+                profiles::Column::FirstSeenAt,
+                profiles::Column::LastSeenAt,
+                profiles::Column::EventCount,
+                profiles::Column::MergedInto,
+                profiles::Column::CreatedAt,
+                profiles::Column::UpdatedAt,
+            ]
+            .map(IntoIden::into_iden)
+            .into_iter()
+            .chain([ORDER_COUNT, TOTAL_REVENUE].map(|column| Alias::new(column).into_iden())),
+        );
+        for row in chunk {
+            let (count, revenue) = orders.remove(&row.id).unwrap_or((0, 0.0));
+            insert.values_panic([
+                tenant.into(),
+                row.id.into(),
+                row.traits.into(),
+                row.trait_clock.into(),
+                row.channels.into(),
+                row.first_seen_at.into(),
+                row.last_seen_at.into(),
+                row.event_count.into(),
+                row.merged_into.into(),
+                row.created_at.into(),
+                now.into(),
+                count.into(),
+                revenue.into(),
+            ]);
+        }
+        let added = |column: &str| {
+            Expr::col((profiles::Entity, Alias::new(column)))
+                .add(Expr::col((Alias::new("excluded"), Alias::new(column))))
+        };
+        insert.on_conflict(
+            OnConflict::columns([profiles::Column::TenantId, profiles::Column::Id])
+                .update_columns([
+                    profiles::Column::Traits,
+                    profiles::Column::TraitClock,
+                    profiles::Column::Channels,
+                    profiles::Column::FirstSeenAt,
+                    profiles::Column::LastSeenAt,
+                    profiles::Column::EventCount,
+                    profiles::Column::MergedInto,
+                    profiles::Column::UpdatedAt,
+                ])
+                .values([
+                    (Alias::new(ORDER_COUNT), added(ORDER_COUNT)),
+                    (Alias::new(TOTAL_REVENUE), added(TOTAL_REVENUE)),
+                ])
+                .to_owned(),
+        );
+        tx.conn().execute(&insert).await?;
     }
+    // Orders of a profile the batch did not upsert (none today: every profile with an event is
+    // upserted), added on their own.
+    let rest: Vec<(Uuid, i64, f64)> = orders
+        .into_iter()
+        .map(|(id, (count, revenue))| (id, count, revenue))
+        .collect();
+    super::lifecycle::add_order_totals(tx, &rest).await?;
 
     for (merged, survivor) in &set.merges {
         move_profile_rows(tx, *merged, *survivor).await?;
@@ -113,7 +165,7 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
         // A unique violation here means another transaction linked the same identifier first:
         // the caller retries the batch, which then sees it.
         identities::Entity::insert_many(rows)
-            .exec(tx.conn())
+            .exec_without_returning(tx.conn())
             .await
             .map_err(|error| {
                 StoreError::unique_as_conflict(error, "identity linked concurrently")
@@ -146,7 +198,7 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
                 ])
                 .to_owned(),
             )
-            .exec(tx.conn())
+            .exec_without_returning(tx.conn())
             .await?;
     }
 
@@ -176,7 +228,7 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
                     ])
                     .to_owned(),
             )
-            .exec(tx.conn())
+            .exec_without_returning(tx.conn())
             .await?;
     }
     let membership_bytes =
@@ -197,7 +249,7 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
                 profile_groups::Column::ProfileId,
                 profile_groups::Column::GroupId,
             ])
-            .exec(tx.conn())
+            .exec_without_returning(tx.conn())
             .await?;
     }
 
@@ -225,7 +277,7 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
             detail: Set(row.detail.clone()),
         });
         merge_ledger::Entity::insert_many(rows)
-            .exec(tx.conn())
+            .exec_without_returning(tx.conn())
             .await?;
     }
 
@@ -283,7 +335,7 @@ async fn insert_events(tx: &TenantTx, rows: Vec<EventRow>) -> StoreResult<()> {
             anonymous_id: Set(row.anonymous_id),
         });
         events::Entity::insert_many(rows)
-            .exec(tx.conn())
+            .exec_without_returning(tx.conn())
             .await
             .map_err(|error| {
                 StoreError::unique_as_conflict(error, "message stored concurrently")

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use domain::{TenantId, TenantName, TenantSlug};
-use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, Set};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, NotSet, QueryFilter, Set};
 
 use super::entity::tenants;
 use super::{Store, StoreError, StoreResult, TenantTx};
@@ -22,6 +22,8 @@ pub async fn create(
         name: Set(name.as_str().to_owned()),
         settings: Set(serde_json::json!({})),
         created_at: Set(now),
+        // The database's default; its triggers raise it.
+        definitions_version: NotSet,
     };
     row.insert(tx.conn())
         .await
@@ -66,13 +68,16 @@ pub async fn settings_section<T: serde::de::DeserializeOwned + Default>(
     tx: &TenantTx,
     name: &str,
 ) -> StoreResult<T> {
-    Ok(get(tx)
-        .await?
-        .settings
+    Ok(section_of(&get(tx).await?, name))
+}
+
+/// [`settings_section`] of a tenant row already read.
+pub fn section_of<T: serde::de::DeserializeOwned + Default>(row: &TenantRow, name: &str) -> T {
+    row.settings
         .get(name)
         .cloned()
         .and_then(|value| serde_json::from_value(value).ok())
-        .unwrap_or_default())
+        .unwrap_or_default()
 }
 
 /// Replaces one section of the tenant's settings document, leaving the others as they are.

@@ -1144,7 +1144,7 @@ async fn breakdown(
     for _ in 0..runs.max(5) {
         let started = Instant::now();
         let tx = store.begin(tenant_id).await?;
-        understand::after_write(&tx, store.backend(), &deltas, &[], Utc::now()).await?;
+        understand::after_write(&tx, store.backend(), None, &deltas, &[], Utc::now()).await?;
         tx.commit().await?;
         time("after_write_ms", started);
     }

@@ -11,6 +11,9 @@ pub struct Model {
     pub name: String,
     pub settings: Json,
     pub created_at: DateTimeUtc,
+    /// Raised by the database on every change to the tenant's definitions (segments, lifecycle
+    /// stages, campaigns, webhooks): the key of the per-process definitions cache.
+    pub definitions_version: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
