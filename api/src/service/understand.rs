@@ -180,6 +180,7 @@ fn event_needs<'a>(deps: impl Iterator<Item = &'a Dependencies>, now: DateTime<U
     let mut longest: Option<i64> = None;
     let mut any_events = false;
     for deps in deps {
+        needs.consents |= !deps.consent_purposes.is_empty();
         if deps.any_event || !deps.event_names.is_empty() {
             any_events = true;
             needs.any |= deps.any_event;

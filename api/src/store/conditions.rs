@@ -1679,6 +1679,7 @@ mod tests {
             with_tomb.push(tomb.id);
             let everything = crate::store::facts::EventNeeds {
                 any: true,
+                consents: true,
                 ..Default::default()
             };
             let loaded = crate::store::facts::load(&tx, &with_tomb, &everything)

@@ -14,9 +14,11 @@ use super::conditions::instant_fact_text;
 use super::entity::{consents, events, profile_state};
 use super::{StoreResult, TenantTx};
 
-/// Which events to load with the facts.
+/// Which events (and whether the consents) to load with the facts.
 #[derive(Debug, Clone, Default)]
 pub struct EventNeeds {
+    /// The profiles' consents: some condition reads a consent.
+    pub consents: bool,
     /// Every event, whatever its name.
     pub any: bool,
     /// Events with these names.
@@ -97,14 +99,16 @@ pub async fn load(
             }
             facts.insert(state.id, profile);
         }
-        let consent_rows = consents::Entity::find()
-            .filter(consents::Column::TenantId.eq(tenant))
-            .filter(consents::Column::ProfileId.is_in(chunk.iter().copied()))
-            .all(tx.conn())
-            .await?;
-        for consent in consent_rows {
-            if let Some(profile) = facts.get_mut(&consent.profile_id) {
-                profile.consents.insert(consent.purpose, consent.granted);
+        if needs.consents {
+            let consent_rows = consents::Entity::find()
+                .filter(consents::Column::TenantId.eq(tenant))
+                .filter(consents::Column::ProfileId.is_in(chunk.iter().copied()))
+                .all(tx.conn())
+                .await?;
+            for consent in consent_rows {
+                if let Some(profile) = facts.get_mut(&consent.profile_id) {
+                    profile.consents.insert(consent.purpose, consent.granted);
+                }
             }
         }
         if needs.none() {

@@ -1083,7 +1083,10 @@ async fn breakdown(
         let started = Instant::now();
         understand::lifecycle_model(&tx).await?;
         time("lifecycle_model_ms", started);
-        let mut needs = store::facts::EventNeeds::default();
+        let mut needs = store::facts::EventNeeds {
+            consents: true,
+            ..Default::default()
+        };
         let mut longest = None;
         let mut all_time = false;
         for segment in &segments {
@@ -1096,7 +1099,11 @@ async fn breakdown(
             needs.since = longest.map(|window| now - window - chrono::Duration::seconds(1));
         }
         let started = Instant::now();
-        store::facts::load(&tx, &ids, &store::facts::EventNeeds::default()).await?;
+        let without_events = store::facts::EventNeeds {
+            consents: true,
+            ..Default::default()
+        };
+        store::facts::load(&tx, &ids, &without_events).await?;
         time("facts_without_events_ms", started);
         let started = Instant::now();
         let facts = store::facts::load(&tx, &ids, &needs).await?;
