@@ -875,8 +875,9 @@ async fn apply<'a>(
         .collect();
     stats.sort();
     set.stats = stats;
-    let understanding = Understanding::of(&set, jobs, &reports, &owner_ids);
-    set.orders = understanding.orders.clone();
+    let mut understanding = Understanding::of(&set, jobs, &reports, &owner_ids);
+    // The orders ride on their profiles' upserts.
+    set.orders = std::mem::take(&mut understanding.orders);
     work.sealer.save(tx, now).await?;
     store::ingest::apply(tx, set, now).await?;
     // Every write of the batch is done and the transaction is still open: the stage and the

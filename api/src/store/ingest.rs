@@ -52,6 +52,22 @@ pub struct WriteSet {
     pub orders: Vec<(Uuid, i64, f64)>,
 }
 
+/// The profile columns the write path upserts, in the order of their values, besides the order
+/// totals.
+const PROFILE_COLUMNS: [profiles::Column; 11] = [
+    profiles::Column::TenantId,
+    profiles::Column::Id,
+    profiles::Column::Traits,
+    profiles::Column::TraitClock,
+    profiles::Column::Channels,
+    profiles::Column::FirstSeenAt,
+    profiles::Column::LastSeenAt,
+    profiles::Column::EventCount,
+    profiles::Column::MergedInto,
+    profiles::Column::CreatedAt,
+    profiles::Column::UpdatedAt,
+];
+
 /// The profile columns of the order totals, kept by the write path (`profile_state`).
 const ORDER_COUNT: &str = "order_count";
 const TOTAL_REVENUE: &str = "total_revenue";
@@ -62,7 +78,7 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
         wire::json_bytes(&row.traits)
             + wire::json_bytes(&row.trait_clock)
             + wire::json_bytes(&row.channels)
-            + 9 * wire::FIXED
+            + 11 * wire::FIXED
     };
     // Order totals ride on the profile's own upsert (one row version a batch, not two): each
     // upserted profile adds its batch's orders to the stored totals.
@@ -74,22 +90,10 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
     for chunk in wire::owned_chunks(tx, set.profiles, CHUNK, profile_bytes) {
         let mut insert = Query::insert();
         insert.into_table(profiles::Entity).columns(
-            [
-                profiles::Column::TenantId,
-                profiles::Column::Id,
-                profiles::Column::Traits,
-                profiles::Column::TraitClock,
-                profiles::Column::Channels,
-                profiles::Column::FirstSeenAt,
-                profiles::Column::LastSeenAt,
-                profiles::Column::EventCount,
-                profiles::Column::MergedInto,
-                profiles::Column::CreatedAt,
-                profiles::Column::UpdatedAt,
-            ]
-            .map(IntoIden::into_iden)
-            .into_iter()
-            .chain([ORDER_COUNT, TOTAL_REVENUE].map(|column| Alias::new(column).into_iden())),
+            PROFILE_COLUMNS
+                .map(IntoIden::into_iden)
+                .into_iter()
+                .chain([ORDER_COUNT, TOTAL_REVENUE].map(|column| Alias::new(column).into_iden())),
         );
         for row in chunk {
             let (count, revenue) = orders.remove(&row.id).unwrap_or((0, 0.0));
@@ -115,16 +119,15 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
         };
         insert.on_conflict(
             OnConflict::columns([profiles::Column::TenantId, profiles::Column::Id])
-                .update_columns([
-                    profiles::Column::Traits,
-                    profiles::Column::TraitClock,
-                    profiles::Column::Channels,
-                    profiles::Column::FirstSeenAt,
-                    profiles::Column::LastSeenAt,
-                    profiles::Column::EventCount,
-                    profiles::Column::MergedInto,
-                    profiles::Column::UpdatedAt,
-                ])
+                // Everything but the key and the creation time.
+                .update_columns(PROFILE_COLUMNS.into_iter().filter(|column| {
+                    !matches!(
+                        column,
+                        profiles::Column::TenantId
+                            | profiles::Column::Id
+                            | profiles::Column::CreatedAt
+                    )
+                }))
                 .values([
                     (Alias::new(ORDER_COUNT), added(ORDER_COUNT)),
                     (Alias::new(TOTAL_REVENUE), added(TOTAL_REVENUE)),
