@@ -18,8 +18,8 @@ use domain::lifecycle::LifecycleModel;
 use uuid::Uuid;
 
 use super::understand::{self, Definition};
+use super::webhooks::Webhook;
 use crate::store::campaigns::CampaignRow;
-use crate::store::webhooks::WebhookRow;
 use crate::store::{self, StoreResult, TenantTx};
 
 /// One tenant's definitions as of one version.
@@ -28,15 +28,20 @@ pub struct Definitions {
     pub segments: Vec<Definition>,
     pub model: LifecycleModel,
     pub campaigns: Vec<CampaignRow>,
-    pub webhooks: Vec<WebhookRow>,
+    /// The active webhooks, their topics parsed.
+    pub webhooks: Vec<Webhook>,
 }
 
 /// Tenants held at most; past it the cache starts over (each entry is a few kilobytes).
 const MAX_TENANTS: usize = 10_000;
 
-static CACHE: Mutex<Option<HashMap<Uuid, Arc<Definitions>>>> = Mutex::new(None);
+/// Keyed by the store's origin and the tenant: a version counts changes in one database, and a
+/// process may hold stores of several (tests, the bench, a restore into another database).
+type Key = (Uuid, Uuid);
 
-fn cache() -> MutexGuard<'static, Option<HashMap<Uuid, Arc<Definitions>>>> {
+static CACHE: Mutex<Option<HashMap<Key, Arc<Definitions>>>> = Mutex::new(None);
+
+fn cache() -> MutexGuard<'static, Option<HashMap<Key, Arc<Definitions>>>> {
     CACHE
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -45,10 +50,10 @@ fn cache() -> MutexGuard<'static, Option<HashMap<Uuid, Arc<Definitions>>>> {
 /// The definitions of `tx`'s tenant at `version`, the `definitions_version` that `tx` read from
 /// the tenant's row: this process's copy when it is of that version, else read in `tx` and kept.
 pub async fn at(tx: &TenantTx, version: i64) -> StoreResult<Arc<Definitions>> {
-    let tenant = tx.tenant_id().as_uuid();
+    let key = (tx.origin(), tx.tenant_id().as_uuid());
     let held = cache()
         .as_ref()
-        .and_then(|held| held.get(&tenant))
+        .and_then(|held| held.get(&key))
         .filter(|definitions| definitions.version == version)
         .cloned();
     if let Some(held) = held {
@@ -59,19 +64,23 @@ pub async fn at(tx: &TenantTx, version: i64) -> StoreResult<Arc<Definitions>> {
         segments: understand::ready_segments(tx).await?,
         model: understand::lifecycle_model(tx).await?,
         campaigns: store::campaigns::active(tx).await?,
-        webhooks: store::webhooks::active(tx).await?,
+        webhooks: store::webhooks::active(tx)
+            .await?
+            .into_iter()
+            .map(Webhook::from)
+            .collect(),
     });
     let mut guard = cache();
     let held = guard.get_or_insert_with(HashMap::new);
-    if held.len() >= MAX_TENANTS && !held.contains_key(&tenant) {
+    if held.len() >= MAX_TENANTS && !held.contains_key(&key) {
         held.clear();
     }
     // A slow transaction that read an older version never replaces a newer copy.
     if held
-        .get(&tenant)
+        .get(&key)
         .is_none_or(|current| current.version <= version)
     {
-        held.insert(tenant, loaded.clone());
+        held.insert(key, loaded.clone());
     }
     Ok(loaded)
 }

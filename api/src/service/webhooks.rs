@@ -627,20 +627,24 @@ pub fn payload(notice: &Notice, now: DateTime<Utc>) -> Option<Value> {
 pub async fn enqueue(
     tx: &TenantTx,
     _backend: Backend,
-    active: Option<&[store::webhooks::WebhookRow]>,
+    active: Option<&[Webhook]>,
     notices: &[Notice],
     now: DateTime<Utc>,
 ) -> StoreResult<Vec<Notice>> {
     if !notices.iter().any(|notice| Topic::of(notice).is_some()) {
         return Ok(Vec::new());
     }
-    let webhooks: Vec<Webhook> = match active {
-        Some(active) => active.iter().cloned().map(Webhook::from).collect(),
-        None => store::webhooks::active(tx)
-            .await?
-            .into_iter()
-            .map(Webhook::from)
-            .collect(),
+    let read: Vec<Webhook>;
+    let webhooks = match active {
+        Some(active) => active,
+        None => {
+            read = store::webhooks::active(tx)
+                .await?
+                .into_iter()
+                .map(Webhook::from)
+                .collect();
+            read.as_slice()
+        }
     };
     if webhooks.is_empty() {
         return Ok(Vec::new());
