@@ -38,6 +38,9 @@ pub struct GraphqlLimits {
     /// `Cache-Control: private, max-age=…` of a successful GET query
     /// (`CDP_GRAPHQL_GET_MAX_AGE_SECS`, default 5; 0: `no-cache`).
     pub get_max_age: Duration,
+    /// Whether the hottest read shapes are answered by compiled plans instead of the schema's
+    /// executor (`CDP_GRAPHQL_COMPILED_PLANS`, default true; ADR 0016).
+    pub compiled_plans: bool,
 }
 
 /// Protections against abuse (`docs/configuration.md`, "Abuse limits"): request rates per client
@@ -330,6 +333,7 @@ impl Config {
                 max_batch: parse_var("CDP_GRAPHQL_MAX_BATCH", "10")?,
                 apq_capacity: parse_var("CDP_GRAPHQL_APQ_CAPACITY", "1000")?,
                 get_max_age: Duration::from_secs(parse_var("CDP_GRAPHQL_GET_MAX_AGE_SECS", "5")?),
+                compiled_plans: parse_var("CDP_GRAPHQL_COMPILED_PLANS", "true")?,
             },
             ingest_max_body_bytes: parse_var("CDP_INGEST_MAX_BODY_BYTES", "16777216")?,
             ingest_group_commit: match var("CDP_INGEST_GROUP_COMMIT").as_deref() {
@@ -419,6 +423,7 @@ impl Config {
                 max_batch: 10,
                 apq_capacity: 1000,
                 get_max_age: Duration::from_secs(5),
+                compiled_plans: true,
             },
             ingest_max_body_bytes: 16 * 1024 * 1024,
             ingest_group_commit: None,

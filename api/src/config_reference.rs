@@ -179,6 +179,12 @@ pub const VARIABLES: &[Variable] = &[
     },
     Variable {
         section: Section::General,
+        name: "CDP_GRAPHQL_COMPILED_PLANS",
+        default: "`true`",
+        meaning: "answer the hottest read shapes (`profile(id)`, `profiles` pages with a profile's own fields and its first events) by compiled plans, with the JSON the schema answers; `false` runs every operation through the schema (ADR 0016)",
+    },
+    Variable {
+        section: Section::General,
         name: "CDP_INGEST_MAX_BODY_BYTES",
         default: "`16777216`",
         meaning: "hard cap on a collection API body, compressed or not; per-tenant limits apply below it",

@@ -11,8 +11,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Distinct GraphQL operation names a process labels; later names are counted as `other`.
@@ -29,6 +29,7 @@ pub struct Metrics {
     http_duration: HistogramVec,
     graphql_operations: IntCounterVec,
     graphql_duration: HistogramVec,
+    graphql_compiled: IntCounter,
     operation_names: Mutex<HashSet<String>>,
     ingested: IntCounterVec,
     rejected: IntCounterVec,
@@ -111,6 +112,15 @@ impl Metrics {
                 "Time to execute a GraphQL operation over HTTP, by operation name.",
                 &["operation"],
             ),
+            #[allow(clippy::expect_used)]
+            graphql_compiled: register(
+                &registry,
+                IntCounter::new(
+                    "cdp_graphql_compiled_total",
+                    "GraphQL operations over HTTP answered by a compiled plan instead of the schema's executor (ADR 0016).",
+                )
+                .expect("valid metric"),
+            ),
             operation_names: Mutex::new(HashSet::new()),
             ingested: counter(
                 "cdp_ingest_messages_total",
@@ -184,6 +194,16 @@ impl Metrics {
         self.graphql_duration
             .with_label_values(&[name.as_str()])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// One operation answered by a compiled plan (counted besides [`Metrics::graphql_operation`]).
+    pub fn graphql_compiled(&self) {
+        self.graphql_compiled.inc();
+    }
+
+    /// How many operations compiled plans answered since the process started.
+    pub fn graphql_compiled_count(&self) -> u64 {
+        self.graphql_compiled.get()
     }
 
     /// The label of an operation name: `anonymous`, the name, or `other` past the cap or for a

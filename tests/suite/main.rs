@@ -11,6 +11,7 @@ mod browser;
 mod campaigns;
 mod citus;
 mod collect;
+mod compiled;
 mod http_surface;
 mod import;
 mod isolation;

@@ -39,11 +39,7 @@ const MAX_VALUE_NESTING: usize = 128;
 /// The whole-document checks of one request (see the module documentation); called by
 /// `limits::admit` before async-graphql validates or runs it.
 pub(super) fn check_request(request: &mut Request, max_selections: usize) -> ServerResult<()> {
-    if request
-        .variables
-        .values()
-        .any(|value| holds_nul(value, 0).unwrap_or(true))
-    {
+    if variables_hold_nul(&request.variables) {
         return Err(refusal(NUL_MESSAGE));
     }
     // A document that does not parse is left to the schema, which says why; a parsed one is
@@ -52,6 +48,14 @@ pub(super) fn check_request(request: &mut Request, max_selections: usize) -> Ser
         check_document(document, max_selections)?;
     }
     Ok(())
+}
+
+/// Whether a variable's value holds a NUL character (or nests deeper than values may), which
+/// [`check_request`] refuses.
+pub(super) fn variables_hold_nul(variables: &async_graphql::Variables) -> bool {
+    variables
+        .values()
+        .any(|value| holds_nul(value, 0).unwrap_or(true))
 }
 
 const NUL_MESSAGE: &str = "text must not contain the NUL character (U+0000)";
@@ -93,7 +97,10 @@ fn holds_nul(value: &Value, depth: usize) -> Option<bool> {
     })
 }
 
-fn check_document(document: &ExecutableDocument, max_selections: usize) -> ServerResult<()> {
+pub(super) fn check_document(
+    document: &ExecutableDocument,
+    max_selections: usize,
+) -> ServerResult<()> {
     let mut measure = Measure {
         document,
         sizes: HashMap::new(),

@@ -7,6 +7,7 @@
 mod accounts;
 mod analytics;
 mod campaigns;
+pub mod compiled;
 mod customers;
 mod document;
 pub mod documents;
@@ -74,6 +75,15 @@ pub struct RequestContext {
 /// suggestions may be off here (`CDP_GRAPHQL_INTROSPECTION`, `CDP_GRAPHQL_SUGGESTIONS`); [`sdl`]
 /// builds its own schema, so `cdp schema` prints the SDL either way.
 pub fn build_schema(state: AppState, limits: &GraphqlLimits, abuse: &AbuseLimits) -> CdpSchema {
+    let admission = limits::Admission {
+        limits: field_limits(abuse),
+        max_selections: limits.max_complexity,
+    };
+    let plan_limits = limits.compiled_plans.then_some(compiled::Limits {
+        max_depth: limits.max_depth,
+        max_complexity: limits.max_complexity,
+        admission,
+    });
     let mut builder = Schema::build(
         Query::default(),
         Mutation::default(),
@@ -83,14 +93,12 @@ pub fn build_schema(state: AppState, limits: &GraphqlLimits, abuse: &AbuseLimits
     .limit_depth(limits.max_depth)
     .limit_complexity(limits.max_complexity)
     // Checked by the transports before each operation runs (`limits::admit`).
-    .data(limits::Admission {
-        limits: field_limits(abuse),
-        max_selections: limits.max_complexity,
-    })
+    .data(admission)
     // Filled and read by the transports (`transport::Caches::of`).
     .data(transport::Caches::new(
         limits.apq_capacity,
         documents::CAPACITY,
+        plan_limits,
     ));
     if !abuse.graphql_introspection {
         builder = builder.disable_introspection();

@@ -18,6 +18,7 @@ use futures::{SinkExt, StreamExt};
 use poem::web::websocket::{Message, WebSocket, WebSocketConfig, WebSocketStream};
 use poem::{Endpoint, FromRequest, IntoResponse, Request, Response, Result};
 
+use super::compiled::{Lookup, Plan, Plans};
 use super::documents::ParsedDocuments;
 use super::limits::FieldLimits;
 use super::persisted::{PersistedQueries, Refusal, NOT_FOUND};
@@ -64,6 +65,9 @@ pub fn rate_limited_outcome(retry_after_secs: u64) -> HttpOutcome {
 /// limits but not yet run.
 pub struct Operations {
     batch: BatchRequest,
+    /// The compiled plan of a single operation, if its document has one (ADR 0016); the
+    /// document is then parsed only if the plan cannot answer.
+    plan: Option<Arc<Plan>>,
 }
 
 impl Operations {
@@ -79,6 +83,10 @@ impl Operations {
     /// Whether every operation is a query (parsed here once; the schema reuses the parse). One
     /// that does not parse counts as not a query, and the schema answers its errors.
     pub fn only_queries(&mut self) -> bool {
+        // Plans are compiled for queries only.
+        if self.plan.is_some() {
+            return true;
+        }
         self.batch
             .iter_mut()
             .all(|request| operation_type(request) == Some(OperationType::Query))
@@ -101,27 +109,36 @@ fn operation_type(request: &mut async_graphql::Request) -> Option<OperationType>
     }
 }
 
-/// The transport's per-process caches: automatic persisted queries and parsed documents. Kept in
-/// the schema's data ([`super::build_schema`]), so the service's state knows nothing of GraphQL.
+/// The transport's per-process caches: automatic persisted queries, parsed documents and their
+/// compiled plans. Kept in the schema's data ([`super::build_schema`]), so the service's state
+/// knows nothing of GraphQL.
 #[derive(Debug)]
 pub struct Caches {
     pub persisted: PersistedQueries,
     pub documents: ParsedDocuments,
+    pub plans: Plans,
 }
 
 impl Caches {
-    /// At most `persisted` queries and `documents` parsed documents; 0 keeps none.
-    pub fn new(persisted: usize, documents: usize) -> Caches {
+    /// At most `persisted` queries and `documents` parsed documents (and as many plans) ; 0
+    /// keeps none. Plans are compiled against `plans`, none without.
+    pub fn new(
+        persisted: usize,
+        documents: usize,
+        plans: Option<super::compiled::Limits>,
+    ) -> Caches {
         Caches {
             persisted: PersistedQueries::new(persisted),
             documents: ParsedDocuments::new(documents),
+            plans: Plans::new(documents, plans),
         }
     }
 
     /// The caches of `schema`; a schema built without them (only [`super::sdl`]'s) gets caches
     /// that keep nothing, which answer as a process that has seen nothing yet.
     pub fn of(schema: &CdpSchema) -> &Caches {
-        static NONE: std::sync::LazyLock<Caches> = std::sync::LazyLock::new(|| Caches::new(0, 0));
+        static NONE: std::sync::LazyLock<Caches> =
+            std::sync::LazyLock::new(|| Caches::new(0, 0, None));
         schema.data::<Caches>().unwrap_or(&NONE)
     }
 }
@@ -162,7 +179,7 @@ pub fn parse_get(
         )
     })?;
     let mut operations = check_operations(BatchRequest::Single(request), 1, limits, caches)?;
-    if let BatchRequest::Single(request) = &mut operations.batch {
+    if let (BatchRequest::Single(request), None) = (&mut operations.batch, &operations.plan) {
         if matches!(
             operation_type(request),
             Some(OperationType::Mutation | OperationType::Subscription)
@@ -206,10 +223,29 @@ fn check_operations(
             "BAD_USER_INPUT",
         ));
     }
-    // Parsed once here (or copied from an earlier parse of the same text) and kept in the
-    // request, so that nothing after parses it again.
-    for request in batch.iter_mut() {
-        caches.documents.fill(request);
+    // A single operation whose document has a plan needs no parse; any other is parsed once
+    // here (or copied from an earlier parse of the same text) and kept in the request, so that
+    // nothing after parses it again.
+    let mut plan = None;
+    match &mut batch {
+        BatchRequest::Single(request) => match caches.plans.lookup(&request.query) {
+            Lookup::Plan(found) => plan = Some(found),
+            Lookup::NoPlan => caches.documents.fill(request),
+            Lookup::Unknown => {
+                caches.documents.fill(request);
+                if request.query.len() <= super::documents::MAX_TEXT {
+                    let text = request.query.clone();
+                    if let Ok(document) = request.parsed_query() {
+                        plan = caches.plans.learn(&text, document);
+                    }
+                }
+            }
+        },
+        BatchRequest::Batch(requests) => {
+            for request in requests {
+                caches.documents.fill(request);
+            }
+        }
     }
     if size > 1 {
         let account_fields: usize = batch
@@ -233,16 +269,33 @@ fn check_operations(
             ));
         }
     }
-    Ok(Operations { batch })
+    Ok(Operations { batch, plan })
 }
 
 /// Runs the operations of one HTTP request for the given request context.
 pub async fn execute(
     schema: &CdpSchema,
     context: RequestContext,
-    operations: Operations,
+    mut operations: Operations,
     metrics: &crate::metrics::Metrics,
 ) -> HttpOutcome {
+    if let (Some(plan), BatchRequest::Single(request)) = (&operations.plan, &mut operations.batch) {
+        let started = std::time::Instant::now();
+        if let Some(state) = schema.data::<AppState>() {
+            if let Some(body) = super::compiled::answer(plan, request, &context, state).await {
+                let name = request.operation_name.as_deref();
+                metrics.graphql_operation(name, true, started.elapsed());
+                metrics.graphql_compiled();
+                return HttpOutcome {
+                    status: 200,
+                    body,
+                    retry_after: None,
+                };
+            }
+        }
+        // The schema answers it: with the parse the plan spared.
+        Caches::of(schema).documents.fill(request);
+    }
     let names: Vec<Option<String>> = match &operations.batch {
         BatchRequest::Single(request) => vec![request.operation_name.clone()],
         BatchRequest::Batch(requests) => requests
@@ -761,7 +814,7 @@ mod operation_kinds {
                 max_account_fields: 10,
                 introspection: true,
             },
-            &Caches::new(10, 10),
+            &Caches::new(10, 10, None),
         )
         .unwrap_or_else(|_| panic!("{body} parses"))
     }
