@@ -41,7 +41,8 @@ const COMPRESS_FROM_BYTES: usize = 1024;
 /// answer depends on the credentials, so only the client's own cache may keep it), else
 /// `no-store`.
 fn answer(request: &Request, mut outcome: HttpOutcome, cacheable: Option<Duration>) -> Response {
-    let succeeded = outcome.status == 200 && !has_errors(&outcome.body);
+    // Only a cacheable answer needs to know (the scan reads the whole body).
+    let succeeded = cacheable.is_some() && outcome.status == 200 && !has_errors(&outcome.body);
     let mut gzipped = false;
     if outcome.body.len() >= COMPRESS_FROM_BYTES && accepts_gzip(request) {
         if let Ok(compressed) = gzip_bytes(&outcome.body) {

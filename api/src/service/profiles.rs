@@ -132,7 +132,12 @@ impl Reveal {
 
     /// A traits or properties object as this principal may see it.
     pub(crate) fn object(&self, value: &Value) -> Value {
-        let opened = self.opener.open_object(value);
+        self.object_owned(value.clone())
+    }
+
+    /// [`Reveal::object`] of a value the caller gives up (a row just read): opened in place.
+    pub(crate) fn object_owned(&self, value: Value) -> Value {
+        let opened = self.opener.open_object_owned(value);
         if self.masked {
             domain::pii::mask_object(&opened, &self.pii)
         } else {
@@ -140,12 +145,13 @@ impl Reveal {
         }
     }
 
-    /// A whole sealed JSON value (an event context), opened; masked principals see nothing of it.
-    pub(crate) fn json(&self, value: &Value) -> Value {
+    /// A whole sealed JSON value (an event context) the caller gives up, opened; masked
+    /// principals see nothing of it.
+    pub(crate) fn json_owned(&self, value: Value) -> Value {
         if self.masked {
             return Value::Null;
         }
-        self.opener.open_value(value)
+        self.opener.open_value_owned(value)
     }
 
     /// An identity value (or another sealed text of `kind`) as this principal may see it. Email
@@ -180,7 +186,7 @@ pub(crate) fn masks(principal: &Principal) -> bool {
 pub(crate) fn profile_from_row(row: store::profiles::ProfileRow, reveal: &Reveal) -> Profile {
     Profile {
         id: row.id,
-        traits: reveal.object(&row.traits),
+        traits: reveal.object_owned(row.traits),
         channels: row
             .channels
             .as_array()
@@ -201,8 +207,8 @@ pub(crate) fn profile_from_row(row: store::profiles::ProfileRow, reveal: &Reveal
 }
 
 pub(crate) fn event_from_row(row: store::events::EventRow, reveal: &Reveal) -> Event {
-    let properties = reveal.object(&row.properties);
-    let context = reveal.json(&row.context);
+    let properties = reveal.object_owned(row.properties);
+    let context = reveal.json_owned(row.context);
     Event {
         id: row.id,
         profile_id: row.profile_id,

@@ -386,12 +386,12 @@ async fn load(
             )
             .await?;
         for mut row in event_rows {
-            row.properties = opener.open_object(&row.properties);
+            row.properties = opener.open_object_owned(std::mem::take(&mut row.properties));
             row.context = Value::Null;
             events.insert(row.id, row);
         }
         for mut row in profile_rows {
-            row.traits = opener.open_object(&row.traits);
+            row.traits = opener.open_object_owned(std::mem::take(&mut row.traits));
             profiles.insert(row.id, row);
         }
         let pii = super::privacy::settings_in(&tx)

@@ -464,14 +464,40 @@ impl Opener {
 
     /// Opens the sealed values at the top level of an object.
     pub fn open_object(&self, value: &Value) -> Value {
-        match value {
-            Value::Object(map) => Value::Object(
-                map.iter()
-                    .map(|(key, item)| (key.clone(), self.open_value(item)))
-                    .collect(),
-            ),
-            other => self.open_value(other),
+        self.open_object_owned(value.clone())
+    }
+
+    /// [`Opener::open_object`] of a value the caller gives up: only the sealed values are
+    /// replaced, the rest is kept without a copy.
+    pub fn open_object_owned(&self, mut value: Value) -> Value {
+        match &mut value {
+            Value::Object(map) => {
+                for item in map.values_mut() {
+                    if is_sealed(item) {
+                        *item = self.open_value(item);
+                    }
+                }
+                value
+            }
+            _ => self.open_value_owned(value),
         }
+    }
+
+    /// [`Opener::open_value`] of a value the caller gives up.
+    pub fn open_value_owned(&self, value: Value) -> Value {
+        if is_sealed(&value) {
+            self.open_value(&value)
+        } else {
+            value
+        }
+    }
+}
+
+/// Whether [`Opener::open_value`] would open `value` rather than copy it.
+fn is_sealed(value: &Value) -> bool {
+    match value {
+        Value::String(text) => crypto::is_envelope(text),
+        _ => pii::sealed_parts(value).is_some(),
     }
 }
 

@@ -331,6 +331,9 @@ impl Server {
         {
             config.ingest_writers_per_tenant = writers;
         }
+        // Compiled read plans (ADR 0016) on unless switched off, to compare the executors.
+        config.graphql.compiled_plans =
+            std::env::var("CDP_GRAPHQL_COMPILED_PLANS").map_or(true, |value| value != "false");
         config.outbox_workers = 0;
         config.database_max_connections = 10;
         config.database_min_connections = 10;
