@@ -221,13 +221,9 @@ async fn compiled_plans_answer_what_the_schema_answers_and_only_what_they_can() 
         }
 
         // The cases answer what they should: not vacuous comparisons of two errors.
-        let (_, answer) = raw(
-            &compiled,
-            Some(&owner.access_token),
-            &answered(EVERYTHING, json!({"id": id})),
-        )
-        .await;
-        let answer: Value = serde_json::from_str(&answer).expect("JSON");
+        let answer = compiled
+            .gql(Some(&owner.access_token), EVERYTHING, json!({"id": id}))
+            .await;
         let profile = &answer["data"]["profile"];
         assert_eq!(profile["traits"]["nested"]["ünï"], "çé ✓", "{answer:#}");
         assert_eq!(profile["traits"]["email"], "ann@plans.example");
@@ -237,25 +233,17 @@ async fn compiled_plans_answer_what_the_schema_answers_and_only_what_they_can() 
             profile["events"]["edges"][0]["node"]["context"].is_object(),
             "{answer:#}"
         );
-        let (_, masked) = raw(
-            &compiled,
-            Some(&viewer.access_token),
-            &answered(EVERYTHING, json!({"id": id})),
-        )
-        .await;
-        let masked: Value = serde_json::from_str(&masked).expect("JSON");
+        let masked = compiled
+            .gql(Some(&viewer.access_token), EVERYTHING, json!({"id": id}))
+            .await;
         let masked_email = &masked["data"]["profile"]["traits"]["email"];
         assert!(
             masked_email.is_string() && masked_email != "ann@plans.example",
             "{masked:#}"
         );
-        let (_, merged) = raw(
-            &compiled,
-            Some(&owner.access_token),
-            &answered(PROFILE, json!({"id": merged_id})),
-        )
-        .await;
-        let merged: Value = serde_json::from_str(&merged).expect("JSON");
+        let merged = compiled
+            .gql(Some(&owner.access_token), PROFILE, json!({"id": merged_id}))
+            .await;
         assert_eq!(merged["data"]["profile"]["id"], id.as_str(), "{merged:#}");
 
         // The keys of every object come in the order of the selection, as GraphQL specifies

@@ -221,11 +221,9 @@ impl Profile {
                 first,
                 wants,
             };
-            let page = load(ctx, key).await?.unwrap_or(Page {
-                items: Vec::new(),
-                has_next_page: false,
-                total_count: wants.total_count.then_some(0),
-            });
+            let page = load(ctx, key)
+                .await?
+                .unwrap_or_else(|| Page::empty(wants.total_count));
             return Ok(EventConnection::from(page));
         }
         let env = Env::of(ctx)?;

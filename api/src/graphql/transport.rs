@@ -233,12 +233,7 @@ fn check_operations(
             Lookup::NoPlan => caches.documents.fill(request),
             Lookup::Unknown => {
                 caches.documents.fill(request);
-                if request.query.len() <= super::documents::MAX_TEXT {
-                    let text = request.query.clone();
-                    if let Ok(document) = request.parsed_query() {
-                        plan = caches.plans.learn(&text, document);
-                    }
-                }
+                plan = caches.plans.learn(request);
             }
         },
         BatchRequest::Batch(requests) => {

@@ -21,8 +21,22 @@ pub struct Page<T> {
 }
 
 impl<T> Page<T> {
+    /// A page with nothing on it; its total is 0 when `counted`, else not known.
+    pub fn empty(counted: bool) -> Page<T> {
+        Page {
+            items: Vec::new(),
+            has_next_page: false,
+            total_count: counted.then_some(0),
+        }
+    }
+
     pub fn end_cursor(&self) -> Option<String> {
-        self.items.last().map(|(_, cursor)| cursor.clone())
+        self.last_cursor().map(str::to_owned)
+    }
+
+    /// The cursor of the last item, borrowed.
+    pub fn last_cursor(&self) -> Option<&str> {
+        self.items.last().map(|(_, cursor)| cursor.as_str())
     }
 }
 

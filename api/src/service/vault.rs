@@ -450,12 +450,8 @@ impl Opener {
     /// Opens a sealed value or an envelope string holding JSON; anything else is returned as it
     /// is. A value that does not open becomes `null`.
     pub fn open_value(&self, value: &Value) -> Value {
-        let envelope = match value {
-            Value::String(text) if crypto::is_envelope(text) => text.as_str(),
-            _ => match pii::sealed_parts(value) {
-                Some((_, ciphertext)) => ciphertext,
-                None => return value.clone(),
-            },
+        let Some(envelope) = sealed_text(value) else {
+            return value.clone();
         };
         self.open_text(envelope)
             .and_then(|text| serde_json::from_str(&text).ok())
@@ -493,12 +489,17 @@ impl Opener {
     }
 }
 
-/// Whether [`Opener::open_value`] would open `value` rather than copy it.
-fn is_sealed(value: &Value) -> bool {
+/// The envelope a sealed value holds (an envelope string, or a sealed object's ciphertext);
+/// `None` for a value that is not sealed.
+fn sealed_text(value: &Value) -> Option<&str> {
     match value {
-        Value::String(text) => crypto::is_envelope(text),
-        _ => pii::sealed_parts(value).is_some(),
+        Value::String(text) if crypto::is_envelope(text) => Some(text),
+        _ => pii::sealed_parts(value).map(|(_, ciphertext)| ciphertext),
     }
+}
+
+fn is_sealed(value: &Value) -> bool {
+    sealed_text(value).is_some()
 }
 
 #[cfg(test)]

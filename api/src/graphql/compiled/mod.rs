@@ -22,7 +22,6 @@ mod run;
 
 use std::sync::{Arc, PoisonError, RwLock};
 
-use async_graphql::parser::types::ExecutableDocument;
 use async_graphql::Name;
 use async_graphql_value::ConstValue;
 
@@ -74,23 +73,29 @@ impl Plans {
         }
     }
 
-    /// Compiles `document`, the parse of `text`, and keeps the outcome; the plan, if any.
-    pub(super) fn learn(&self, text: &str, document: &ExecutableDocument) -> Option<Arc<Plan>> {
+    /// Compiles the document of `request` (parsed here if it is not yet; the parse stays in the
+    /// request) and keeps the outcome under its text; the plan, if any. Nothing is parsed or kept
+    /// without limits, for a capacity of 0, or for a text longer than the parsed documents keep
+    /// ([`super::documents::MAX_TEXT`]).
+    pub(super) fn learn(&self, request: &mut async_graphql::Request) -> Option<Arc<Plan>> {
         let limits = self.limits.as_ref()?;
-        if self
-            .known
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .capacity()
-            == 0
+        if request.query.len() > super::documents::MAX_TEXT
+            || self
+                .known
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .capacity()
+                == 0
         {
             return None;
         }
+        let text = request.query.clone();
+        let document = request.parsed_query().ok()?;
         let plan = plan::compile(document, limits).map(Arc::new);
         self.known
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(text, plan.clone());
+            .insert(&text, plan.clone());
         plan
     }
 }
@@ -108,21 +113,40 @@ pub struct Plan {
 #[derive(Debug)]
 struct Variable {
     name: Name,
-    kind: VarKind,
+    ty: Type,
     /// Its value when the request does not send it: the default, or null for a nullable type.
     absent: Option<ConstValue>,
 }
 
-#[derive(Debug, Clone, Copy)]
-enum VarKind {
-    /// `ID!`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scalar {
     Id,
-    Int {
-        nullable: bool,
-    },
-    String {
-        nullable: bool,
-    },
+    Int,
+    String,
+}
+
+/// A type the plans read, of an argument or a variable: `ID!`, `Int`, `Int!`, `String`,
+/// `String!`.
+#[derive(Debug, Clone, Copy)]
+struct Type {
+    scalar: Scalar,
+    nullable: bool,
+}
+
+impl Type {
+    /// Whether `value` is of this type as the plans take it: an ID only as a string, an Int
+    /// within `i32`, null only for a nullable type. Anything else is the schema's to coerce or
+    /// refuse; one rule for literals, defaults and the variables a request sends.
+    fn admits(self, value: &ConstValue) -> bool {
+        match (value, self.scalar) {
+            (ConstValue::Null, _) => self.nullable,
+            (ConstValue::String(_), Scalar::Id | Scalar::String) => true,
+            (ConstValue::Number(number), Scalar::Int) => {
+                number.as_i64().is_some_and(|n| i32::try_from(n).is_ok())
+            }
+            _ => false,
+        }
+    }
 }
 
 /// An argument as the document gives it.

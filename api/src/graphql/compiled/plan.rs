@@ -23,7 +23,7 @@ use async_graphql_value::{ConstValue, Value};
 
 use super::{
     Arg, ConnectionField, EdgeField, EventField, EventsField, Limits, PageInfoField, Plan,
-    ProfileField, Root, Selected, VarKind, Variable,
+    ProfileField, Root, Scalar, Selected, Type, Variable,
 };
 
 /// The plan of `document`, or `None` when the schema must answer it.
@@ -81,20 +81,22 @@ struct Compiler {
     depth: usize,
 }
 
-/// What an argument must be.
-#[derive(Clone, Copy)]
-enum Expect {
-    /// `ID!`
-    Id,
-    /// `Int`
-    Int,
-    /// `String`
-    String,
-}
+/// The arguments' types.
+const ID: Type = Type {
+    scalar: Scalar::Id,
+    nullable: false,
+};
+const INT: Type = Type {
+    scalar: Scalar::Int,
+    nullable: true,
+};
+const STRING: Type = Type {
+    scalar: Scalar::String,
+    nullable: true,
+};
 
 impl Compiler {
     fn declare(&mut self, definition: &VariableDefinition) -> Option<()> {
-        use ConstValue as Value;
         if !definition.directives.is_empty()
             || self
                 .variables
@@ -107,34 +109,24 @@ impl Compiler {
         let BaseType::Named(base) = &ty.base else {
             return None;
         };
-        let kind = match (base.as_str(), ty.nullable) {
-            ("ID", false) => VarKind::Id,
-            ("Int", nullable) => VarKind::Int { nullable },
-            ("String", nullable) => VarKind::String { nullable },
+        let scalar = match (base.as_str(), ty.nullable) {
+            // A nullable `ID` variable cannot stand for `id: ID!` without a default.
+            ("ID", false) => Scalar::Id,
+            ("Int", _) => Scalar::Int,
+            ("String", _) => Scalar::String,
             _ => return None,
         };
+        let declared = Type {
+            scalar,
+            nullable: ty.nullable,
+        };
         let default = match &definition.default_value {
-            None => None,
-            Some(value) => {
-                let fits = match (&value.node, kind) {
-                    (Value::Null, VarKind::Int { nullable } | VarKind::String { nullable }) => {
-                        nullable
-                    }
-                    (Value::Number(number), VarKind::Int { .. }) => {
-                        number.as_i64().is_some_and(|n| i32::try_from(n).is_ok())
-                    }
-                    (Value::String(_), VarKind::String { .. }) => true,
-                    _ => false,
-                };
-                if !fits {
-                    return None;
-                }
-                Some(value.node.clone())
-            }
+            Some(value) if !declared.admits(&value.node) => return None,
+            default => default.as_ref().map(|value| value.node.clone()),
         };
         self.variables.push(Variable {
             name: definition.name.node.clone(),
-            kind,
+            ty: declared,
             // What async-graphql uses when the request does not send the variable.
             absent: default.or_else(|| ty.nullable.then_some(ConstValue::Null)),
         });
@@ -182,7 +174,7 @@ impl Compiler {
     }
 
     /// The arguments of `field`: each of `known` at most once and of its type, nothing else.
-    fn arguments(&mut self, field: &Field, known: &[(&str, Expect)]) -> Option<Vec<Arg>> {
+    fn arguments(&mut self, field: &Field, known: &[(&str, Type)]) -> Option<Vec<Arg>> {
         let mut args = vec![Arg::Absent; known.len()];
         for (name, value) in &field.arguments {
             let index = known
@@ -196,33 +188,19 @@ impl Compiler {
         Some(args)
     }
 
-    fn argument(&mut self, value: &Value, expect: Expect) -> Option<Arg> {
+    fn argument(&mut self, value: &Value, expect: Type) -> Option<Arg> {
         match value {
             Value::Variable(name) => {
                 let variable = self.variables.iter().find(|known| &known.name == name)?;
-                let fits = matches!(
-                    (variable.kind, expect),
-                    (VarKind::Id, Expect::Id)
-                        | (VarKind::Int { .. }, Expect::Int)
-                        | (VarKind::String { .. }, Expect::String)
-                );
-                if !fits {
+                if variable.ty.scalar != expect.scalar {
                     return None;
                 }
                 self.used.insert(name.clone());
                 Some(Arg::Variable(name.clone()))
             }
             literal => {
-                let fits = match (literal, expect) {
-                    (Value::String(_), Expect::Id | Expect::String) => true,
-                    (Value::Number(number), Expect::Int) => {
-                        number.as_i64().is_some_and(|n| i32::try_from(n).is_ok())
-                    }
-                    (Value::Null, Expect::Int | Expect::String) => true,
-                    _ => false,
-                };
                 let constant = literal.clone().into_const()?;
-                fits.then_some(Arg::Literal(constant))
+                expect.admits(&constant).then_some(Arg::Literal(constant))
             }
         }
     }
@@ -231,7 +209,7 @@ impl Compiler {
         let nested = &field.selection_set.node;
         match field.name.node.as_str() {
             "profile" => {
-                let mut args = self.arguments(field, &[("id", Expect::Id)])?;
+                let mut args = self.arguments(field, &[("id", ID)])?;
                 let id = args.pop()?;
                 if matches!(id, Arg::Absent) {
                     return None;
@@ -240,8 +218,7 @@ impl Compiler {
                 Some(Root::Profile { id, fields })
             }
             "profiles" => {
-                let mut args =
-                    self.arguments(field, &[("first", Expect::Int), ("after", Expect::String)])?;
+                let mut args = self.arguments(field, &[("first", INT), ("after", STRING)])?;
                 let after = args.pop()?;
                 let first = args.pop()?;
                 let fields = self.selections(nested, depth + 1, |compiler, field, depth| {
@@ -283,8 +260,7 @@ impl Compiler {
             "eventCount" => ProfileField::EventCount,
             "createdAt" => ProfileField::CreatedAt,
             "events" => {
-                let mut args =
-                    self.arguments(field, &[("first", Expect::Int), ("after", Expect::String)])?;
+                let mut args = self.arguments(field, &[("first", INT), ("after", STRING)])?;
                 let after = args.pop()?;
                 let first = args.pop()?;
                 let fields = self.selections(

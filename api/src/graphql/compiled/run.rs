@@ -13,17 +13,14 @@ use uuid::Uuid;
 
 use super::{
     Arg, ConnectionField, EdgeField, EventField, EventsField, PageInfoField, Plan, ProfileField,
-    Root, Selected, VarKind,
+    Root, Selected,
 };
 use crate::auth::Principal;
 use crate::graphql::types::total_count;
 use crate::graphql::RequestContext;
-use crate::service::pagination::Page;
+use crate::service::pagination::{Page, DEFAULT_PAGE};
 use crate::service::profiles::{self, Event, EventOwner, EventPageWants, Profile};
 use crate::service::AppState;
-
-/// The default of `first` on `profiles` and `Profile.events` (the schema's `default = 50`).
-const DEFAULT_FIRST: i32 = 50;
 
 /// The JSON body of the answer to `request` (`{"data":…}`), or `None` when the schema must
 /// answer it (see the module documentation of `compiled`).
@@ -93,18 +90,7 @@ impl Run<'_> {
                     .or(declared.absent.as_ref())?
                     .clone();
                 // A value of another type, or null for a non-null type, is the schema's to refuse.
-                let fits = match (&value, declared.kind) {
-                    (ConstValue::String(_), VarKind::Id | VarKind::String { .. }) => true,
-                    (ConstValue::Number(number), VarKind::Int { .. }) => {
-                        number.as_i64().is_some_and(|n| i32::try_from(n).is_ok())
-                    }
-                    (
-                        ConstValue::Null,
-                        VarKind::Int { nullable } | VarKind::String { nullable },
-                    ) => nullable,
-                    _ => false,
-                };
-                fits.then_some(Some(value))
+                declared.ty.admits(&value).then_some(Some(value))
             }
         }
     }
@@ -119,7 +105,8 @@ impl Run<'_> {
     /// `first`: the default when absent, `None` for null.
     fn first(&self, arg: &Arg) -> Option<Option<i32>> {
         match self.value(arg)? {
-            None => Some(Some(DEFAULT_FIRST)),
+            // The schema's `default = 50`, the service's default page.
+            None => Some(Some(DEFAULT_PAGE)),
             Some(ConstValue::Null) => Some(None),
             Some(ConstValue::Number(number)) => Some(Some(i32::try_from(number.as_i64()?).ok()?)),
             Some(_) => None,
@@ -364,11 +351,7 @@ fn write_profile(
                 let page = match page {
                     Some(page) => page,
                     None => {
-                        empty = Page {
-                            items: Vec::new(),
-                            has_next_page: false,
-                            total_count: wants(field).total_count.then_some(0),
-                        };
+                        empty = Page::empty(wants(field).total_count);
                         &empty
                     }
                 };
