@@ -159,6 +159,15 @@ pub struct StoreOptions {
     pub min_connections: u32,
 }
 
+/// The most page cache each SQLite connection may keep, in KiB (`PRAGMA cache_size`), filled
+/// only as pages are read. SQLite's default is 2,000 KiB, and this build's SQLite keeps the
+/// caches of all connections of the process in one group with one budget (the sum of theirs):
+/// with that default, a pool that had just read much held the group's pages while another
+/// pool's connections, finding the group full, freed each page as soon as they released it and
+/// read even the tables' root pages from the file again for every request (22 reads a
+/// `profile(id)` against 0.16; docs/PERFORMANCE.md, "SQLite's shared page cache").
+pub const SQLITE_CACHE_KIB: u32 = 16 * 1024;
+
 impl StoreOptions {
     /// The pool's settings, for every pool on the database (the store's, and the bench's
     /// baselines, which must run as the service runs). On SQLite every connection runs in WAL
@@ -189,6 +198,8 @@ impl StoreOptions {
                     // Deleted and overwritten content is zeroed in the file, not left in free
                     // pages: erasure and re-sealing leave no readable remains on disk.
                     .pragma("secure_delete", "ON")
+                    // See SQLITE_CACHE_KIB.
+                    .pragma("cache_size", format!("-{SQLITE_CACHE_KIB}"))
             })
             // sqlx prepares every statement once per connection. After five executions
             // PostgreSQL may switch a prepared statement to a generic plan, chosen with the
