@@ -156,6 +156,11 @@ async fn compiled_plans_answer_what_the_schema_answers_and_only_what_they_can() 
                 events(first: 3, after: $after) { edges { cursor node { name properties } } \
                 pageInfo { hasNextPage endCursor } } } }",
                 json!({"id": id, "after": event_cursor})), true),
+            // Details without the context; the cursor of the last event alone.
+            (answered("query($id: ID!) { profile(id: $id) { events(first: 4) { edges { node { id \
+                receivedAt channel sourceId messageId } } } } }", json!({"id": id})), true),
+            (answered("query($id: ID!) { profile(id: $id) { events(first: 2) { \
+                pageInfo { endCursor } edges { node { id } } } } }", json!({"id": id})), true),
             (answered(PAGE, json!({"after": null})), true),
             (answered(PAGE, json!({})), true),
             (answered(PAGE, json!({"after": page_cursor})), true),

@@ -280,7 +280,8 @@ impl From<profiles::Event> for Event {
 }
 
 /// What the selection of an `EventConnection` field reads: the total only when `totalCount` is
-/// asked, the contexts only when `context` is (the selection is known before resolving).
+/// asked, the contexts only when `context` is (the selection is known before resolving); the
+/// details and the cursors always (the compiled plans read less, `graphql/compiled`).
 fn event_page_wants(ctx: &Context<'_>) -> profiles::EventPageWants {
     let selection = ctx.look_ahead();
     profiles::EventPageWants {
@@ -290,6 +291,8 @@ fn event_page_wants(ctx: &Context<'_>) -> profiles::EventPageWants {
             .field("node")
             .field("context")
             .exists(),
+        details: true,
+        cursors: true,
     }
 }
 

@@ -540,20 +540,24 @@ fn decode_event_cursor(
 
 /// Events, newest first, optionally of one profile (a merged id counts as its survivor) and name.
 /// What a reader of an event page uses, so that nothing else is computed: the total count (a
-/// `COUNT(*)` over the filter) and the opened contexts (key reads and decryption).
+/// `COUNT(*)` over the filter), the opened contexts (key reads and decryption), the details
+/// (message id, channel, source, time received) and the cursors of the events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EventPageWants {
     pub total_count: bool,
     pub context: bool,
+    pub details: bool,
+    pub cursors: bool,
 }
 
 impl EventPageWants {
-    /// The columns a read of such a page decodes: the sealed context only when it is selected.
+    /// The columns a read of such a page decodes: the sealed context only when it is selected,
+    /// the details only when they are.
     fn columns(&self) -> store::events::Columns {
-        if self.context {
-            store::events::Columns::All
-        } else {
-            store::events::Columns::WithoutContext
+        match (self.context, self.details) {
+            (true, _) => store::events::Columns::All,
+            (false, true) => store::events::Columns::WithoutContext,
+            (false, false) => store::events::Columns::Timeline,
         }
     }
 }
@@ -563,6 +567,8 @@ impl Default for EventPageWants {
         EventPageWants {
             total_count: true,
             context: true,
+            details: true,
+            cursors: true,
         }
     }
 }
@@ -625,19 +631,21 @@ pub async fn events(
     let has_next_page = rows.len() as u64 > limit;
     rows.truncate(limit as usize);
     Ok(Page {
-        items: reveal_events(state, &tx, principal, rows).await?,
+        items: reveal_events(state, &tx, principal, rows, wants.cursors).await?,
         has_next_page,
         total_count: total,
     })
 }
 
-/// Events read for `principal` as it may see them, each with its cursor: opened and masked.
-/// Rows read without their context (`EventPageWants::columns`) carry `null`, which reads no key.
+/// Events read for `principal` as it may see them, each with its cursor (empty unless `cursors`):
+/// opened and masked. Rows read without their context (`EventPageWants::columns`) carry `null`,
+/// which reads no key.
 async fn reveal_events(
     state: &AppState,
     tx: &store::TenantTx,
     principal: &Principal,
     rows: Vec<store::events::EventRow>,
+    cursors: bool,
 ) -> ServiceResult<Vec<(Event, String)>> {
     let reveal = Reveal::load(
         state,
@@ -650,7 +658,11 @@ async fn reveal_events(
     Ok(rows
         .into_iter()
         .map(|row| {
-            let cursor = encode_event_cursor(&row);
+            let cursor = if cursors {
+                encode_event_cursor(&row)
+            } else {
+                String::new()
+            };
             (event_from_row(row, &reveal), cursor)
         })
         .collect())
@@ -706,7 +718,7 @@ pub async fn first_event_pages(
         *count += 1;
         kept.push(row);
     }
-    for (event, cursor) in reveal_events(state, &tx, principal, kept).await? {
+    for (event, cursor) in reveal_events(state, &tx, principal, kept, wants.cursors).await? {
         if let Some(page) = pages.get_mut(&event.profile_id) {
             page.items.push((event, cursor));
         }

@@ -83,12 +83,14 @@ fn filtered(tenant: Uuid, filter: &EventFilter) -> sea_orm::Select<events::Entit
     query
 }
 
-/// Which columns of an event a read decodes: all of them, or all but the (sealed) context, which
-/// is then answered as JSON `null` without being read or decoded.
+/// Which columns of an event a read decodes: all of them; all but the (sealed) context, which is
+/// then answered as JSON `null` without being read or decoded; or only what a timeline shows
+/// (id, profile, type, name, properties, timestamp), the others left empty (see [`Timeline`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Columns {
     All,
     WithoutContext,
+    Timeline,
 }
 
 impl Columns {
@@ -102,6 +104,81 @@ impl Columns {
             Columns::WithoutContext => {
                 super::without_json_column(query, events::Column::Context, "null", backend)
             }
+            Columns::Timeline => query.select_only().columns(TIMELINE),
+        }
+    }
+
+    /// Runs a page's statement and decodes its rows as these columns.
+    async fn rows<S: sea_orm::StatementBuilder>(
+        self,
+        tx: &TenantTx,
+        statement: &S,
+    ) -> StoreResult<Vec<EventRow>> {
+        let statement = tx.conn().get_database_backend().build(statement);
+        Ok(match self {
+            Columns::All | Columns::WithoutContext => {
+                events::Entity::find()
+                    .from_raw_sql(statement)
+                    .all(tx.conn())
+                    .await?
+            }
+            Columns::Timeline => events::Entity::find()
+                .from_raw_sql(statement)
+                .into_model::<Timeline>()
+                .all(tx.conn())
+                .await?
+                .into_iter()
+                .map(Timeline::into_row)
+                .collect(),
+        })
+    }
+}
+
+/// The columns of [`Columns::Timeline`].
+const TIMELINE: [events::Column; 7] = [
+    events::Column::TenantId,
+    events::Column::Id,
+    events::Column::ProfileId,
+    events::Column::Kind,
+    events::Column::Name,
+    events::Column::Properties,
+    events::Column::Timestamp,
+];
+
+/// An event as a timeline shows it: half the columns of a whole row to copy out of the database
+/// and decode, for the pages whose reader selects nothing else (the compiled plans,
+/// `graphql/compiled`).
+#[derive(Debug, sea_orm::FromQueryResult)]
+struct Timeline {
+    tenant_id: Uuid,
+    id: Uuid,
+    profile_id: Uuid,
+    #[sea_orm(from_alias = "type")]
+    kind: String,
+    name: Option<String>,
+    properties: serde_json::Value,
+    timestamp: DateTime<Utc>,
+}
+
+impl Timeline {
+    /// The row with the columns not read left empty: no message id, channel, source or
+    /// identifiers, a context of `null`, and the timestamp as the time received.
+    fn into_row(self) -> EventRow {
+        EventRow {
+            tenant_id: self.tenant_id,
+            id: self.id,
+            profile_id: self.profile_id,
+            message_id: String::new(),
+            kind: self.kind,
+            name: self.name,
+            properties: self.properties,
+            context: serde_json::Value::Null,
+            timestamp: self.timestamp,
+            received_at: self.timestamp,
+            source_id: None,
+            channel: String::new(),
+            user_id: None,
+            anonymous_id: None,
         }
     }
 }
@@ -123,7 +200,7 @@ pub async fn page(
         None
     };
     let query = page_select(tenant, tx.backend(), filter, after, limit, columns);
-    Ok((query.all(tx.conn()).await?, total))
+    Ok((columns.rows(tx, &query.into_query()).await?, total))
 }
 
 /// The statement of [`page`]: newest first by `(timestamp, id)`, the order of the timeline index
@@ -176,13 +253,7 @@ pub async fn latest_of(
         ) else {
             continue;
         };
-        let statement = tx.conn().get_database_backend().build(&query);
-        rows.extend(
-            events::Entity::find()
-                .from_raw_sql(statement)
-                .all(tx.conn())
-                .await?,
-        );
+        rows.extend(columns.rows(tx, &query).await?);
     }
     Ok(rows)
 }
@@ -196,8 +267,8 @@ fn latest_select(
     columns: Columns,
 ) -> Option<sea_orm::sea_query::SelectStatement> {
     use sea_orm::sea_query::{Alias, Asterisk, Query, SelectStatement, UnionType};
-    let branch = |profile_id: Uuid, n: usize| -> SelectStatement {
-        let newest = page_select(
+    let newest = |profile_id: Uuid| -> SelectStatement {
+        page_select(
             tenant,
             backend,
             &EventFilter {
@@ -208,11 +279,17 @@ fn latest_select(
             limit,
             columns,
         )
-        .into_query();
+        .into_query()
+    };
+    // One profile (`profile(id)`): its page as it is, no compound select to wrap it in.
+    if let [profile_id] = profile_ids {
+        return Some(newest(*profile_id));
+    }
+    let branch = |profile_id: Uuid, n: usize| -> SelectStatement {
         // SQLite allows ORDER BY and LIMIT only in a subquery of a compound select's branch.
         Query::select()
             .column(Asterisk)
-            .from_subquery(newest, Alias::new(format!("p{n}")))
+            .from_subquery(newest(profile_id), Alias::new(format!("p{n}")))
             .to_owned()
     };
     let mut branches = profile_ids.iter().enumerate().map(|(n, id)| branch(*id, n));
@@ -404,7 +481,7 @@ mod tests {
             id: Uuid::new_v4(),
         };
         for (what, cursor) in [("first page", None), ("page after a cursor", Some(after))] {
-            for columns in [Columns::All, Columns::WithoutContext] {
+            for columns in [Columns::All, Columns::WithoutContext, Columns::Timeline] {
                 let select = page_select(tenant, Backend::Sqlite, &profile, cursor, 20, columns);
                 let steps = plan(&store, select.build(DbBackend::Sqlite)).await;
                 assert_read_off_the_timeline_index(&steps, what);
@@ -415,6 +492,16 @@ mod tests {
             .expect("a statement for three profiles");
         let steps = plan(&store, DbBackend::Sqlite.build(&latest)).await;
         assert_read_off_the_timeline_index(&steps, "the newest events of a list of profiles");
+        let one = latest_select(
+            tenant,
+            Backend::Sqlite,
+            &profiles[..1],
+            20,
+            Columns::Timeline,
+        )
+        .expect("a statement for one profile");
+        let steps = plan(&store, DbBackend::Sqlite.build(&one)).await;
+        assert_read_off_the_timeline_index(&steps, "the newest events of one profile");
         assert!(latest_select(tenant, Backend::Sqlite, &[], 20, Columns::All).is_none());
     }
 }

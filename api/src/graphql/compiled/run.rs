@@ -235,25 +235,48 @@ impl Run<'_> {
 }
 
 /// What an `events` selection reads: the total only when `totalCount` is selected, the contexts
-/// only when `context` is (as `customers::event_page_wants`).
+/// only when `context` is (as `customers::event_page_wants`), the details (message id, channel,
+/// source, time received) only when one of them is, the cursors only when `cursor` or
+/// `endCursor` is.
 fn wants(events: &EventsField) -> EventPageWants {
     let mut wants = EventPageWants {
         total_count: false,
         context: false,
+        details: false,
+        cursors: false,
     };
     for selected in &events.fields {
         match &selected.field {
             ConnectionField::TotalCount => wants.total_count = true,
             ConnectionField::Edges(edges) => {
                 for edge in edges {
-                    if let EdgeField::Node(node) = &edge.field {
-                        wants.context |= node
-                            .iter()
-                            .any(|selected| matches!(selected.field, EventField::Context));
+                    match &edge.field {
+                        EdgeField::Cursor => wants.cursors = true,
+                        EdgeField::Node(node) => {
+                            for selected in node {
+                                match selected.field {
+                                    EventField::Context => wants.context = true,
+                                    EventField::MessageId
+                                    | EventField::Channel
+                                    | EventField::SourceId
+                                    | EventField::ReceivedAt => wants.details = true,
+                                    EventField::Id
+                                    | EventField::ProfileId
+                                    | EventField::Type
+                                    | EventField::Name
+                                    | EventField::Properties
+                                    | EventField::Timestamp => {}
+                                }
+                            }
+                        }
                     }
                 }
             }
-            ConnectionField::PageInfo(_) => {}
+            ConnectionField::PageInfo(info) => {
+                wants.cursors |= info
+                    .iter()
+                    .any(|selected| matches!(selected.field, PageInfoField::EndCursor));
+            }
         }
     }
     wants
