@@ -782,6 +782,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn every_sqlite_connection_keeps_the_large_page_cache() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = open(dir.path()).await;
+        let tenant = add_tenant(&store, "cache").await;
+        // Four read transactions at once hold the pool's four connections.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(store.read(tenant).await.expect("a read"));
+        }
+        for tx in &held {
+            let rows = tx
+                .conn()
+                .query_all_raw(Statement::from_string(
+                    DbBackend::Sqlite,
+                    "PRAGMA cache_size",
+                ))
+                .await
+                .expect("the cache size");
+            let kib: i64 = rows[0].try_get_by_index(0).expect("an integer");
+            assert_eq!(kib, -i64::from(SQLITE_CACHE_KIB));
+        }
+    }
+
+    #[tokio::test]
     async fn reads_in_a_scope_share_one_transaction_until_the_scope_writes() {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let store = open(dir.path()).await;
