@@ -27,6 +27,7 @@ use async_graphql_value::ConstValue;
 
 use super::fifo::Fifo;
 use super::limits::Admission;
+use crate::service::profiles::EventPageWants;
 
 pub(super) use run::answer;
 
@@ -195,6 +196,43 @@ struct EventsField {
     first: Arg,
     after: Arg,
     fields: Vec<Selected<ConnectionField<EventField>>>,
+    /// What the selection reads ([`EventsField::wants_of`]), known when the plan is compiled.
+    wants: EventPageWants,
+}
+
+impl EventsField {
+    /// What `fields` read: the total only when `totalCount` is selected, the contexts only when
+    /// `context` is (as `customers::event_page_wants`), the details only when one of them is
+    /// ([`EventField::needs`]), the cursors only when `cursor` or `endCursor` is.
+    fn wants_of(fields: &[Selected<ConnectionField<EventField>>]) -> EventPageWants {
+        let mut wants = EventPageWants {
+            total_count: false,
+            context: false,
+            details: false,
+            cursors: false,
+        };
+        for selected in fields {
+            match &selected.field {
+                ConnectionField::TotalCount => wants.total_count = true,
+                ConnectionField::PageInfo(info) => {
+                    wants.cursors |= info
+                        .iter()
+                        .any(|selected| matches!(selected.field, PageInfoField::EndCursor));
+                }
+                ConnectionField::Edges(edges) => {
+                    for edge in edges {
+                        match &edge.field {
+                            EdgeField::Cursor => wants.cursors = true,
+                            EdgeField::Node(node) => node
+                                .iter()
+                                .for_each(|selected| selected.field.needs(&mut wants)),
+                        }
+                    }
+                }
+            }
+        }
+        wants
+    }
 }
 
 #[derive(Debug)]
@@ -210,6 +248,26 @@ enum EventField {
     MessageId,
     Channel,
     SourceId,
+}
+
+impl EventField {
+    /// Marks in `wants` what answering this field reads beyond a timeline's columns: the
+    /// context, or the details (message id, channel, source, time received).
+    fn needs(&self, wants: &mut EventPageWants) {
+        match self {
+            EventField::Context => wants.context = true,
+            EventField::MessageId
+            | EventField::Channel
+            | EventField::SourceId
+            | EventField::ReceivedAt => wants.details = true,
+            EventField::Id
+            | EventField::ProfileId
+            | EventField::Type
+            | EventField::Name
+            | EventField::Properties
+            | EventField::Timestamp => {}
+        }
+    }
 }
 
 /// A field of a connection whose nodes select `T`s.

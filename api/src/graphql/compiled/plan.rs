@@ -271,6 +271,7 @@ impl Compiler {
                 return Some(ProfileField::Events(EventsField {
                     first,
                     after,
+                    wants: EventsField::wants_of(&fields),
                     fields,
                 }));
             }

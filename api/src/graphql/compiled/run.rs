@@ -12,14 +12,13 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::{
-    Arg, ConnectionField, EdgeField, EventField, EventsField, PageInfoField, Plan, ProfileField,
-    Root, Selected,
+    Arg, ConnectionField, EdgeField, EventField, PageInfoField, Plan, ProfileField, Root, Selected,
 };
 use crate::auth::Principal;
 use crate::graphql::types::total_count;
 use crate::graphql::RequestContext;
 use crate::service::pagination::{Page, DEFAULT_PAGE};
-use crate::service::profiles::{self, Event, EventOwner, EventPageWants, Profile};
+use crate::service::profiles::{self, Event, EventOwner, Profile};
 use crate::service::AppState;
 
 /// The JSON body of the answer to `request` (`{"data":…}`), or `None` when the schema must
@@ -201,7 +200,7 @@ impl Run<'_> {
             };
             let first = self.first(&events.first)?;
             let after = self.after(&events.after)?;
-            let wants = wants(events);
+            let wants = events.wants;
             let pages = match after {
                 None if ids.is_empty() => HashMap::new(),
                 None => {
@@ -232,54 +231,6 @@ impl Run<'_> {
         }
         Some(loaded)
     }
-}
-
-/// What an `events` selection reads: the total only when `totalCount` is selected, the contexts
-/// only when `context` is (as `customers::event_page_wants`), the details (message id, channel,
-/// source, time received) only when one of them is, the cursors only when `cursor` or
-/// `endCursor` is.
-fn wants(events: &EventsField) -> EventPageWants {
-    let mut wants = EventPageWants {
-        total_count: false,
-        context: false,
-        details: false,
-        cursors: false,
-    };
-    for selected in &events.fields {
-        match &selected.field {
-            ConnectionField::TotalCount => wants.total_count = true,
-            ConnectionField::Edges(edges) => {
-                for edge in edges {
-                    match &edge.field {
-                        EdgeField::Cursor => wants.cursors = true,
-                        EdgeField::Node(node) => {
-                            for selected in node {
-                                match selected.field {
-                                    EventField::Context => wants.context = true,
-                                    EventField::MessageId
-                                    | EventField::Channel
-                                    | EventField::SourceId
-                                    | EventField::ReceivedAt => wants.details = true,
-                                    EventField::Id
-                                    | EventField::ProfileId
-                                    | EventField::Type
-                                    | EventField::Name
-                                    | EventField::Properties
-                                    | EventField::Timestamp => {}
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            ConnectionField::PageInfo(info) => {
-                wants.cursors |= info
-                    .iter()
-                    .any(|selected| matches!(selected.field, PageInfoField::EndCursor));
-            }
-        }
-    }
-    wants
 }
 
 fn key(out: &mut Vec<u8>, key: &str) {
@@ -374,7 +325,7 @@ fn write_profile(
                 let page = match page {
                     Some(page) => page,
                     None => {
-                        empty = Page::empty(wants(field).total_count);
+                        empty = Page::empty(field.wants.total_count);
                         &empty
                     }
                 };
