@@ -34,6 +34,7 @@ pub struct Metrics {
     ingested: IntCounterVec,
     rejected: IntCounterVec,
     emails: IntCounterVec,
+    auth_standings: IntCounterVec,
     pub outbox_depth: IntGauge,
     pub outbox_oldest_age: Gauge,
     pub websockets: IntGauge,
@@ -137,6 +138,11 @@ impl Metrics {
                 "Outbox emails by result: sent, retried (a failed attempt to be repeated), failed (for good), suppressed.",
                 &["result"],
             ),
+            auth_standings: counter(
+                "cdp_auth_standings_total",
+                "Access-token authentications by where the session's standing came from: cache (kept under the tenant's unchanged auth_version, ADR 0017) or database.",
+                &["source"],
+            ),
             outbox_depth: int_gauge(
                 "cdp_outbox_depth",
                 "Emails waiting in the outbox (QUEUED or SENDING), all tenants, when scraped.",
@@ -194,6 +200,21 @@ impl Metrics {
         self.graphql_duration
             .with_label_values(&[name.as_str()])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// One access-token authentication, its standing `cached` or read from the database.
+    pub fn auth_standing(&self, cached: bool) {
+        self.auth_standings
+            .with_label_values(&[if cached { "cache" } else { "database" }])
+            .inc();
+    }
+
+    /// How many access-token authentications took their standing from the cache (`true`) or
+    /// from the database (`false`) since the process started.
+    pub fn auth_standing_count(&self, cached: bool) -> u64 {
+        self.auth_standings
+            .with_label_values(&[if cached { "cache" } else { "database" }])
+            .get()
     }
 
     /// One operation answered by a compiled plan (counted besides [`Metrics::graphql_operation`]).

@@ -47,6 +47,7 @@ pub async fn state(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppS
             config.login_max_failures,
             config.login_throttle_window,
         )),
+        standings: Arc::default(),
         realtime: crate::service::realtime::Realtime::new(crate::service::realtime::Limits {
             sockets_per_tenant: config.ws_max_sockets_per_tenant,
             subscriptions_per_tenant: config.ws_max_subscriptions_per_tenant,

@@ -19,6 +19,7 @@ mod m20261128_000016_replicas;
 mod m20261129_000017_user_standing;
 mod m20261129_000018_timeline_order;
 mod m20261129_000019_definitions_version;
+mod m20261130_000020_auth_version;
 pub mod partitions;
 pub mod tenancy;
 
@@ -40,6 +41,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261129_000017_user_standing::Migration),
             Box::new(m20261129_000018_timeline_order::Migration),
             Box::new(m20261129_000019_definitions_version::Migration),
+            Box::new(m20261130_000020_auth_version::Migration),
         ]
     }
 }

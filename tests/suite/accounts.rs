@@ -482,3 +482,129 @@ async fn api_keys_and_custom_roles_are_managed_by_admins() {
         server.stop().await;
     }
 }
+
+/// Each process keeps the standings of the sessions it authenticated, keyed by the tenant's
+/// `auth_version` (ADR 0017). A change made anywhere (another replica, SQL by hand) raises the
+/// version in the database, so the next request on this replica reads the standing again: role
+/// changes, deactivation and family revocation take effect at once, as when every request read
+/// the database.
+#[tokio::test]
+async fn a_change_made_elsewhere_takes_effect_at_the_next_request_on_every_replica() {
+    use sea_orm::{ConnectionTrait, Database};
+    for backend in backends() {
+        let smtp = SmtpSink::start().await;
+        let db = TestDb::create(backend).await;
+        let here = TestServer::start_on(db.clone(), Some(&smtp), |_| {}).await;
+        let elsewhere = TestServer::start_on(db.clone(), Some(&smtp), |_| {}).await;
+        let tenant_slug = slug("replicas");
+        let owner = new_tenant(&here, &smtp, &tenant_slug, "owner@replicas.example").await;
+        let viewer =
+            invited_user(&here, &smtp, &owner, "viewer@replicas.example", &["viewer"]).await;
+        let metrics = &here.app.as_ref().expect("running").state().metrics;
+        let permissions = |me: &serde_json::Value| me["me"]["permissions"].clone();
+
+        // Asked twice with nothing changed in between: the second answer is the kept standing.
+        let me = here.gql_ok(Some(&viewer.access_token), ME, json!({})).await;
+        assert_eq!(permissions(&me), json!(["PROFILES_READ"]), "[{backend:?}]");
+        let cached = metrics.auth_standing_count(true);
+        let me = here.gql_ok(Some(&viewer.access_token), ME, json!({})).await;
+        assert_eq!(permissions(&me), json!(["PROFILES_READ"]), "[{backend:?}]");
+        assert_eq!(
+            metrics.auth_standing_count(true),
+            cached + 1,
+            "[{backend:?}] an unchanged standing is not read again"
+        );
+
+        // A role change through the other replica.
+        elsewhere
+            .gql_ok(
+                Some(&owner.access_token),
+                "mutation($id: ID!) { setUserRoles(userId: $id, roles: [\"admin\"]) { roles } }",
+                json!({"id": viewer.user_id}),
+            )
+            .await;
+        let me = here.gql_ok(Some(&viewer.access_token), ME, json!({})).await;
+        assert!(
+            permissions(&me).as_array().expect("a list").len() > 1,
+            "[{backend:?}] the admin role is in force here at once: {me}"
+        );
+
+        // Changes in SQL, as the database's owner: a role's permissions, a deactivation and
+        // its reversal, an assignment removed.
+        let sql = Database::connect(&db.owner_url).await.expect("connect");
+        let run = |statement: String| {
+            let sql = &sql;
+            async move {
+                let done = sql
+                    .execute_unprepared(&statement)
+                    .await
+                    .unwrap_or_else(|error| panic!("{statement}: {error}"));
+                assert_eq!(done.rows_affected(), 1, "{statement}");
+            }
+        };
+        // Ids as each database stores them: uuid on PostgreSQL, a 16-byte blob on SQLite.
+        let id = |text: &str| match backend {
+            Backend::Postgres => format!("'{text}'"),
+            Backend::Sqlite => format!("X'{}'", text.replace('-', "")),
+        };
+        let tenant = &id(&owner.tenant_id);
+        run(format!(
+            "UPDATE roles SET permissions = '[\"PROFILES_READ\",\"SEGMENTS_MANAGE\"]' \
+             WHERE tenant_id = {tenant} AND name = 'admin'"
+        ))
+        .await;
+        let me = here.gql_ok(Some(&viewer.access_token), ME, json!({})).await;
+        assert_eq!(
+            permissions(&me),
+            json!(["PROFILES_READ", "SEGMENTS_MANAGE"]),
+            "[{backend:?}]"
+        );
+        let viewer_id = &id(&viewer.user_id);
+        run(format!(
+            "UPDATE users SET status = 'DEACTIVATED' WHERE tenant_id = {tenant} AND id = {viewer_id}"
+        ))
+        .await;
+        let refused = here.gql(Some(&viewer.access_token), ME, json!({})).await;
+        assert_eq!(error_code(&refused), "UNAUTHENTICATED", "[{backend:?}]");
+        run(format!(
+            "UPDATE users SET status = 'ACTIVE' WHERE tenant_id = {tenant} AND id = {viewer_id}"
+        ))
+        .await;
+        here.gql_ok(Some(&viewer.access_token), ME, json!({})).await;
+        run(format!(
+            "DELETE FROM user_roles WHERE tenant_id = {tenant} AND user_id = {viewer_id}"
+        ))
+        .await;
+        let me = here.gql_ok(Some(&viewer.access_token), ME, json!({})).await;
+        assert_eq!(permissions(&me), json!([]), "[{backend:?}]");
+
+        // The session family revoked through the other replica (a replayed refresh token).
+        let refresh = "mutation($t: String!) { refreshSession(refreshToken: $t) { accessToken refreshToken } }";
+        elsewhere
+            .gql_ok(None, refresh, json!({"t": viewer.refresh_token}))
+            .await;
+        here.gql_ok(Some(&viewer.access_token), ME, json!({})).await;
+        let replay = elsewhere
+            .gql(None, refresh, json!({"t": viewer.refresh_token}))
+            .await;
+        assert_eq!(error_code(&replay), "UNAUTHENTICATED", "[{backend:?}]");
+        let refused = here.gql(Some(&viewer.access_token), ME, json!({})).await;
+        assert_eq!(
+            error_code(&refused),
+            "UNAUTHENTICATED",
+            "[{backend:?}] the revoked family's access token is refused here at once"
+        );
+        // The owner's session was not touched by any of it, and its standing is kept again.
+        here.gql_ok(Some(&owner.access_token), ME, json!({})).await;
+        let cached = metrics.auth_standing_count(true);
+        here.gql_ok(Some(&owner.access_token), ME, json!({})).await;
+        assert_eq!(
+            metrics.auth_standing_count(true),
+            cached + 1,
+            "[{backend:?}]"
+        );
+
+        elsewhere.stop().await;
+        here.stop().await;
+    }
+}

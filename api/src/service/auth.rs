@@ -1,6 +1,7 @@
 //! Turning a bearer credential into a principal, checked against the database on every request:
 //! a deactivated user, a changed role, a revoked session family or a revoked key takes effect at
-//! once, never after the access token expires.
+//! once, never after the access token expires. An access token's standing is read again only
+//! when its tenant's `auth_version` changed since this process last read it (ADR 0017).
 
 use std::collections::BTreeSet;
 
@@ -29,21 +30,43 @@ pub async fn authenticate_bearer(state: &AppState, token: &str) -> ServiceResult
     let tenant_id = domain::TenantId(claims.tid);
     let user_id = UserId(claims.sub);
     let tx = state.store.read(tenant_id).await?;
-    let Some(standing) = store::users::standing(&tx, user_id, claims.sid).await? else {
-        return Err(unauthenticated());
+    // The version of everything the standing depends on, read in this transaction before the
+    // standing (ADR 0017); a tenant that no longer exists authenticates no one.
+    let version = match store::tenants::auth_version(&tx).await {
+        Err(store::StoreError::NotFound) => return Err(unauthenticated()),
+        version => version?,
     };
-    if standing.status != UserStatus::Active.as_str() || standing.family_revoked {
-        return Err(unauthenticated());
-    }
-    let permissions = permissions_of_roles(&standing.role_permissions);
-    Ok(Principal {
-        tenant_id,
-        kind: PrincipalKind::User {
-            user_id,
-            email: standing.email,
-        },
-        permissions,
-    })
+    let cached = state
+        .standings
+        .get(tenant_id, user_id.as_uuid(), claims.sid, version);
+    state.metrics.auth_standing(cached.is_some());
+    let verdict = match cached {
+        Some(verdict) => verdict,
+        None => {
+            let verdict = store::users::standing(&tx, user_id, claims.sid)
+                .await?
+                .filter(|standing| {
+                    standing.status == UserStatus::Active.as_str() && !standing.family_revoked
+                })
+                .map(|standing| Principal {
+                    tenant_id,
+                    kind: PrincipalKind::User {
+                        user_id,
+                        email: standing.email,
+                    },
+                    permissions: permissions_of_roles(&standing.role_permissions),
+                });
+            state.standings.insert(
+                tenant_id,
+                user_id.as_uuid(),
+                claims.sid,
+                version,
+                verdict.clone(),
+            );
+            verdict
+        }
+    };
+    verdict.ok_or_else(unauthenticated)
 }
 
 /// When a bearer credential that [`authenticate_bearer`] accepted stops being valid: an access

@@ -104,6 +104,8 @@ pub struct AppState {
     pub jwt: JwtKeys,
     pub hasher: Hasher,
     pub login_throttle: Arc<LoginThrottle>,
+    /// Standings of recently authenticated sessions, keyed by their tenant's `auth_version`.
+    pub standings: Arc<crate::auth::standing::Standings>,
     pub clock: Arc<dyn Clock>,
     /// Committed membership changes and stage transitions, for subscriptions and campaigns.
     pub bus: bus::Bus,

@@ -401,45 +401,53 @@ impl Store {
                 return Ok(shared);
             }
         }
-        let tx = self.open_read(tenant_id).await?;
-        Ok(TenantTx::new(tx, tenant_id, self.origin))
+        let (tx, auth_version) = self.open_read(tenant_id).await?;
+        let mut tx = TenantTx::new(tx, tenant_id, self.origin);
+        tx.auth_version = auth_version;
+        Ok(tx)
     }
 
-    async fn open_read(&self, tenant_id: TenantId) -> StoreResult<DatabaseTransaction> {
+    /// A read-only transaction bound to `tenant_id`, and on PostgreSQL the tenant's
+    /// `auth_version` as the binding statement read it.
+    async fn open_read(
+        &self,
+        tenant_id: TenantId,
+    ) -> StoreResult<(DatabaseTransaction, Option<i64>)> {
         // Plain `BEGIN` on both: SQLite's deferred transactions are read transactions until they
         // write; PostgreSQL's is made read-only by the tenant binding's statement (one round
         // trip instead of a `SET TRANSACTION READ ONLY` of its own).
         self.count_transaction();
         let tx = self.db.begin().await?;
-        self.bind(&tx, tenant_id, true).await?;
-        Ok(tx)
+        if self.backend != Backend::Postgres {
+            return Ok((tx, None));
+        }
+        // Transaction-local settings and bound parameters (see `bind`). The same statement reads
+        // the tenant's `auth_version`, which authenticating an access token compares with its
+        // cached standings (`auth::standing`, ADR 0017): no round trip of its own. `tenants` is
+        // the registry, outside row-level security.
+        let row = tx
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT set_config('app.tenant_id', $1, true), \
+                        set_config('transaction_read_only', 'on', true), \
+                        (SELECT auth_version FROM tenants WHERE id = $2)",
+                [tenant_id.to_string().into(), tenant_id.as_uuid().into()],
+            ))
+            .await?;
+        let auth_version = match row {
+            Some(row) => row.try_get_by_index::<Option<i64>>(2)?,
+            None => None,
+        };
+        Ok((tx, auth_version))
     }
 
     async fn bind_tenant(&self, tx: &DatabaseTransaction, tenant_id: TenantId) -> StoreResult<()> {
-        self.bind(tx, tenant_id, false).await
-    }
-
-    /// Sets the transaction-local `app.tenant_id` that row-level security checks (PostgreSQL),
-    /// and makes the transaction read-only when asked, before its first read.
-    async fn bind(
-        &self,
-        tx: &DatabaseTransaction,
-        tenant_id: TenantId,
-        read_only: bool,
-    ) -> StoreResult<()> {
         if self.backend == Backend::Postgres {
             // Transaction-local and a bound parameter: the setting ends with the transaction and
-            // can never be injected into. `transaction_read_only` set locally is
-            // `SET TRANSACTION READ ONLY`, allowed before or after the first query.
-            let sql = if read_only {
-                "SELECT set_config('app.tenant_id', $1, true), \
-                        set_config('transaction_read_only', 'on', true)"
-            } else {
-                "SELECT set_config('app.tenant_id', $1, true)"
-            };
+            // can never be injected into.
             tx.execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                sql,
+                "SELECT set_config('app.tenant_id', $1, true)",
                 [tenant_id.to_string().into()],
             ))
             .await?;
@@ -510,6 +518,9 @@ pub struct TenantTx {
     shared: bool,
     tenant_id: TenantId,
     origin: uuid::Uuid,
+    /// The tenant's `auth_version` as this transaction read it when it was opened (PostgreSQL's
+    /// read transactions), else `None`; see [`tenants::auth_version`].
+    auth_version: Option<i64>,
     /// The tenant's segment barrier this transaction holds (`segments::barrier`): held until the
     /// transaction ends, so asking again for as much is a no-op.
     barrier: std::sync::atomic::AtomicU8,
@@ -540,6 +551,7 @@ impl TenantTx {
             shared,
             tenant_id,
             origin,
+            auth_version: None,
             barrier: std::sync::atomic::AtomicU8::new(BARRIER_NONE),
         }
     }
@@ -565,6 +577,11 @@ impl TenantTx {
 
     pub(crate) fn conn(&self) -> &conn::Conn {
         &self.tx
+    }
+
+    /// The tenant's `auth_version` if this transaction read it when it was opened.
+    pub(crate) fn auth_version_read(&self) -> Option<i64> {
+        self.auth_version
     }
 
     /// The engine this transaction runs on.
@@ -632,6 +649,7 @@ struct ReadScopeInner {
 struct SharedRead {
     tenant_id: TenantId,
     origin: uuid::Uuid,
+    auth_version: Option<i64>,
     tx: Arc<conn::Conn>,
 }
 
@@ -669,10 +687,11 @@ impl ReadScope {
             .0
             .tx
             .get_or_try_init(|| async {
-                let tx = store.open_read(tenant_id).await?;
+                let (tx, auth_version) = store.open_read(tenant_id).await?;
                 Ok::<_, StoreError>(SharedRead {
                     tenant_id,
                     origin: store.origin,
+                    auth_version,
                     tx: Arc::new(conn::Conn::new(tx)),
                 })
             })
@@ -680,12 +699,9 @@ impl ReadScope {
         if shared.tenant_id != tenant_id || shared.origin != store.origin {
             return Ok(None);
         }
-        Ok(Some(TenantTx::handle(
-            shared.tx.clone(),
-            true,
-            tenant_id,
-            shared.origin,
-        )))
+        let mut tx = TenantTx::handle(shared.tx.clone(), true, tenant_id, shared.origin);
+        tx.auth_version = shared.auth_version;
+        Ok(Some(tx))
     }
 
     /// Ends the shared transaction, if one was opened and nothing holds it any more (a
@@ -867,12 +883,13 @@ mod tests {
         })
         .await
         .unwrap();
-        // Three transactions at once hold three connections of the pool.
+        // Three transactions at once hold three connections of the pool (read-write ones: a
+        // read transaction also reads the tenant registry, which this unmigrated database lacks).
         let tenant = TenantId(uuid::Uuid::new_v4());
         let mut open = Vec::new();
         let mut ports = Vec::new();
         for _ in 0..3 {
-            let tx = store.read(tenant).await.unwrap();
+            let tx = store.begin(tenant).await.unwrap();
             let port = tx
                 .raw_query_strings(
                     "SELECT client_port::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",

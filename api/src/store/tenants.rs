@@ -38,6 +38,31 @@ pub async fn get(tx: &TenantTx) -> StoreResult<TenantRow> {
         .ok_or(StoreError::NotFound)
 }
 
+/// The tenant's `auth_version`, which the database raises with every change to what
+/// authenticating its users reads (migration `m20261130_000020_auth_version`, ADR 0017): as the
+/// transaction read it when it was opened (PostgreSQL's read transactions), else by its key.
+pub async fn auth_version(tx: &TenantTx) -> StoreResult<i64> {
+    use sea_orm::{ConnectionTrait, Statement};
+    if let Some(version) = tx.auth_version_read() {
+        return Ok(version);
+    }
+    let backend = tx.conn().get_database_backend();
+    let sql = match backend {
+        sea_orm::DbBackend::Postgres => "SELECT auth_version FROM tenants WHERE id = $1",
+        _ => "SELECT auth_version FROM tenants WHERE id = ?",
+    };
+    let row = tx
+        .conn()
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            sql,
+            [tx.tenant_id().as_uuid().into()],
+        ))
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    Ok(row.try_get_by_index::<i64>(0)?)
+}
+
 /// Resolves a slug to its tenant, before any tenant is known (login, password reset).
 pub async fn find_by_slug(store: &Store, slug: &str) -> StoreResult<Option<TenantRow>> {
     Ok(tenants::Entity::find()
