@@ -36,23 +36,20 @@ const AUTH_TABLES: [&str; 3] = ["users", "user_roles", "roles"];
 /// The tables of the definitions (as in migration 19).
 const DEFINITION_TABLES: [&str; 4] = ["segments", "lifecycle_stages", "campaigns", "webhooks"];
 
-const POSTGRES_FUNCTIONS: &str = "
-CREATE OR REPLACE FUNCTION cdp_auth_changed() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
-BEGIN
-  UPDATE tenants SET auth_version = nextval('cdp_versions')
-  WHERE id = CASE WHEN TG_OP = 'DELETE' THEN OLD.tenant_id ELSE NEW.tenant_id END;
-  RETURN NULL;
-END
-$fn$;
-CREATE OR REPLACE FUNCTION cdp_definitions_changed() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
-BEGIN
-  UPDATE tenants SET definitions_version = nextval('cdp_versions')
-  WHERE id = CASE WHEN TG_OP = 'DELETE' THEN OLD.tenant_id ELSE NEW.tenant_id END;
-  RETURN NULL;
-END
-$fn$;";
+/// PostgreSQL: the row trigger function `name` that raises the changed row's tenant's `column`
+/// to the counter's next value.
+fn postgres_raise_function(name: &str, column: &str) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION {name}() RETURNS trigger
+         LANGUAGE plpgsql AS $fn$
+         BEGIN
+           UPDATE tenants SET {column} = nextval('cdp_versions')
+           WHERE id = CASE WHEN TG_OP = 'DELETE' THEN OLD.tenant_id ELSE NEW.tenant_id END;
+           RETURN NULL;
+         END
+         $fn$;"
+    )
+}
 
 /// SQLite: the statements of a trigger body that raise `column` of tenant `tenant` (an
 /// expression over `NEW` or `OLD`) to the counter's next value.
@@ -82,7 +79,13 @@ impl MigrationTrait for Migration {
                        ALTER COLUMN definitions_version SET DEFAULT nextval('cdp_versions');"
                 ))
                 .await?;
-                db.execute_unprepared(POSTGRES_FUNCTIONS).await?;
+                for (function, column) in [
+                    ("cdp_auth_changed", "auth_version"),
+                    ("cdp_definitions_changed", "definitions_version"),
+                ] {
+                    db.execute_unprepared(&postgres_raise_function(function, column))
+                        .await?;
+                }
                 for table in AUTH_TABLES {
                     db.execute_unprepared(&format!(
                         "CREATE TRIGGER {table}_auth_changed
