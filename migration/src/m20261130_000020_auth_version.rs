@@ -51,13 +51,27 @@ fn postgres_raise_function(name: &str, column: &str) -> String {
     )
 }
 
-/// SQLite: the statements of a trigger body that raise `column` of tenant `tenant` (an
-/// expression over `NEW` or `OLD`) to the counter's next value.
-fn sqlite_raise(column: &str, tenant: &str) -> String {
+/// The kinds of row change, each with the row a trigger reads the tenant from.
+const ROW_EVENTS: [(&str, &str); 3] = [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")];
+
+/// SQLite: the trigger `name` after `event` on `table`, for the rows where `when` holds, that
+/// raises the changed row's (`row`'s) tenant's `column` to the counter's next value.
+fn sqlite_raise_trigger(
+    name: &str,
+    event: &str,
+    table: &str,
+    row: &str,
+    when: Option<&str>,
+    column: &str,
+) -> String {
+    let when = when.map(|when| format!("WHEN {when}")).unwrap_or_default();
     format!(
-        "UPDATE cdp_versions SET value = value + 1 WHERE id = 1;
-         UPDATE tenants SET {column} = (SELECT value FROM cdp_versions WHERE id = 1)
-         WHERE id = {tenant};"
+        "CREATE TRIGGER {name} AFTER {event} ON {table} {when}
+         BEGIN
+           UPDATE cdp_versions SET value = value + 1 WHERE id = 1;
+           UPDATE tenants SET {column} = (SELECT value FROM cdp_versions WHERE id = 1)
+           WHERE id = {row}.tenant_id;
+         END;"
     )
 }
 
@@ -137,48 +151,43 @@ impl MigrationTrait for Migration {
                      END;",
                 )
                 .await?;
-                for table in AUTH_TABLES {
-                    for (event, row) in [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")] {
-                        let kind = event.to_lowercase();
-                        let body = sqlite_raise("auth_version", &format!("{row}.tenant_id"));
-                        db.execute_unprepared(&format!(
-                            "CREATE TRIGGER {table}_auth_{kind} AFTER {event} ON {table}
-                             BEGIN {body} END;"
-                        ))
-                        .await?;
-                    }
-                }
-                for (event, row, when) in [
-                    ("INSERT", "NEW", "NEW.revoked_at IS NOT NULL"),
-                    (
-                        "UPDATE",
-                        "NEW",
-                        "OLD.revoked_at IS NOT NEW.revoked_at \
-                         OR OLD.family_id IS NOT NEW.family_id \
-                         OR OLD.tenant_id IS NOT NEW.tenant_id",
-                    ),
-                    ("DELETE", "OLD", "OLD.revoked_at IS NOT NULL"),
-                ] {
+                // Sessions: only what can change a family's revocation (as on PostgreSQL).
+                let session_changes = [
+                    "NEW.revoked_at IS NOT NULL",
+                    "OLD.revoked_at IS NOT NEW.revoked_at \
+                     OR OLD.family_id IS NOT NEW.family_id \
+                     OR OLD.tenant_id IS NOT NEW.tenant_id",
+                    "OLD.revoked_at IS NOT NULL",
+                ];
+                for ((event, row), when) in ROW_EVENTS.into_iter().zip(session_changes) {
                     let kind = event.to_lowercase();
-                    let body = sqlite_raise("auth_version", &format!("{row}.tenant_id"));
-                    db.execute_unprepared(&format!(
-                        "CREATE TRIGGER refresh_sessions_auth_{kind}
-                           AFTER {event} ON refresh_sessions WHEN {when}
-                         BEGIN {body} END;"
-                    ))
-                    .await?;
+                    let name = format!("refresh_sessions_auth_{kind}");
+                    let table = "refresh_sessions";
+                    let trigger =
+                        sqlite_raise_trigger(&name, event, table, row, Some(when), "auth_version");
+                    db.execute_unprepared(&trigger).await?;
                 }
-                // Migration 19's triggers, moved to the counter.
-                for table in DEFINITION_TABLES {
-                    for (event, row) in [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")] {
-                        let kind = event.to_lowercase();
-                        let body = sqlite_raise("definitions_version", &format!("{row}.tenant_id"));
-                        db.execute_unprepared(&format!(
-                            "DROP TRIGGER {table}_definitions_{kind};
-                             CREATE TRIGGER {table}_definitions_{kind} AFTER {event} ON {table}
-                             BEGIN {body} END;"
-                        ))
-                        .await?;
+                for (event, row) in ROW_EVENTS {
+                    let kind = event.to_lowercase();
+                    for table in AUTH_TABLES {
+                        let name = format!("{table}_auth_{kind}");
+                        let trigger =
+                            sqlite_raise_trigger(&name, event, table, row, None, "auth_version");
+                        db.execute_unprepared(&trigger).await?;
+                    }
+                    // Migration 19's triggers, moved to the counter.
+                    for table in DEFINITION_TABLES {
+                        let name = format!("{table}_definitions_{kind}");
+                        let trigger = sqlite_raise_trigger(
+                            &name,
+                            event,
+                            table,
+                            row,
+                            None,
+                            "definitions_version",
+                        );
+                        db.execute_unprepared(&format!("DROP TRIGGER {name}; {trigger}"))
+                            .await?;
                     }
                 }
             }
@@ -226,7 +235,7 @@ impl MigrationTrait for Migration {
                     }
                 }
                 for table in DEFINITION_TABLES {
-                    for (event, row) in [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")] {
+                    for (event, row) in ROW_EVENTS {
                         let kind = event.to_lowercase();
                         db.execute_unprepared(&format!(
                             "DROP TRIGGER IF EXISTS {table}_definitions_{kind};

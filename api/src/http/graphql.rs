@@ -230,7 +230,7 @@ async fn run(
                 request, state, schema, operations, client_ip, cacheable,
             ))
             .await;
-        scope.finish().await;
+        scope.finish();
         response
     } else {
         authenticate_and_execute(request, state, schema, operations, client_ip, cacheable).await

@@ -402,9 +402,13 @@ impl Store {
             }
         }
         let (tx, auth_version) = self.open_read(tenant_id).await?;
-        let mut tx = TenantTx::new(tx, tenant_id, self.origin);
-        tx.auth_version = auth_version;
-        Ok(tx)
+        Ok(TenantTx::handle(
+            Arc::new(conn::Conn::new(tx)),
+            false,
+            tenant_id,
+            self.origin,
+            auth_version,
+        ))
     }
 
     /// A read-only transaction bound to `tenant_id`, and on PostgreSQL the tenant's
@@ -421,7 +425,7 @@ impl Store {
         if self.backend != Backend::Postgres {
             return Ok((tx, None));
         }
-        // Transaction-local settings and bound parameters (see `bind`). The same statement reads
+        // Transaction-local settings and bound parameters (see `bind_tenant`). The same statement reads
         // the tenant's `auth_version`, which authenticating an access token compares with its
         // cached standings (`auth::standing`, ADR 0017): no round trip of its own. `tenants` is
         // the registry, outside row-level security.
@@ -537,7 +541,13 @@ impl TenantTx {
         tenant_id: TenantId,
         origin: uuid::Uuid,
     ) -> TenantTx {
-        TenantTx::handle(Arc::new(conn::Conn::new(tx)), false, tenant_id, origin)
+        TenantTx::handle(
+            Arc::new(conn::Conn::new(tx)),
+            false,
+            tenant_id,
+            origin,
+            None,
+        )
     }
 
     fn handle(
@@ -545,13 +555,14 @@ impl TenantTx {
         shared: bool,
         tenant_id: TenantId,
         origin: uuid::Uuid,
+        auth_version: Option<i64>,
     ) -> TenantTx {
         TenantTx {
             tx,
             shared,
             tenant_id,
             origin,
-            auth_version: None,
+            auth_version,
             barrier: std::sync::atomic::AtomicU8::new(BARRIER_NONE),
         }
     }
@@ -699,26 +710,24 @@ impl ReadScope {
         if shared.tenant_id != tenant_id || shared.origin != store.origin {
             return Ok(None);
         }
-        let mut tx = TenantTx::handle(shared.tx.clone(), true, tenant_id, shared.origin);
-        tx.auth_version = shared.auth_version;
-        Ok(Some(tx))
+        Ok(Some(TenantTx::handle(
+            shared.tx.clone(),
+            true,
+            tenant_id,
+            shared.origin,
+            shared.auth_version,
+        )))
     }
 
-    /// Ends the shared transaction, if one was opened and nothing holds it any more, without
-    /// waiting for the database: the transaction only read, so rolling it back ends it as a
+    /// Ends the scope: its shared transaction ends when the last handle to it goes, without
+    /// waiting for the database. The transaction only read, so rolling it back ends it as a
     /// commit would, and dropping it queues the rollback on its connection, which the pool
     /// sends as it takes the connection back (with the check it runs on every returned
     /// connection anyway). A commit here was one more round trip per request before the answer
     /// (on SQLite a hand-over to and back from the connection's thread, whose thread waits until
     /// the request's task takes the result).
-    pub async fn finish(self) {
-        let Ok(inner) = Arc::try_unwrap(self.0) else {
-            return;
-        };
-        let Some(shared) = inner.tx.into_inner() else {
-            return;
-        };
-        drop(shared);
+    pub fn finish(self) {
+        drop(self);
     }
 }
 
@@ -858,7 +867,7 @@ mod tests {
                 assert_eq!(tenants_seen(&after).await, 3);
             })
             .await;
-        scope.finish().await;
+        scope.finish();
         // Outside any scope every read is its own.
         let outside = store.read(tenant).await.expect("a read");
         assert_eq!(tenants_seen(&outside).await, 3);
@@ -948,7 +957,7 @@ mod tests {
                     shared.raw_query_strings(settings).await.unwrap()
                 })
                 .await;
-            scope.finish().await;
+            scope.finish();
             let write = store.begin(tenant).await.unwrap();
             let written = write.raw_query_strings(settings).await.unwrap();
             (seen, shared, written)
