@@ -97,6 +97,14 @@ impl Outcome {
         }
     }
 
+    /// Two runs of the same target as one: their requests over their summed time.
+    pub fn joined(mut self, other: Outcome) -> Outcome {
+        self.elapsed += other.elapsed;
+        self.warmups += other.warmups;
+        self.merge(other);
+        self
+    }
+
     fn merge(&mut self, other: Outcome) {
         self.requests += other.requests;
         self.graphql_errors += other.graphql_errors;

@@ -7,8 +7,9 @@
 //!
 //! Measured, on each backend:
 //! - `profile(id)` with its traits and `events(first: 20)`, closed loop (C connections for a
-//!   fixed time): requests per second of GraphQL against the plain handler (target: a ratio of
-//!   at least 0.70);
+//!   fixed time, each side's time cut into segments run in rounds of plain, GraphQL, GraphQL,
+//!   plain: [`closed_pair`]): requests per second of GraphQL against the plain handler (target:
+//!   a ratio of at least 0.70);
 //! - `profiles(first: 50, after: …)` pages (id, traits, eventCount, lastSeenAt), closed loop, the
 //!   same ratio;
 //! - `profile(id)` in an open loop at a fixed rate (default 500 requests a second), latency from
@@ -299,26 +300,33 @@ pub async fn measure(
     };
 
     let c = settings.connections;
-    let store = server.app.state().store.clone();
-    let plain_closed = load::closed(&plain_profile, c, settings.duration).await;
+    let store = &server.app.state().store;
+    let (graphql_closed, plain_closed, statements) = closed_pair(
+        &graphql_profile,
+        &plain_profile,
+        c,
+        settings.duration,
+        store,
+        label,
+    )
+    .await;
+    let profile_statements = per_request(statements, &graphql_closed);
     timed("plain profile, closed loop", &plain_closed);
-    let before = store.statements_executed();
-    let graphql_closed = load::closed(&graphql_profile, c, settings.duration).await;
-    let profile_statements = per_request(store.statements_executed() - before, &graphql_closed);
     timed("GraphQL profile, closed loop", &graphql_closed);
 
     let starts: Vec<Uuid> = ids.iter().step_by(50).copied().collect();
     let starts = Arc::new(starts);
-    let plain_pages = load::closed(&plain.page_target(starts.clone()), c, settings.duration).await;
-    timed("plain profiles page, closed loop", &plain_pages);
-    let before = store.statements_executed();
-    let graphql_pages = load::closed(
+    let (graphql_pages, plain_pages, statements) = closed_pair(
         &graphql_page_target(server, token, starts.clone()),
+        &plain.page_target(starts.clone()),
         c,
         settings.duration,
+        store,
+        label,
     )
     .await;
-    let page_statements = per_request(store.statements_executed() - before, &graphql_pages);
+    let page_statements = per_request(statements, &graphql_pages);
+    timed("plain profiles page, closed loop", &plain_pages);
     timed("GraphQL profiles page, closed loop", &graphql_pages);
     eprintln!(
         "[{label}] statements per GraphQL request (authentication included): profile {profile_statements}, page {page_statements}"
@@ -335,6 +343,50 @@ pub async fn measure(
         at_rate: (graphql_open, plain_open),
         statements: (profile_statements, page_statements),
     })
+}
+
+/// Rounds of [`closed_pair`]: each side's measurement is cut into `2 * ROUNDS` segments.
+const ROUNDS: u32 = 4;
+
+/// Closed loops of GraphQL and of the plain handler, each `duration` long in all, run in
+/// [`ROUNDS`] rounds of plain, GraphQL, GraphQL, plain: a machine that speeds up or slows down
+/// during the measurement (another process's work, a neighbour on the host, a cache warming)
+/// weighs on both sides alike instead of on whichever ran at that moment. Returns (GraphQL,
+/// plain, statements the server ran during the GraphQL segments).
+async fn closed_pair(
+    graphql: &Target,
+    plain: &Target,
+    connections: usize,
+    duration: Duration,
+    store: &api::store::Store,
+    label: &str,
+) -> (load::Outcome, load::Outcome, u64) {
+    let segment = duration / (2 * ROUNDS);
+    let (mut graphql_all, mut plain_all) = (load::Outcome::default(), load::Outcome::default());
+    let mut statements = 0;
+    let mut rates = Vec::new();
+    for _ in 0..ROUNDS {
+        let plain_first = load::closed(plain, connections, segment).await;
+        let before = store.statements_executed();
+        let graphql_first = load::closed(graphql, connections, segment).await;
+        let graphql_second = load::closed(graphql, connections, segment).await;
+        statements += store.statements_executed() - before;
+        let plain_second = load::closed(plain, connections, segment).await;
+        rates.push(format!(
+            "{:.0}/{:.0}/{:.0}/{:.0}",
+            plain_first.per_second(),
+            graphql_first.per_second(),
+            graphql_second.per_second(),
+            plain_second.per_second()
+        ));
+        graphql_all = graphql_all.joined(graphql_first).joined(graphql_second);
+        plain_all = plain_all.joined(plain_first).joined(plain_second);
+    }
+    eprintln!(
+        "[{label}] rounds, requests/s plain/GraphQL/GraphQL/plain: {}",
+        rates.join(", ")
+    );
+    (graphql_all, plain_all, statements)
 }
 
 /// Statements the server ran per request of a closed loop (its warm-up requests included).
