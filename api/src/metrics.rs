@@ -35,6 +35,7 @@ pub struct Metrics {
     rejected: IntCounterVec,
     emails: IntCounterVec,
     auth_standings: IntCounterVec,
+    ingest_retries: IntCounterVec,
     pub outbox_depth: IntGauge,
     pub outbox_oldest_age: Gauge,
     pub websockets: IntGauge,
@@ -143,6 +144,11 @@ impl Metrics {
                 "Access-token authentications by where the session's standing came from: cache (kept under the tenant's unchanged auth_version, ADR 0017) or database.",
                 &["source"],
             ),
+            ingest_retries: counter(
+                "cdp_ingest_retries_total",
+                "Ingestion transactions begun again, by reason: stored_message (a first attempt failed on a unique key, most often a message stored before: the retry looks stored messages up), conflict (an identifier or message written concurrently), transient (a deadlock, serialization failure or lost connection).",
+                &["reason"],
+            ),
             outbox_depth: int_gauge(
                 "cdp_outbox_depth",
                 "Emails waiting in the outbox (QUEUED or SENDING), all tenants, when scraped.",
@@ -207,6 +213,16 @@ impl Metrics {
         self.auth_standings
             .with_label_values(&[if cached { "cache" } else { "database" }])
             .inc();
+    }
+
+    /// One ingestion transaction begun again, for `reason` (see the metric's help).
+    pub fn ingest_retry(&self, reason: &str) {
+        self.ingest_retries.with_label_values(&[reason]).inc();
+    }
+
+    /// How many ingestion transactions were begun again for `reason` since the process started.
+    pub fn ingest_retry_count(&self, reason: &str) -> u64 {
+        self.ingest_retries.with_label_values(&[reason]).get()
     }
 
     /// How many access-token authentications took their standing from the cache (`true`) or

@@ -61,6 +61,18 @@ async fn a_retried_batch_is_stored_once() {
             .unwrap();
         assert_eq!(source["accepted"], 3);
         assert_eq!(source["duplicates"], 9);
+        // Each resend's first attempt met the stored message ids and was begun again once, looking
+        // them up; nothing else was retried.
+        let metrics = &server.app.as_ref().expect("running").state().metrics;
+        assert_eq!(
+            [
+                metrics.ingest_retry_count("stored_message"),
+                metrics.ingest_retry_count("conflict"),
+                metrics.ingest_retry_count("transient"),
+            ],
+            [2, 0, 0],
+            "[{backend:?}]"
+        );
         server.stop().await;
     }
 }

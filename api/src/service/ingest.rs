@@ -340,6 +340,7 @@ async fn commit_group(
             Ok(tx) => tx,
             Err(error) if error.is_retryable() && attempt < 8 => {
                 attempt += 1;
+                state.metrics.ingest_retry("transient");
                 tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
                 continue;
             }
@@ -352,7 +353,9 @@ async fn commit_group(
                     compact_stats_now_and_then(state, tenant_id).await;
                     return Ok(reports);
                 }
-                Err(error) if error.is_retryable() && attempt < 8 => {}
+                Err(error) if error.is_retryable() && attempt < 8 => {
+                    state.metrics.ingest_retry("transient");
+                }
                 Err(error) => return Err(error.into()),
             },
             Err(StoreError::Conflict(_)) if attempt < 8 => {
@@ -363,11 +366,14 @@ async fn commit_group(
                     // Most likely a message sent again: retry at once, looking it up.
                     look_up_stored = true;
                     attempt += 1;
+                    state.metrics.ingest_retry("stored_message");
                     continue;
                 }
+                state.metrics.ingest_retry("conflict");
             }
             Err(error) if error.is_retryable() && attempt < 8 => {
                 drop(tx);
+                state.metrics.ingest_retry("transient");
             }
             Err(error) => return Err(error.into()),
         }

@@ -157,6 +157,13 @@ async fn run_on(
         sent.elapsed.as_secs_f64(),
         sent.failed_requests
     );
+    let metrics = &server.app.state().metrics;
+    eprintln!(
+        "[{label}] CDP: transactions begun again: {} to look up stored messages, {} after a concurrent write, {} transient",
+        metrics.ingest_retry_count("stored_message"),
+        metrics.ingest_retry_count("conflict"),
+        metrics.ingest_retry_count("transient")
+    );
     server.stop().await?;
 
     let pool = db.owner_pool(BASELINE_POOL).await?;
