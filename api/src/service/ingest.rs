@@ -449,6 +449,8 @@ struct Work<'a> {
     /// Plain value of each identifier of the batch, by its blind index: sealed into the identity
     /// rows and the ledger, never stored as it is.
     displays: HashMap<String, String>,
+    /// Blind index of each identifier value of the batch, computed once per value.
+    lookups: HashMap<String, String>,
     /// Identifiers (kind, blind index) suppressed by an erasure: never linked again.
     suppressed: HashSet<(String, String)>,
     consent_changes: Vec<store::keys::ConsentChangeRow>,
@@ -472,6 +474,17 @@ struct Work<'a> {
 }
 
 impl Work<'_> {
+    /// The blind index of an identifier value (the same for every kind), computed once per
+    /// value and batch.
+    fn lookup(&mut self, value: &str) -> String {
+        if let Some(lookup) = self.lookups.get(value) {
+            return lookup.clone();
+        }
+        let lookup = self.sealer.tenant().identity_lookup(value);
+        self.lookups.insert(value.to_owned(), lookup.clone());
+        lookup
+    }
+
     fn final_id(&self, mut id: Uuid) -> Uuid {
         while let Some(next) = self.redirect.get(&id) {
             id = *next;
@@ -585,6 +598,15 @@ pub(crate) fn fold_profile(survivor: &mut ProfileRow, merged: &ProfileRow) {
     survivor.channels = union_channels(&survivor.channels, &merged.channels);
 }
 
+/// The object `value` holds, taken out of it (an empty one if it holds something else); `value`
+/// is left `null` until the caller puts the object back.
+fn take_object(value: &mut Value) -> Map<String, Value> {
+    match std::mem::take(value) {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    }
+}
+
 fn union_channels(a: &Value, b: &Value) -> Value {
     let mut set: BTreeSet<String> = BTreeSet::new();
     for value in [a, b] {
@@ -613,11 +635,11 @@ async fn apply<'a>(
     let pii = &privacy::settings_of(&tenant).pii_keys();
     let definitions = super::definitions::at(tx, tenant.definitions_version).await?;
     let all_parsed = || jobs.iter().flat_map(|job| job.parsed.iter());
-    let tenant_keys = state.vault.tenant(tx).await?;
     let mut work = Work {
         tenant_id: tx.tenant_id().as_uuid(),
         sealer: state.vault.sealer(tx, pii.clone(), &[]).await?,
         displays: HashMap::new(),
+        lookups: HashMap::new(),
         suppressed: HashSet::new(),
         consent_changes: Vec::new(),
         now,
@@ -643,14 +665,14 @@ async fn apply<'a>(
     // Identifiers are looked up and stored by their blind index only.
     for message in all_parsed().flatten() {
         for identity in &message.identities {
-            let lookup = tenant_keys.identity_lookup(&identity.key.value);
+            let lookup = work.lookup(&identity.key.value);
             work.displays
                 .entry(lookup.clone())
                 .or_insert_with(|| identity.display.clone());
             keys.insert((identity.key.kind.clone(), lookup));
         }
         if let Some(previous) = &message.previous_id {
-            let lookup = tenant_keys.identity_lookup(previous);
+            let lookup = work.lookup(previous);
             work.displays
                 .entry(lookup.clone())
                 .or_insert_with(|| previous.clone());
@@ -1045,16 +1067,17 @@ fn apply_message(
         .identities
         .iter()
         .map(|identity| {
-            IdentityKey::new(
-                identity.key.kind.clone(),
-                work.sealer.tenant().identity_lookup(&identity.key.value),
-            )
+            IdentityKey::new(identity.key.kind.clone(), work.lookup(&identity.key.value))
         })
         .collect();
-    if let Some(previous) = &message.previous_id {
+    let previous_lookup = message
+        .previous_id
+        .as_deref()
+        .map(|previous| work.lookup(previous));
+    if let (Some(previous), Some(lookup)) = (&message.previous_id, &previous_lookup) {
         if !domain::ingest::is_blocked_identity(previous, &[]) {
             // An alias names an earlier user id when one is known, else an anonymous id.
-            let lookup = work.sealer.tenant().identity_lookup(previous);
+            let lookup = lookup.clone();
             let kind = if known_user_ids.contains(&lookup) {
                 USER_ID
             } else {
@@ -1067,8 +1090,7 @@ fn apply_message(
     // storing its traits under another identifier would bring the person back.
     // An alias's previous id is checked under both kinds: once its person is erased, nobody
     // knows it as a user id any more.
-    let previous_suppressed = message.previous_id.as_deref().is_some_and(|previous| {
-        let lookup = work.sealer.tenant().identity_lookup(previous);
+    let previous_suppressed = previous_lookup.is_some_and(|lookup| {
         [USER_ID, ANONYMOUS_ID].iter().any(|kind| {
             work.suppressed
                 .contains(&((*kind).to_owned(), lookup.clone()))
@@ -1157,8 +1179,9 @@ fn apply_message(
         })?;
     let row = &mut working.row;
     if message.kind == MessageType::Identify && !message.traits.is_empty() {
-        let mut traits_map = row.traits.as_object().cloned().unwrap_or_default();
-        let mut clock = row.trait_clock.as_object().cloned().unwrap_or_default();
+        // Taken out of the row and put back: the profile's traits are not copied per message.
+        let mut traits_map = take_object(&mut row.traits);
+        let mut clock = take_object(&mut row.trait_clock);
         let incoming = work
             .sealer
             .seal_object(profile_id, &message.traits, Some(&traits_map));
@@ -1169,7 +1192,13 @@ fn apply_message(
     row.event_count += 1;
     row.first_seen_at = row.first_seen_at.min(message.timestamp);
     row.last_seen_at = row.last_seen_at.max(message.timestamp);
-    row.channels = union_channels(&row.channels, &json!([channel]));
+    let seen_on = row
+        .channels
+        .as_array()
+        .is_some_and(|channels| channels.iter().any(|seen| seen.as_str() == Some(channel)));
+    if !seen_on {
+        row.channels = union_channels(&row.channels, &json!([channel]));
+    }
     working.changed = true;
 
     for (purpose, granted) in &message.consents {
@@ -1222,8 +1251,8 @@ fn apply_message(
                 trait_clock: json!({}),
                 updated_at: now,
             });
-        let mut traits_map = group.traits.as_object().cloned().unwrap_or_default();
-        let mut clock = group.trait_clock.as_object().cloned().unwrap_or_default();
+        let mut traits_map = take_object(&mut group.traits);
+        let mut clock = take_object(&mut group.trait_clock);
         traits::apply(&mut traits_map, &mut clock, &message.traits, &stamp);
         group.traits = Value::Object(traits_map);
         group.trait_clock = Value::Object(clock);
@@ -1233,29 +1262,32 @@ fn apply_message(
             .push((profile_id, group_id.clone(), message.timestamp));
     }
 
+    // The event's properties, sealed from the message's own maps (built only where the event
+    // adds a key).
+    let built: Map<String, Value>;
     let properties = match message.kind {
-        MessageType::Identify => message.traits.clone(),
+        MessageType::Identify => &message.traits,
         MessageType::Group => {
             let mut properties = message.traits.clone();
             properties.insert("groupId".to_owned(), json!(message.group_id));
-            properties
+            built = properties;
+            &built
         }
         MessageType::Alias => {
             let mut properties = Map::new();
             properties.insert("previousId".to_owned(), json!(message.previous_id));
-            properties
+            built = properties;
+            &built
         }
-        _ => message.properties.clone(),
+        _ => &message.properties,
     };
-    let properties = work.sealer.seal_object(profile_id, &properties, None);
-    let context = work
-        .sealer
-        .seal_json(profile_id, &Value::Object(message.context.clone()));
-    let blind = |id: &Option<String>| {
-        id.as_deref()
-            .map(|value| work.sealer.tenant().identity_lookup(value))
-    };
-    let (user_id, anonymous_id) = (blind(&message.user_id), blind(&message.anonymous_id));
+    let properties = work.sealer.seal_object(profile_id, properties, None);
+    let context = work.sealer.seal_json(profile_id, &message.context);
+    let user_id = message.user_id.as_deref().map(|value| work.lookup(value));
+    let anonymous_id = message
+        .anonymous_id
+        .as_deref()
+        .map(|value| work.lookup(value));
     let event_id = Uuid::now_v7();
     work.events.push(EventRow {
         tenant_id: work.tenant_id,

@@ -329,6 +329,26 @@ impl std::fmt::Debug for Sealer {
     }
 }
 
+/// JSON that serializes to text without failing: a value, or an object's map (whose keys are
+/// strings), so that a message's context is sealed without being copied into a value first.
+pub trait JsonText {
+    fn json_text(&self) -> String;
+}
+
+impl JsonText for Value {
+    fn json_text(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl JsonText for Map<String, Value> {
+    fn json_text(&self) -> String {
+        // Keys are strings and every value is JSON: serde_json cannot fail here.
+        #[allow(clippy::expect_used)]
+        serde_json::to_string(self).expect("a JSON map serializes")
+    }
+}
+
 impl Sealer {
     pub fn tenant(&self) -> &TenantKeys {
         &self.tenant
@@ -358,9 +378,10 @@ impl Sealer {
         crypto::seal_envelope(tenant_id, owner, &key, text.as_bytes())
     }
 
-    /// Seals a whole JSON value (an event context) as an envelope string.
-    pub fn seal_json(&mut self, owner: Uuid, value: &Value) -> Value {
-        Value::String(self.seal_text(owner, &value.to_string()))
+    /// Seals a whole JSON value (an event context, as a value or an object) as an envelope
+    /// string.
+    pub fn seal_json(&mut self, owner: Uuid, value: &impl JsonText) -> Value {
+        Value::String(self.seal_text(owner, &value.json_text()))
     }
 
     /// Seals one personal value as `{"bi", "ct"}`; `null` and already sealed values stay.
