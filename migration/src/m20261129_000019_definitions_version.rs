@@ -21,9 +21,12 @@ impl MigrationName for Migration {
 }
 
 /// The tables whose rows are the tenant's definitions.
-const DEFINITION_TABLES: [&str; 4] = ["segments", "lifecycle_stages", "campaigns", "webhooks"];
+pub(crate) const DEFINITION_TABLES: [&str; 4] =
+    ["segments", "lifecycle_stages", "campaigns", "webhooks"];
 
-const POSTGRES_FUNCTION: &str = "
+/// PostgreSQL: the trigger function this migration creates (migration 20 replaces it and puts it
+/// back when undone).
+pub(crate) const POSTGRES_FUNCTION: &str = "
 CREATE OR REPLACE FUNCTION cdp_definitions_changed() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 BEGIN
@@ -32,6 +35,23 @@ BEGIN
   RETURN NULL;
 END
 $fn$;";
+
+/// The kinds of row change, each with the row a trigger reads the tenant from.
+pub(crate) const ROW_EVENTS: [(&str, &str); 3] =
+    [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")];
+
+/// SQLite: this migration's trigger after `event` on `table`, reading the tenant from `row`
+/// (migration 20 replaces it and puts it back when undone).
+pub(crate) fn sqlite_trigger(table: &str, event: &str, row: &str) -> String {
+    let kind = event.to_lowercase();
+    format!(
+        "CREATE TRIGGER {table}_definitions_{kind} AFTER {event} ON {table}
+         BEGIN
+           UPDATE tenants SET definitions_version = definitions_version + 1
+           WHERE id = {row}.tenant_id;
+         END;"
+    )
+}
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
@@ -56,16 +76,9 @@ impl MigrationTrait for Migration {
             _ => {
                 // SQLite: one trigger per table and kind of change.
                 for table in DEFINITION_TABLES {
-                    for (event, row) in [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")] {
-                        let kind = event.to_lowercase();
-                        db.execute_unprepared(&format!(
-                            "CREATE TRIGGER {table}_definitions_{kind} AFTER {event} ON {table}
-                             BEGIN
-                               UPDATE tenants SET definitions_version = definitions_version + 1
-                               WHERE id = {row}.tenant_id;
-                             END;"
-                        ))
-                        .await?;
+                    for (event, row) in ROW_EVENTS {
+                        db.execute_unprepared(&sqlite_trigger(table, event, row))
+                            .await?;
                     }
                 }
             }

@@ -20,6 +20,9 @@
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};
 
+use crate::m20261129_000019_definitions_version::{
+    self as definitions, DEFINITION_TABLES, ROW_EVENTS,
+};
 use crate::tenancy::SERVICE_ROLE;
 
 pub struct Migration;
@@ -32,9 +35,6 @@ impl MigrationName for Migration {
 
 /// The tables whose every change changes some user's standing.
 const AUTH_TABLES: [&str; 3] = ["users", "user_roles", "roles"];
-
-/// The tables of the definitions (as in migration 19).
-const DEFINITION_TABLES: [&str; 4] = ["segments", "lifecycle_stages", "campaigns", "webhooks"];
 
 /// PostgreSQL: the row trigger function `name` that raises the changed row's tenant's `column`
 /// to the counter's next value.
@@ -50,9 +50,6 @@ fn postgres_raise_function(name: &str, column: &str) -> String {
          $fn$;"
     )
 }
-
-/// The kinds of row change, each with the row a trigger reads the tenant from.
-const ROW_EVENTS: [(&str, &str); 3] = [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")];
 
 /// SQLite: the trigger `name` after `event` on `table`, for the rows where `when` holds, that
 /// raises the changed row's (`row`'s) tenant's `column` to the counter's next value.
@@ -209,17 +206,14 @@ impl MigrationTrait for Migration {
                     "DROP TRIGGER IF EXISTS refresh_sessions_auth_inserted ON refresh_sessions;
                      DROP TRIGGER IF EXISTS refresh_sessions_auth_updated ON refresh_sessions;
                      DROP TRIGGER IF EXISTS refresh_sessions_auth_deleted ON refresh_sessions;
-                     DROP FUNCTION IF EXISTS cdp_auth_changed();
-                     CREATE OR REPLACE FUNCTION cdp_definitions_changed() RETURNS trigger
-                     LANGUAGE plpgsql AS $fn$
-                     BEGIN
-                       UPDATE tenants SET definitions_version = definitions_version + 1
-                       WHERE id = CASE WHEN TG_OP = 'DELETE' THEN OLD.tenant_id
-                                       ELSE NEW.tenant_id END;
-                       RETURN NULL;
-                     END
-                     $fn$;
-                     ALTER TABLE tenants ALTER COLUMN definitions_version SET DEFAULT 0;
+                     DROP FUNCTION IF EXISTS cdp_auth_changed();",
+                )
+                .await?;
+                // Migration 19's function again.
+                db.execute_unprepared(definitions::POSTGRES_FUNCTION)
+                    .await?;
+                db.execute_unprepared(
+                    "ALTER TABLE tenants ALTER COLUMN definitions_version SET DEFAULT 0;
                      ALTER TABLE tenants DROP COLUMN auth_version;
                      DROP SEQUENCE cdp_versions;",
                 )
@@ -234,16 +228,13 @@ impl MigrationTrait for Migration {
                         .await?;
                     }
                 }
+                // Migration 19's triggers again.
                 for table in DEFINITION_TABLES {
                     for (event, row) in ROW_EVENTS {
                         let kind = event.to_lowercase();
+                        let trigger = definitions::sqlite_trigger(table, event, row);
                         db.execute_unprepared(&format!(
-                            "DROP TRIGGER IF EXISTS {table}_definitions_{kind};
-                             CREATE TRIGGER {table}_definitions_{kind} AFTER {event} ON {table}
-                             BEGIN
-                               UPDATE tenants SET definitions_version = definitions_version + 1
-                               WHERE id = {row}.tenant_id;
-                             END;"
+                            "DROP TRIGGER IF EXISTS {table}_definitions_{kind}; {trigger}"
                         ))
                         .await?;
                     }

@@ -123,6 +123,24 @@ mod tests {
         }
     }
 
+    /// Keeps the principal of `user` with `email` for (`user`, `family`) at `version`.
+    fn keep(
+        cache: &Standings,
+        tenant: TenantId,
+        user: Uuid,
+        family: Uuid,
+        version: i64,
+        email: &str,
+    ) {
+        cache.insert(
+            tenant,
+            user,
+            family,
+            version,
+            Some(principal(tenant, user, email)),
+        );
+    }
+
     fn email(verdict: &Verdict) -> Option<String> {
         match verdict.as_ref().map(|principal| &principal.kind) {
             Some(PrincipalKind::User { email, .. }) => Some(email.clone()),
@@ -136,13 +154,7 @@ mod tests {
         let tenant = TenantId(Uuid::new_v4());
         let (user, family) = (Uuid::new_v4(), Uuid::new_v4());
         assert!(cache.get(tenant, user, family, 7).is_none());
-        cache.insert(
-            tenant,
-            user,
-            family,
-            7,
-            Some(principal(tenant, user, "a@x.example")),
-        );
+        keep(&cache, tenant, user, family, 7, "a@x.example");
         let kept = cache.get(tenant, user, family, 7).expect("kept at 7");
         assert_eq!(email(&kept).as_deref(), Some("a@x.example"));
         // Another session, another tenant, another version: not answered.
@@ -162,37 +174,13 @@ mod tests {
         let cache = Standings::new();
         let tenant = TenantId(Uuid::new_v4());
         let (user, family, second) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-        cache.insert(
-            tenant,
-            user,
-            family,
-            7,
-            Some(principal(tenant, user, "old@x.example")),
-        );
-        cache.insert(
-            tenant,
-            user,
-            second,
-            7,
-            Some(principal(tenant, user, "old@x.example")),
-        );
-        cache.insert(
-            tenant,
-            user,
-            family,
-            9,
-            Some(principal(tenant, user, "new@x.example")),
-        );
+        keep(&cache, tenant, user, family, 7, "old@x.example");
+        keep(&cache, tenant, user, second, 7, "old@x.example");
+        keep(&cache, tenant, user, family, 9, "new@x.example");
         assert!(cache.get(tenant, user, second, 9).is_none());
         assert!(cache.get(tenant, user, second, 7).is_none());
         // A slow request that read version 7 finishes after the change: its standing is not kept.
-        cache.insert(
-            tenant,
-            user,
-            family,
-            7,
-            Some(principal(tenant, user, "old@x.example")),
-        );
+        keep(&cache, tenant, user, family, 7, "old@x.example");
         assert!(cache.get(tenant, user, family, 7).is_none());
         let kept = cache.get(tenant, user, family, 9).expect("kept at 9");
         assert_eq!(email(&kept).as_deref(), Some("new@x.example"));

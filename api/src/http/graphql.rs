@@ -224,14 +224,12 @@ async fn run(
     // A request of queries only reads: its authentication and every resolver share one read
     // transaction (ADR 0012). Mutations keep a transaction per use case.
     if operations.only_queries() {
-        let scope = ReadScope::new();
-        let response = scope
+        // The scope's transaction ends as the scope goes, once the answer is built.
+        ReadScope::new()
             .run(authenticate_and_execute(
                 request, state, schema, operations, client_ip, cacheable,
             ))
-            .await;
-        scope.finish();
-        response
+            .await
     } else {
         authenticate_and_execute(request, state, schema, operations, client_ip, cacheable).await
     }

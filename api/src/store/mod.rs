@@ -646,8 +646,11 @@ tokio::task_local! {
 /// Guarantees: a read of another tenant or another store opens its own transaction; once the
 /// scope begins a write transaction ([`Store::begin`], a writing system transaction), later reads
 /// open their own, so that they see what it committed; the shared transaction only reads
-/// (read-only on PostgreSQL) and ends with [`ReadScope::finish`], or is rolled back when dropped.
-/// Work spawned from the scope (a DataLoader's batch) joins it through [`ReadScope::run`] too.
+/// (read-only on PostgreSQL) and ends when the scope and every handle to it are dropped: it is
+/// rolled back, which ends a transaction that only read as a commit would, without the request
+/// waiting for it (the rollback is queued on the connection and sent by the pool with the check
+/// it runs on every returned connection; a commit was one more round trip before the answer, on
+/// SQLite a hand-over to the connection's thread and back). Work spawned from the scope (a DataLoader's batch) joins it through [`ReadScope::run`] too.
 #[derive(Clone, Default)]
 pub struct ReadScope(Arc<ReadScopeInner>);
 
@@ -717,17 +720,6 @@ impl ReadScope {
             shared.origin,
             shared.auth_version,
         )))
-    }
-
-    /// Ends the scope: its shared transaction ends when the last handle to it goes, without
-    /// waiting for the database. The transaction only read, so rolling it back ends it as a
-    /// commit would, and dropping it queues the rollback on its connection, which the pool
-    /// sends as it takes the connection back (with the check it runs on every returned
-    /// connection anyway). A commit here was one more round trip per request before the answer
-    /// (on SQLite a hand-over to and back from the connection's thread, whose thread waits until
-    /// the request's task takes the result).
-    pub fn finish(self) {
-        drop(self);
     }
 }
 
@@ -867,7 +859,7 @@ mod tests {
                 assert_eq!(tenants_seen(&after).await, 3);
             })
             .await;
-        scope.finish();
+        drop(scope);
         // Outside any scope every read is its own.
         let outside = store.read(tenant).await.expect("a read");
         assert_eq!(tenants_seen(&outside).await, 3);
@@ -957,7 +949,7 @@ mod tests {
                     shared.raw_query_strings(settings).await.unwrap()
                 })
                 .await;
-            scope.finish();
+            drop(scope);
             let write = store.begin(tenant).await.unwrap();
             let written = write.raw_query_strings(settings).await.unwrap();
             (seen, shared, written)

@@ -42,22 +42,22 @@ pub async fn get(tx: &TenantTx) -> StoreResult<TenantRow> {
 /// authenticating its users reads (migration `m20261130_000020_auth_version`, ADR 0017): as the
 /// transaction read it when it was opened (PostgreSQL's read transactions), else by its key.
 pub async fn auth_version(tx: &TenantTx) -> StoreResult<i64> {
-    use sea_orm::{ConnectionTrait, Statement};
+    use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
+    use sea_orm::ConnectionTrait;
     if let Some(version) = tx.auth_version_read() {
         return Ok(version);
     }
-    let backend = tx.conn().get_database_backend();
-    let sql = match backend {
-        sea_orm::DbBackend::Postgres => "SELECT auth_version FROM tenants WHERE id = $1",
-        _ => "SELECT auth_version FROM tenants WHERE id = ?",
-    };
+    // Not a column of the entity, so that no write through it can set the version: only the
+    // database's default and triggers do (ADR 0017).
+    let mut query = Query::select();
+    query
+        .column(Alias::new("auth_version"))
+        .from(tenants::Entity)
+        .and_where(Expr::col(tenants::Column::Id).eq(tx.tenant_id().as_uuid()));
+    let statement = tx.conn().get_database_backend().build(&query);
     let row = tx
         .conn()
-        .query_one_raw(Statement::from_sql_and_values(
-            backend,
-            sql,
-            [tx.tenant_id().as_uuid().into()],
-        ))
+        .query_one_raw(statement)
         .await?
         .ok_or(StoreError::NotFound)?;
     Ok(row.try_get_by_index::<i64>(0)?)
