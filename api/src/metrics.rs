@@ -146,7 +146,7 @@ impl Metrics {
             ),
             ingest_retries: counter(
                 "cdp_ingest_retries_total",
-                "Ingestion transactions begun again, by reason: stored_message (a first attempt failed on a unique key, most often a message stored before: the retry looks stored messages up), conflict (an identifier or message written concurrently), transient (a deadlock, serialization failure or lost connection).",
+                "Ingestion transactions begun again, by reason: stored_message (a first attempt met a stored message id, most often a message sent before: the retry looks stored messages up), profile_merged (a profile owning one of the batch's identifiers was merged by a concurrent batch between the lookup and the lock), conflict (an identifier or message written concurrently), transient (a deadlock, serialization failure or lost connection).",
                 &["reason"],
             ),
             outbox_depth: int_gauge(

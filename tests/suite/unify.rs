@@ -663,6 +663,139 @@ async fn concurrent_batches_merging_the_same_profiles_neither_deadlock_nor_lose_
     }
 }
 
+/// A batch that looked up an identifier just before a concurrent batch merged its profile away
+/// (and moved the identifier to the survivor) finds the merge when it locks the profile: it
+/// begins again at once, counted as `profile_merged`, and its message lands on the survivor.
+/// Without that check it took the moved identifier for a new one, failed on its key only at the
+/// end and began again after a back-off (counted as a stored message until the causes were told
+/// apart). PostgreSQL only: SQLite runs one write transaction at a time, so no lookup can be
+/// overtaken there.
+#[tokio::test]
+async fn a_batch_overtaken_by_a_merge_of_its_profile_begins_again_and_lands_on_the_survivor() {
+    use sea_orm::{ConnectionTrait, Database, TransactionTrait};
+    for backend in backends() {
+        if backend != Backend::Postgres {
+            continue;
+        }
+        let smtp = SmtpSink::start().await;
+        let (server, owner, key) = setup(backend, &smtp, "overtaken").await;
+        let token = &owner.access_token;
+        // Two people as far as the service knows: the older profile by a user id, the younger
+        // by an anonymous id.
+        for (index, message) in [
+            json!({"type": "identify", "userId": "u1", "traits": {"plan": "pro"}}),
+            json!({"type": "track", "anonymousId": "a1", "event": "Visited"}),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut message = message;
+            message["messageId"] = json!(format!("seed-{index}"));
+            let (status, _) =
+                collect(&server, "/v1/batch", &key, &json!({"batch": [message]})).await;
+            assert_eq!(status, 200);
+        }
+        let survivor = profile_by(&server, token, "user_id", "u1").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let merged = profile_by(&server, token, "anonymous_id", "a1").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(survivor, merged);
+
+        // A concurrent merge of the younger profile into the older one, in SQL as the database's
+        // owner: it holds the younger profile's row while the batch below looks `a1` up, and
+        // moves its rows as the write path's merge does (`store::ingest::move_profile_rows`).
+        let sql = Database::connect(&server.db.owner_url).await.unwrap();
+        let merge = sql.begin().await.unwrap();
+        let tenant = &owner.tenant_id;
+        merge
+            .execute_unprepared(&format!(
+                "SELECT set_config('app.tenant_id', '{tenant}', true);
+                 SELECT id FROM profiles WHERE tenant_id = '{tenant}' AND id = '{merged}' FOR UPDATE"
+            ))
+            .await
+            .unwrap();
+        let batch = json!({"batch": [
+            {"type": "track", "anonymousId": "a1", "event": "After", "messageId": "after-1"}
+        ]});
+        let waiting = "SELECT count(*) FROM pg_stat_activity \
+                       WHERE datname = current_database() AND wait_event_type = 'Lock'";
+        let ((status, body), ()) =
+            tokio::join!(collect(&server, "/v1/batch", &key, &batch), async {
+                // The batch has looked `a1` up (the younger profile's) and waits for that
+                // profile's lock.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                loop {
+                    let row = sql
+                        .query_one_raw(sea_orm::Statement::from_string(
+                            sql.get_database_backend(),
+                            waiting,
+                        ))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    if row.try_get_by_index::<i64>(0).unwrap() > 0 {
+                        break;
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the batch never waited for the profile's lock"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                merge
+                    .execute_unprepared(&format!(
+                        "UPDATE identities SET profile_id = '{survivor}' \
+                             WHERE tenant_id = '{tenant}' AND profile_id = '{merged}';
+                         UPDATE events SET profile_id = '{survivor}' \
+                             WHERE tenant_id = '{tenant}' AND profile_id = '{merged}';
+                         UPDATE profiles SET merged_into = '{survivor}' \
+                             WHERE tenant_id = '{tenant}' AND id = '{merged}'"
+                    ))
+                    .await
+                    .unwrap();
+                merge.commit().await.unwrap();
+            });
+        assert_eq!((status, body), (200, json!({"success": true})));
+
+        let profile = profile_by(&server, token, "anonymous_id", "a1").await;
+        assert_eq!(
+            profile["id"],
+            json!(survivor),
+            "a1 resolves to the survivor"
+        );
+        let names: Vec<&str> = profile["events"]["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|edge| edge["node"]["name"].as_str())
+            .collect();
+        assert!(
+            names.contains(&"After") && names.contains(&"Visited"),
+            "{names:?}"
+        );
+        assert_eq!(
+            event_total(&server, token).await,
+            3,
+            "no event lost or twice"
+        );
+        let metrics = &server.app.as_ref().expect("running").state().metrics;
+        assert_eq!(
+            [
+                metrics.ingest_retry_count("profile_merged"),
+                metrics.ingest_retry_count("stored_message"),
+                metrics.ingest_retry_count("conflict"),
+            ],
+            [1, 0, 0],
+            "the batch began again once, for the merge"
+        );
+        server.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn tenant_b_never_sees_tenant_a_profiles_or_events() {
     for backend in backends() {

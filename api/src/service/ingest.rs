@@ -358,15 +358,22 @@ async fn commit_group(
                 }
                 Err(error) => return Err(error.into()),
             },
-            Err(StoreError::Conflict(_)) if attempt < 8 => {
-                // A message stored before (or concurrently), or an identifier linked
-                // concurrently: the retry sees what was committed.
+            Err(StoreError::Conflict(cause)) if attempt < 8 => {
+                // A message stored before (or concurrently), an identifier linked concurrently,
+                // or an owner merged concurrently: the retry sees what was committed.
                 drop(tx);
-                if !look_up_stored {
+                if cause == store::ingest::MESSAGE_STORED && !look_up_stored {
                     // Most likely a message sent again: retry at once, looking it up.
                     look_up_stored = true;
                     attempt += 1;
                     state.metrics.ingest_retry("stored_message");
+                    continue;
+                }
+                if cause == store::ingest::PROFILE_MERGED {
+                    // This batch waited for the merge's lock, so the merge has committed: retry
+                    // at once, and the lookup finds the survivor.
+                    attempt += 1;
+                    state.metrics.ingest_retry("profile_merged");
                     continue;
                 }
                 state.metrics.ingest_retry("conflict");
@@ -700,6 +707,15 @@ async fn apply<'a>(
     }
     let owner_ids: BTreeSet<Uuid> = owned.iter().map(|row| row.profile_id).collect();
     let rows = store::profiles::load(tx, backend, &owner_ids, true).await?;
+    // An owner found merged away once locked: a concurrent batch merged it after the lookup
+    // above and moved its identifiers to a survivor this batch has not locked (identities never
+    // point at a merged profile otherwise). Resolving now would take them for new ones and fail
+    // on their keys at the end; the batch begins again at once instead.
+    if rows.iter().any(|row| row.merged_into.is_some()) {
+        return Err(StoreError::Conflict(
+            store::ingest::PROFILE_MERGED.to_owned(),
+        ));
+    }
     // Duplicates: stored before, or earlier in this batch. Stored ones are looked up only when
     // asked: a first attempt assumes none (the common case) and the events' unique message ids
     // fail it with a conflict when one was, and the retry looks them up. Looked up under the

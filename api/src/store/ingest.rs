@@ -27,6 +27,16 @@ pub use identities::Model as IdentityRow;
 pub use merge_ledger::Model as LedgerRow;
 pub use profiles::Model as ProfileRow;
 
+/// The conflicts of the write path ([`StoreError::Conflict`]), each of which the caller answers
+/// by beginning the batch again. A message id that is stored already (sent before, or by a
+/// concurrent batch): the retry looks stored messages up.
+pub const MESSAGE_STORED: &str = "message stored concurrently";
+/// An identifier linked by a concurrent batch first.
+pub const IDENTITY_LINKED: &str = "identity linked concurrently";
+/// A profile that owned one of the batch's identifiers when the batch looked them up, merged
+/// into another by a concurrent batch before this one locked it: the identifiers moved with it.
+pub const PROFILE_MERGED: &str = "profile merged concurrently";
+
 /// Rows per multi-row statement: well under SQLite's limit of bound variables.
 const CHUNK: usize = 200;
 
@@ -170,9 +180,7 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
         identities::Entity::insert_many(rows)
             .exec_without_returning(tx.conn())
             .await
-            .map_err(|error| {
-                StoreError::unique_as_conflict(error, "identity linked concurrently")
-            })?;
+            .map_err(|error| StoreError::unique_as_conflict(error, IDENTITY_LINKED))?;
     }
 
     insert_events(tx, set.events).await?;
@@ -340,9 +348,7 @@ async fn insert_events(tx: &TenantTx, rows: Vec<EventRow>) -> StoreResult<()> {
         events::Entity::insert_many(rows)
             .exec_without_returning(tx.conn())
             .await
-            .map_err(|error| {
-                StoreError::unique_as_conflict(error, "message stored concurrently")
-            })?;
+            .map_err(|error| StoreError::unique_as_conflict(error, MESSAGE_STORED))?;
     }
     Ok(())
 }

@@ -159,8 +159,9 @@ async fn run_on(
     );
     let metrics = &server.app.state().metrics;
     eprintln!(
-        "[{label}] CDP: transactions begun again: {} to look up stored messages, {} after a concurrent write, {} transient",
+        "[{label}] CDP: transactions begun again: {} to look up stored messages, {} after a concurrent merge, {} after a concurrent write, {} transient",
         metrics.ingest_retry_count("stored_message"),
+        metrics.ingest_retry_count("profile_merged"),
         metrics.ingest_retry_count("conflict"),
         metrics.ingest_retry_count("transient")
     );
