@@ -23,6 +23,32 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Why an ingestion transaction was begun again: the `reason` label of
+/// `cdp_ingest_retries_total` (its help says what each means).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestRetry {
+    /// A first attempt met a stored message id; the retry looks stored messages up.
+    StoredMessage,
+    /// A profile owning one of the batch's identifiers was merged by a concurrent batch between
+    /// the lookup and the lock.
+    ProfileMerged,
+    /// An identifier or message written concurrently.
+    Conflict,
+    /// A deadlock, serialization failure or lost connection.
+    Transient,
+}
+
+impl IngestRetry {
+    pub fn label(self) -> &'static str {
+        match self {
+            IngestRetry::StoredMessage => "stored_message",
+            IngestRetry::ProfileMerged => "profile_merged",
+            IngestRetry::Conflict => "conflict",
+            IngestRetry::Transient => "transient",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     http_requests: IntCounterVec,
@@ -215,14 +241,18 @@ impl Metrics {
             .inc();
     }
 
-    /// One ingestion transaction begun again, for `reason` (see the metric's help).
-    pub fn ingest_retry(&self, reason: &str) {
-        self.ingest_retries.with_label_values(&[reason]).inc();
+    /// One ingestion transaction begun again, for `reason`.
+    pub fn ingest_retry(&self, reason: IngestRetry) {
+        self.ingest_retries
+            .with_label_values(&[reason.label()])
+            .inc();
     }
 
     /// How many ingestion transactions were begun again for `reason` since the process started.
-    pub fn ingest_retry_count(&self, reason: &str) -> u64 {
-        self.ingest_retries.with_label_values(&[reason]).get()
+    pub fn ingest_retry_count(&self, reason: IngestRetry) -> u64 {
+        self.ingest_retries
+            .with_label_values(&[reason.label()])
+            .get()
     }
 
     /// How many access-token authentications took their standing from the cache (`true`) or

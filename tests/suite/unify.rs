@@ -1,5 +1,6 @@
 //! The rules of collection and unification, over real HTTP on both databases.
 
+use api::metrics::IngestRetry;
 use serde_json::{json, Value};
 
 use crate::support::*;
@@ -66,9 +67,9 @@ async fn a_retried_batch_is_stored_once() {
         let metrics = &server.app.as_ref().expect("running").state().metrics;
         assert_eq!(
             [
-                metrics.ingest_retry_count("stored_message"),
-                metrics.ingest_retry_count("conflict"),
-                metrics.ingest_retry_count("transient"),
+                metrics.ingest_retry_count(IngestRetry::StoredMessage),
+                metrics.ingest_retry_count(IngestRetry::Conflict),
+                metrics.ingest_retry_count(IngestRetry::Transient),
             ],
             [2, 0, 0],
             "[{backend:?}]"
@@ -785,9 +786,9 @@ async fn a_batch_overtaken_by_a_merge_of_its_profile_begins_again_and_lands_on_t
         let metrics = &server.app.as_ref().expect("running").state().metrics;
         assert_eq!(
             [
-                metrics.ingest_retry_count("profile_merged"),
-                metrics.ingest_retry_count("stored_message"),
-                metrics.ingest_retry_count("conflict"),
+                metrics.ingest_retry_count(IngestRetry::ProfileMerged),
+                metrics.ingest_retry_count(IngestRetry::StoredMessage),
+                metrics.ingest_retry_count(IngestRetry::Conflict),
             ],
             [1, 0, 0],
             "the batch began again once, for the merge"

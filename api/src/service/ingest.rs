@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use super::vault::Sealer;
 use super::{privacy, settings, AppState, ServiceError, ServiceResult};
+use crate::metrics::IngestRetry;
 use crate::store::ingest::{
     ConsentRow, EventRow, GroupRow, IdentityRow, LedgerRow, ProfileRow, WriteSet,
 };
@@ -316,8 +317,8 @@ async fn write_group(state: &AppState, tenant_id: domain::TenantId, mut group: V
     }
 }
 
-/// One transaction for a group of requests, retried on transient conflicts. Publishes the
-/// group's notices after the commit.
+/// One transaction for a group of requests, begun again after a conflict or a transient failure
+/// (counted in `cdp_ingest_retries_total`). Publishes the group's notices after the commit.
 async fn commit_group(
     state: &AppState,
     tenant_id: domain::TenantId,
@@ -332,67 +333,64 @@ async fn commit_group(
         })
         .collect();
     let rules = &group[0].rules;
-    let mut attempt = 0;
+    let mut attempt: u64 = 0;
     // Whether `apply` looks up stored message ids first: not until a conflict says it must.
     let mut look_up_stored = false;
     loop {
-        let tx = match state.store.begin(tenant_id).await {
-            Ok(tx) => tx,
-            Err(error) if error.is_retryable() && attempt < 8 => {
-                attempt += 1;
-                state.metrics.ingest_retry("transient");
-                tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
-                continue;
-            }
-            Err(error) => return Err(error.into()),
+        let error = match attempt_group(state, tenant_id, rules, &jobs, look_up_stored).await {
+            Ok(reports) => return Ok(reports),
+            Err(error) if attempt >= MAX_RETRIES => return Err(error.into()),
+            Err(error) => error,
         };
-        match apply(state, &tx, rules, &jobs, look_up_stored).await {
-            Ok((reports, notices)) => match tx.commit().await {
-                Ok(()) => {
-                    state.bus.publish(notices);
-                    compact_stats_now_and_then(state, tenant_id).await;
-                    return Ok(reports);
-                }
-                Err(error) if error.is_retryable() && attempt < 8 => {
-                    state.metrics.ingest_retry("transient");
-                }
-                Err(error) => return Err(error.into()),
-            },
-            Err(StoreError::Conflict(cause)) if attempt < 8 => {
-                // A message stored before (or concurrently), an identifier linked concurrently,
-                // or an owner merged concurrently: the retry sees what was committed.
-                drop(tx);
-                if cause == store::ingest::MESSAGE_STORED && !look_up_stored {
-                    // Most likely a message sent again: retry at once, looking it up.
-                    look_up_stored = true;
-                    attempt += 1;
-                    state.metrics.ingest_retry("stored_message");
-                    continue;
-                }
-                if cause == store::ingest::PROFILE_MERGED {
-                    // This batch waited for the merge's lock, so the merge has committed: retry
-                    // at once, and the lookup finds the survivor.
-                    attempt += 1;
-                    state.metrics.ingest_retry("profile_merged");
-                    continue;
-                }
-                state.metrics.ingest_retry("conflict");
+        // Why the group begins again, and whether at once: what it met has committed, so the
+        // retry sees it; or a concurrent group may still be running, so it backs off.
+        let (reason, at_once) = match error {
+            StoreError::Conflict(ref cause)
+                if cause == store::ingest::MESSAGE_STORED && !look_up_stored =>
+            {
+                // Most likely a message sent again: the retry looks stored messages up.
+                look_up_stored = true;
+                (IngestRetry::StoredMessage, true)
             }
-            Err(error) if error.is_retryable() && attempt < 8 => {
-                drop(tx);
-                state.metrics.ingest_retry("transient");
+            // This group waited for the merge's lock, so the merge has committed: the retry's
+            // lookup finds the survivor.
+            StoreError::Conflict(ref cause) if cause == store::ingest::PROFILE_MERGED => {
+                (IngestRetry::ProfileMerged, true)
             }
-            Err(error) => return Err(error.into()),
-        }
+            // An identifier or message written concurrently.
+            StoreError::Conflict(_) => (IngestRetry::Conflict, false),
+            error if error.is_retryable() => (IngestRetry::Transient, false),
+            error => return Err(error.into()),
+        };
         attempt += 1;
-        tracing::debug!(
-            attempt,
-            "ingest group conflicted with a concurrent one; retrying"
-        );
-        // Back off a little, with jitter, so that colliding groups do not collide again.
-        let jitter = rand::random::<u64>() % 20;
-        tokio::time::sleep(std::time::Duration::from_millis(5 * attempt + jitter)).await;
+        state.metrics.ingest_retry(reason);
+        tracing::debug!(attempt, reason = reason.label(), "ingest group begun again");
+        if !at_once {
+            // Back off a little, with jitter, so that colliding groups do not collide again.
+            let jitter = rand::random::<u64>() % 20;
+            tokio::time::sleep(Duration::from_millis(5 * attempt + jitter)).await;
+        }
     }
+}
+
+/// Times a group is begun again at most; the error of the attempt after that is the answer.
+const MAX_RETRIES: u64 = 8;
+
+/// One attempt at a group: its transaction begun, applied and committed (rolled back when it
+/// fails), then the group's notices published.
+async fn attempt_group(
+    state: &AppState,
+    tenant_id: domain::TenantId,
+    rules: &domain::identity::IdentityRules,
+    jobs: &[Job<'_>],
+    look_up_stored: bool,
+) -> Result<Vec<IngestReport>, StoreError> {
+    let tx = state.store.begin(tenant_id).await?;
+    let (reports, notices) = apply(state, &tx, rules, jobs, look_up_stored).await?;
+    tx.commit().await?;
+    state.bus.publish(notices);
+    compact_stats_now_and_then(state, tenant_id).await;
+    Ok(reports)
 }
 
 /// One request's share of a group.

@@ -650,7 +650,8 @@ tokio::task_local! {
 /// rolled back, which ends a transaction that only read as a commit would, without the request
 /// waiting for it (the rollback is queued on the connection and sent by the pool with the check
 /// it runs on every returned connection; a commit was one more round trip before the answer, on
-/// SQLite a hand-over to the connection's thread and back). Work spawned from the scope (a DataLoader's batch) joins it through [`ReadScope::run`] too.
+/// SQLite a hand-over to the connection's thread and back). Work spawned from the scope (a
+/// DataLoader's batch) joins it through [`ReadScope::run`] too.
 #[derive(Clone, Default)]
 pub struct ReadScope(Arc<ReadScopeInner>);
 

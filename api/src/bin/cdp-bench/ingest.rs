@@ -157,13 +157,14 @@ async fn run_on(
         sent.elapsed.as_secs_f64(),
         sent.failed_requests
     );
+    use api::metrics::IngestRetry;
     let metrics = &server.app.state().metrics;
     eprintln!(
         "[{label}] CDP: transactions begun again: {} to look up stored messages, {} after a concurrent merge, {} after a concurrent write, {} transient",
-        metrics.ingest_retry_count("stored_message"),
-        metrics.ingest_retry_count("profile_merged"),
-        metrics.ingest_retry_count("conflict"),
-        metrics.ingest_retry_count("transient")
+        metrics.ingest_retry_count(IngestRetry::StoredMessage),
+        metrics.ingest_retry_count(IngestRetry::ProfileMerged),
+        metrics.ingest_retry_count(IngestRetry::Conflict),
+        metrics.ingest_retry_count(IngestRetry::Transient)
     );
     server.stop().await?;
 
