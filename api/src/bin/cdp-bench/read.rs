@@ -365,13 +365,26 @@ async fn closed_pair(
     let (mut graphql_all, mut plain_all) = (load::Outcome::default(), load::Outcome::default());
     let mut statements = 0;
     let mut rates = Vec::new();
+    // For profiling one side alone (`perf` attached to the process): `CDP_BENCH_READ_SIDE=graphql`
+    // or `plain` runs only that side's segments; the other's figures are then empty.
+    let side = std::env::var("CDP_BENCH_READ_SIDE").unwrap_or_default();
+    let run = |target: &Target, on: bool| {
+        let target = target.clone();
+        async move {
+            match on {
+                true => load::closed(&target, connections, segment).await,
+                false => load::Outcome::default(),
+            }
+        }
+    };
+    let (plain_on, graphql_on) = (side != "graphql", side != "plain");
     for _ in 0..ROUNDS {
-        let plain_first = load::closed(plain, connections, segment).await;
+        let plain_first = run(plain, plain_on).await;
         let before = store.statements_executed();
-        let graphql_first = load::closed(graphql, connections, segment).await;
-        let graphql_second = load::closed(graphql, connections, segment).await;
+        let graphql_first = run(graphql, graphql_on).await;
+        let graphql_second = run(graphql, graphql_on).await;
         statements += store.statements_executed() - before;
-        let plain_second = load::closed(plain, connections, segment).await;
+        let plain_second = run(plain, plain_on).await;
         rates.push(format!(
             "{:.0}/{:.0}/{:.0}/{:.0}",
             plain_first.per_second(),
