@@ -20,6 +20,12 @@ async fn event_total(server: &TestServer, token: &str) -> i64 {
         .unwrap()
 }
 
+/// How many ingestion transactions the server began again for each of `reasons`.
+fn retries<const N: usize>(server: &TestServer, reasons: [IngestRetry; N]) -> [u64; N] {
+    let metrics = &server.app.as_ref().expect("running").state().metrics;
+    reasons.map(|reason| metrics.ingest_retry_count(reason))
+}
+
 #[tokio::test]
 async fn a_retried_batch_is_stored_once() {
     for backend in backends() {
@@ -64,13 +70,15 @@ async fn a_retried_batch_is_stored_once() {
         assert_eq!(source["duplicates"], 9);
         // Each resend's first attempt met the stored message ids and was begun again once, looking
         // them up; nothing else was retried.
-        let metrics = &server.app.as_ref().expect("running").state().metrics;
         assert_eq!(
-            [
-                metrics.ingest_retry_count(IngestRetry::StoredMessage),
-                metrics.ingest_retry_count(IngestRetry::Conflict),
-                metrics.ingest_retry_count(IngestRetry::Transient),
-            ],
+            retries(
+                &server,
+                [
+                    IngestRetry::StoredMessage,
+                    IngestRetry::Conflict,
+                    IngestRetry::Transient
+                ]
+            ),
             [2, 0, 0],
             "[{backend:?}]"
         );
@@ -783,13 +791,15 @@ async fn a_batch_overtaken_by_a_merge_of_its_profile_begins_again_and_lands_on_t
             3,
             "no event lost or twice"
         );
-        let metrics = &server.app.as_ref().expect("running").state().metrics;
         assert_eq!(
-            [
-                metrics.ingest_retry_count(IngestRetry::ProfileMerged),
-                metrics.ingest_retry_count(IngestRetry::StoredMessage),
-                metrics.ingest_retry_count(IngestRetry::Conflict),
-            ],
+            retries(
+                &server,
+                [
+                    IngestRetry::ProfileMerged,
+                    IngestRetry::StoredMessage,
+                    IngestRetry::Conflict
+                ]
+            ),
             [1, 0, 0],
             "the batch began again once, for the merge"
         );

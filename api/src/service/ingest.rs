@@ -24,7 +24,7 @@ use super::vault::Sealer;
 use super::{privacy, settings, AppState, ServiceError, ServiceResult};
 use crate::metrics::IngestRetry;
 use crate::store::ingest::{
-    ConsentRow, EventRow, GroupRow, IdentityRow, LedgerRow, ProfileRow, WriteSet,
+    ConsentRow, EventRow, GroupRow, IdentityRow, LedgerRow, ProfileRow, Race, WriteSet,
 };
 use crate::store::{self, StoreError, TenantTx};
 
@@ -345,20 +345,16 @@ async fn commit_group(
         // Why the group begins again, and whether at once: what it met has committed, so the
         // retry sees it; or a concurrent group may still be running, so it backs off.
         let (reason, at_once) = match error {
-            StoreError::Conflict(ref cause)
-                if cause == store::ingest::MESSAGE_STORED && !look_up_stored =>
-            {
+            StoreError::Raced(Race::MessageStored) if !look_up_stored => {
                 // Most likely a message sent again: the retry looks stored messages up.
                 look_up_stored = true;
                 (IngestRetry::StoredMessage, true)
             }
             // This group waited for the merge's lock, so the merge has committed: the retry's
             // lookup finds the survivor.
-            StoreError::Conflict(ref cause) if cause == store::ingest::PROFILE_MERGED => {
-                (IngestRetry::ProfileMerged, true)
-            }
-            // An identifier or message written concurrently.
-            StoreError::Conflict(_) => (IngestRetry::Conflict, false),
+            StoreError::Raced(Race::ProfileMerged) => (IngestRetry::ProfileMerged, true),
+            // An identifier, message or profile key written concurrently.
+            StoreError::Raced(_) | StoreError::Conflict(_) => (IngestRetry::Conflict, false),
             error if error.is_retryable() => (IngestRetry::Transient, false),
             error => return Err(error.into()),
         };
@@ -710,9 +706,7 @@ async fn apply<'a>(
     // point at a merged profile otherwise). Resolving now would take them for new ones and fail
     // on their keys at the end; the batch begins again at once instead.
     if rows.iter().any(|row| row.merged_into.is_some()) {
-        return Err(StoreError::Conflict(
-            store::ingest::PROFILE_MERGED.to_owned(),
-        ));
+        return Err(StoreError::Raced(Race::ProfileMerged));
     }
     // Duplicates: stored before, or earlier in this batch. Stored ones are looked up only when
     // asked: a first attempt assumes none (the common case) and the events' unique message ids

@@ -178,6 +178,7 @@ impl From<StoreError> for ServiceError {
         match error {
             StoreError::NotFound => ServiceError::NotFound("record"),
             StoreError::Conflict(message) => ServiceError::Conflict(message),
+            StoreError::Raced(race) => ServiceError::Conflict(race.to_string()),
             StoreError::Db(error) => ServiceError::Unexpected(anyhow::Error::new(error)),
         }
     }

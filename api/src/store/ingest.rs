@@ -27,15 +27,23 @@ pub use identities::Model as IdentityRow;
 pub use merge_ledger::Model as LedgerRow;
 pub use profiles::Model as ProfileRow;
 
-/// The conflicts of the write path ([`StoreError::Conflict`]), each of which the caller answers
-/// by beginning the batch again. A message id that is stored already (sent before, or by a
-/// concurrent batch): the retry looks stored messages up.
-pub const MESSAGE_STORED: &str = "message stored concurrently";
-/// An identifier linked by a concurrent batch first.
-pub const IDENTITY_LINKED: &str = "identity linked concurrently";
-/// A profile that owned one of the batch's identifiers when the batch looked them up, merged
-/// into another by a concurrent batch before this one locked it: the identifiers moved with it.
-pub const PROFILE_MERGED: &str = "profile merged concurrently";
+/// The races of the write path ([`StoreError::Raced`]), each of which the caller answers by
+/// beginning the batch again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Race {
+    /// A message id that is stored already (sent before, or by a concurrent batch): the retry
+    /// looks stored messages up.
+    #[error("message stored concurrently")]
+    MessageStored,
+    /// An identifier linked by a concurrent batch first.
+    #[error("identity linked concurrently")]
+    IdentityLinked,
+    /// A profile that owned one of the batch's identifiers when the batch looked them up, merged
+    /// into another by a concurrent batch before this one locked it: the identifiers moved with
+    /// it.
+    #[error("profile merged concurrently")]
+    ProfileMerged,
+}
 
 /// Rows per multi-row statement: well under SQLite's limit of bound variables.
 const CHUNK: usize = 200;
@@ -180,7 +188,7 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
         identities::Entity::insert_many(rows)
             .exec_without_returning(tx.conn())
             .await
-            .map_err(|error| StoreError::unique_as_conflict(error, IDENTITY_LINKED))?;
+            .map_err(|error| StoreError::unique_as_race(error, Race::IdentityLinked))?;
     }
 
     insert_events(tx, set.events).await?;
@@ -348,7 +356,7 @@ async fn insert_events(tx: &TenantTx, rows: Vec<EventRow>) -> StoreResult<()> {
         events::Entity::insert_many(rows)
             .exec_without_returning(tx.conn())
             .await
-            .map_err(|error| StoreError::unique_as_conflict(error, MESSAGE_STORED))?;
+            .map_err(|error| StoreError::unique_as_race(error, Race::MessageStored))?;
     }
     Ok(())
 }

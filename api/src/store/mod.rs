@@ -59,6 +59,10 @@ pub enum StoreError {
     NotFound,
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A row of the write path that a concurrent transaction wrote first, or changed under it:
+    /// the caller begins the batch again, in a way that depends on which ([`ingest::Race`]).
+    #[error("conflict: {0}")]
+    Raced(ingest::Race),
     #[error("database error: {0}")]
     Db(#[from] DbErr),
 }
@@ -73,6 +77,14 @@ impl StoreError {
     pub fn unique_as_conflict(error: DbErr, what: impl Into<String>) -> StoreError {
         match error.sql_err() {
             Some(SqlErr::UniqueConstraintViolation(_)) => StoreError::Conflict(what.into()),
+            _ => StoreError::Db(error),
+        }
+    }
+
+    /// Maps a unique-constraint violation to the write path's `race`.
+    pub fn unique_as_race(error: DbErr, race: ingest::Race) -> StoreError {
+        match error.sql_err() {
+            Some(SqlErr::UniqueConstraintViolation(_)) => StoreError::Raced(race),
             _ => StoreError::Db(error),
         }
     }

@@ -368,23 +368,15 @@ async fn closed_pair(
     // For profiling one side alone (`perf` attached to the process): `CDP_BENCH_READ_SIDE=graphql`
     // or `plain` runs only that side's segments; the other's figures are then empty.
     let side = std::env::var("CDP_BENCH_READ_SIDE").unwrap_or_default();
-    let run = |target: &Target, on: bool| {
-        let target = target.clone();
-        async move {
-            match on {
-                true => load::closed(&target, connections, segment).await,
-                false => load::Outcome::default(),
-            }
-        }
-    };
-    let (plain_on, graphql_on) = (side != "graphql", side != "plain");
+    let plain = (side != "graphql").then_some(plain);
+    let graphql = (side != "plain").then_some(graphql);
     for _ in 0..ROUNDS {
-        let plain_first = run(plain, plain_on).await;
+        let plain_first = closed_if(plain, connections, segment).await;
         let before = store.statements_executed();
-        let graphql_first = run(graphql, graphql_on).await;
-        let graphql_second = run(graphql, graphql_on).await;
+        let graphql_first = closed_if(graphql, connections, segment).await;
+        let graphql_second = closed_if(graphql, connections, segment).await;
         statements += store.statements_executed() - before;
-        let plain_second = run(plain, plain_on).await;
+        let plain_second = closed_if(plain, connections, segment).await;
         rates.push(format!(
             "{:.0}/{:.0}/{:.0}/{:.0}",
             plain_first.per_second(),
@@ -400,6 +392,18 @@ async fn closed_pair(
         rates.join(", ")
     );
     (graphql_all, plain_all, statements)
+}
+
+/// A closed loop of `target`, or an empty outcome without one.
+async fn closed_if(
+    target: Option<&Target>,
+    connections: usize,
+    duration: Duration,
+) -> load::Outcome {
+    match target {
+        Some(target) => load::closed(target, connections, duration).await,
+        None => load::Outcome::default(),
+    }
 }
 
 /// Statements the server ran per request of a closed loop (its warm-up requests included).
