@@ -488,7 +488,29 @@ async fn the_default_lifecycle_model_moves_profiles_and_records_transitions() {
             ]
         );
 
-        // Silence: after 90 days without data the scheduler moves the profile to dormant.
+        // A profile whose first batch holds its orders is written in the stage they give, with
+        // one transition into it (the stage is decided before the profile's row is written).
+        env.send(json!([
+            identify("u2", json!({"plan": "pro"}), start),
+            track("u2", "Order Completed", start, json!({"revenue": 10})),
+            track("u2", "Order Completed", start, json!({"revenue": 20})),
+            track("u2", "Order Completed", start, json!({"revenue": 30})),
+        ]))
+        .await;
+        let u2 = env.profile("u2").await;
+        assert_eq!(u2["stage"], "growth");
+        assert_eq!(u2["attributes"]["orderCount"], 3);
+        assert_eq!(u2["attributes"]["totalRevenue"], 60.0);
+        let transitions = u2["lifecycleTransitions"].as_array().unwrap();
+        assert_eq!(transitions.len(), 1, "{transitions:?}");
+        assert_eq!(transitions[0]["from"], Value::Null);
+        assert_eq!(transitions[0]["to"], "growth");
+        assert_eq!(
+            transitions[0]["reason"],
+            "profile created or merged; events: Order Completed; traits: plan"
+        );
+
+        // Silence: after 90 days without data the scheduler moves the profiles to dormant.
         env.clock.set(start + Duration::days(91));
         env.tick().await;
         let u1 = env.profile("u1").await;
@@ -509,7 +531,7 @@ async fn the_default_lifecycle_model_moves_profiles_and_records_transitions() {
             .find(|row| row["stage"] == "dormant")
             .unwrap()
             .clone();
-        assert_eq!(dormant["count"], 1);
+        assert_eq!(dormant["count"], 2);
         let by_stage = env
             .server
             .gql_ok(
@@ -518,7 +540,7 @@ async fn the_default_lifecycle_model_moves_profiles_and_records_transitions() {
                 json!({}),
             )
             .await;
-        assert_eq!(by_stage["profiles"]["totalCount"], 1);
+        assert_eq!(by_stage["profiles"]["totalCount"], 2);
         env.server.stop().await;
     }
 }

@@ -914,14 +914,34 @@ async fn apply<'a>(
     let mut understanding = Understanding::of(&set, jobs, &reports, &owner_ids);
     // The orders ride on their profiles' upserts.
     set.orders = std::mem::take(&mut understanding.orders);
+    // So do the stages of the profiles the batch creates: decided from the batch, which holds
+    // all there is of them, and written with their first row instead of a second row version.
+    let born = born_stages(
+        &set,
+        &owner_ids,
+        &understanding.deltas,
+        &definitions.model,
+        now,
+    );
+    set.stages = born
+        .iter()
+        .filter_map(|change| Some((change.profile_id, change.to.clone()?)))
+        .collect();
     work.sealer.save(tx, now).await?;
     store::ingest::apply(tx, set, now).await?;
+    store::lifecycle::record_transitions(tx, &born, now).await?;
     // Every write of the batch is done and the transaction is still open: the stage and the
     // segments of the profiles it changed are decided here, in the same transaction.
     for (merged, survivor) in &understanding.merges {
         store::lifecycle::fold_order_totals(tx, *merged, *survivor).await?;
     }
     let mut notices = understanding.data_notices(tx.tenant_id());
+    notices.extend(
+        born.into_iter()
+            .map(|change| super::understand::stage_notice(tx.tenant_id(), change, now)),
+    );
+    // The born profiles' stages are stored: evaluated again, they stay, and only their segments
+    // change.
     notices.extend(
         super::understand::after_write(
             tx,
@@ -938,6 +958,82 @@ async fn apply<'a>(
             .await?;
     notices.extend(reactions);
     Ok((reports, notices))
+}
+
+/// The lifecycle stage of each profile the batch creates (neither merged away nor absorbing
+/// another), from facts made of what the batch writes of it: its row, its order totals, its
+/// consents and its events. That is all such a profile has, so these are the facts
+/// `store::facts::load` reads back after the write, and evaluating them there finds the same
+/// stage (a stage's condition cannot read the stage).
+fn born_stages(
+    set: &WriteSet,
+    existing: &BTreeSet<Uuid>,
+    deltas: &BTreeMap<Uuid, super::understand::Delta>,
+    model: &domain::lifecycle::LifecycleModel,
+    now: DateTime<Utc>,
+) -> Vec<store::lifecycle::StageChange> {
+    // A new profile that absorbed another one (an older profile merges into a newer one only
+    // when the clocks of the writers disagree) gains stored events and totals the batch does not
+    // hold: `understand::after_write` decides its stage from the database instead.
+    let survivors: HashSet<Uuid> = set.merges.iter().map(|(_, survivor)| *survivor).collect();
+    let born: HashMap<Uuid, &ProfileRow> = set
+        .profiles
+        .iter()
+        .filter(|row| {
+            row.merged_into.is_none() && !existing.contains(&row.id) && !survivors.contains(&row.id)
+        })
+        .map(|row| (row.id, row))
+        .collect();
+    if born.is_empty() || model.stages().is_empty() {
+        return Vec::new();
+    }
+    let orders: HashMap<Uuid, (i64, f64)> = set
+        .orders
+        .iter()
+        .map(|(id, count, revenue)| (*id, (*count, *revenue)))
+        .collect();
+    let mut facts: BTreeMap<Uuid, domain::condition::ProfileFacts> = born
+        .iter()
+        .map(|(id, row)| {
+            let (order_count, total_revenue) = orders.get(id).copied().unwrap_or((0, 0.0));
+            (
+                *id,
+                store::facts::of_new_profile(row, order_count, total_revenue),
+            )
+        })
+        .collect();
+    for consent in &set.consents {
+        if let Some(profile) = facts.get_mut(&consent.profile_id) {
+            profile
+                .consents
+                .insert(consent.purpose.clone(), consent.granted);
+        }
+    }
+    for event in &set.events {
+        if let Some(profile) = facts.get_mut(&event.profile_id) {
+            profile.events.push(store::facts::event_fact(
+                event.name.clone(),
+                event.timestamp,
+                event.properties.clone(),
+            ));
+        }
+    }
+    facts
+        .into_iter()
+        .filter_map(|(profile_id, profile)| {
+            let to = domain::lifecycle::stage_of(model, &profile, now)?.to_owned();
+            let reason = deltas
+                .get(&profile_id)
+                .map(super::understand::Delta::describe)
+                .unwrap_or_default();
+            Some(store::lifecycle::StageChange {
+                profile_id,
+                from: None,
+                to: Some(to),
+                reason,
+            })
+        })
+        .collect()
 }
 
 /// What a batch changed, for real-time understanding: per surviving profile, what changed; the

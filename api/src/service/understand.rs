@@ -175,12 +175,16 @@ async fn stored_model(tx: &TenantTx, evaluated: bool) -> StoreResult<LifecycleMo
 
 /// Which events evaluation of conditions with these dependencies needs, at `now`.
 fn event_needs<'a>(deps: impl Iterator<Item = &'a Dependencies>, now: DateTime<Utc>) -> EventNeeds {
-    let mut needs = EventNeeds::default();
+    let mut needs = EventNeeds {
+        without_traits: true,
+        ..EventNeeds::default()
+    };
     let mut all_time = false;
     let mut longest: Option<i64> = None;
     let mut any_events = false;
     for deps in deps {
         needs.consents |= !deps.consent_purposes.is_empty();
+        needs.without_traits &= deps.trait_keys.is_empty();
         if deps.any_event || !deps.event_names.is_empty() {
             any_events = true;
             needs.any |= deps.any_event;
@@ -336,14 +340,7 @@ pub async fn after_write(
     notices.extend(
         stage_changes
             .into_iter()
-            .map(|change| Notice::StageTransition {
-                tenant_id,
-                profile_id: change.profile_id,
-                from: change.from,
-                to: change.to,
-                at: now,
-                reason: change.reason,
-            }),
+            .map(|change| stage_notice(tenant_id, change, now)),
     );
     notices.extend(
         segment_changes
@@ -351,6 +348,21 @@ pub async fn after_write(
             .map(|change| membership_notice(tenant_id, change, now)),
     );
     Ok(notices)
+}
+
+pub(crate) fn stage_notice(
+    tenant_id: domain::TenantId,
+    change: store::lifecycle::StageChange,
+    at: DateTime<Utc>,
+) -> Notice {
+    Notice::StageTransition {
+        tenant_id,
+        profile_id: change.profile_id,
+        from: change.from,
+        to: change.to,
+        at,
+        reason: change.reason,
+    }
 }
 
 pub(crate) fn membership_notice(
@@ -502,14 +514,7 @@ pub async fn restage(
         .await?;
         let mut batch_notices: Vec<Notice> = changes
             .into_iter()
-            .map(|change| Notice::StageTransition {
-                tenant_id: tenant,
-                profile_id: change.profile_id,
-                from: change.from,
-                to: change.to,
-                at: now,
-                reason: change.reason,
-            })
+            .map(|change| stage_notice(tenant, change, now))
             .collect();
         batch_notices.extend(segment_notices);
         commit_with_reactions(tx, backend, batch_notices, now, &mut notices).await?;

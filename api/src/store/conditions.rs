@@ -1686,6 +1686,33 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(loaded.len(), profiles.len());
+            // Without traits (no condition reads one): the same facts, with no traits.
+            let without_traits = crate::store::facts::EventNeeds {
+                without_traits: true,
+                ..everything.clone()
+            };
+            let bare = crate::store::facts::load(&tx, &with_tomb, &without_traits)
+                .await
+                .unwrap();
+            assert!(loaded.values().any(|facts| !facts.traits.is_empty()));
+            assert_eq!(bare.len(), loaded.len());
+            // Events come in no particular order.
+            let ordered = |facts: &ProfileFacts| {
+                let mut facts = facts.clone();
+                facts.events.sort_by_cached_key(|event| {
+                    (
+                        event.timestamp,
+                        event.name.clone(),
+                        Json::Object(event.properties.clone()).to_string(),
+                    )
+                });
+                facts
+            };
+            for (id, facts) in &loaded {
+                let mut expected = ordered(facts);
+                expected.traits.clear();
+                assert_eq!(bare.get(id).map(ordered), Some(expected), "{backend:?}");
+            }
             for _ in 0..conditions {
                 let c = condition(&mut rng, 1);
                 let mut expected: Vec<Uuid> = profiles

@@ -68,6 +68,9 @@ pub struct WriteSet {
     pub consent_changes: Vec<super::keys::ConsentChangeRow>,
     /// (profile id, orders, revenue) to add to each profile's order totals.
     pub orders: Vec<(Uuid, i64, f64)>,
+    /// The lifecycle stage of each profile the batch creates, written with its first row. A
+    /// stored profile's stage is never written here (`store::lifecycle` changes it).
+    pub stages: HashMap<Uuid, String>,
 }
 
 /// The profile columns the write path upserts, in the order of their values, besides the order
@@ -89,6 +92,9 @@ const PROFILE_COLUMNS: [profiles::Column; 11] = [
 /// The profile columns of the order totals, kept by the write path (`profile_state`).
 const ORDER_COUNT: &str = "order_count";
 const TOTAL_REVENUE: &str = "total_revenue";
+/// The profile columns of the stage, which the write path writes only into a profile it creates.
+const STAGE: &str = "stage";
+const STAGE_SINCE: &str = "stage_since";
 
 pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreResult<()> {
     let tenant = tx.tenant_id().as_uuid();
@@ -96,7 +102,8 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
         wire::json_bytes(&row.traits)
             + wire::json_bytes(&row.trait_clock)
             + wire::json_bytes(&row.channels)
-            + 11 * wire::FIXED
+            // The fixed-size values, and the stage key of a new profile.
+            + 15 * wire::FIXED
     };
     // Order totals ride on the profile's own upsert (one row version a batch, not two): each
     // upserted profile adds its batch's orders to the stored totals.
@@ -105,16 +112,19 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
         .iter()
         .map(|(id, count, revenue)| (*id, (*count, *revenue)))
         .collect();
+    let mut stages = set.stages;
     for chunk in wire::owned_chunks(tx, set.profiles, CHUNK, profile_bytes) {
         let mut insert = Query::insert();
         insert.into_table(profiles::Entity).columns(
-            PROFILE_COLUMNS
-                .map(IntoIden::into_iden)
-                .into_iter()
-                .chain([ORDER_COUNT, TOTAL_REVENUE].map(|column| Alias::new(column).into_iden())),
+            PROFILE_COLUMNS.map(IntoIden::into_iden).into_iter().chain(
+                [ORDER_COUNT, TOTAL_REVENUE, STAGE, STAGE_SINCE]
+                    .map(|column| Alias::new(column).into_iden()),
+            ),
         );
         for row in chunk {
             let (count, revenue) = orders.remove(&row.id).unwrap_or((0, 0.0));
+            let stage = stages.remove(&row.id);
+            let since = stage.as_ref().map(|_| now);
             insert.values_panic([
                 tenant.into(),
                 row.id.into(),
@@ -129,6 +139,8 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
                 now.into(),
                 count.into(),
                 revenue.into(),
+                stage.into(),
+                since.into(),
             ]);
         }
         let added = |column: &str| {
@@ -137,7 +149,7 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
         };
         insert.on_conflict(
             OnConflict::columns([profiles::Column::TenantId, profiles::Column::Id])
-                // Everything but the key and the creation time.
+                // Everything but the key, the creation time and the stage.
                 .update_columns(PROFILE_COLUMNS.into_iter().filter(|column| {
                     !matches!(
                         column,

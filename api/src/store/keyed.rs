@@ -27,10 +27,21 @@ pub(super) async fn models<E: EntityTrait>(
     keys: Vec<KeyColumn<'_>>,
     probe: Probe,
 ) -> StoreResult<Vec<E::Model>> {
+    models_of::<E>(tx, "*", keys, probe).await
+}
+
+/// [`models`] reading only `columns` (a select list that names every field of `E::Model`, with
+/// its alias where it is an expression).
+pub(super) async fn models_of<E: EntityTrait>(
+    tx: &TenantTx,
+    columns: &str,
+    keys: Vec<KeyColumn<'_>>,
+    probe: Probe,
+) -> StoreResult<Vec<E::Model>> {
     let table = E::default().table_name();
     let mut out = Vec::new();
     for keys in runs(tx, keys) {
-        let statement = statement(tx.tenant_id().as_uuid(), table, "*", keys, probe);
+        let statement = statement(tx.tenant_id().as_uuid(), table, columns, keys, probe);
         out.extend(E::find().from_raw_sql(statement).all(tx.conn()).await?);
     }
     Ok(out)

@@ -114,6 +114,17 @@ pub async fn apply_changes(
             .exec(tx.conn())
             .await?;
     }
+    record_transitions(tx, changes, now).await
+}
+
+/// Records a transition for every change into a stage, for changes whose stage is stored
+/// already: by [`apply_changes`], or with the profile's first row by the write path.
+pub async fn record_transitions(
+    tx: &TenantTx,
+    changes: &[StageChange],
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    let tenant = tx.tenant_id().as_uuid();
     let transitions: Vec<&StageChange> = changes
         .iter()
         .filter(|change| change.to.is_some())

@@ -129,14 +129,18 @@ fn without_json_column<E: sea_orm::EntityTrait>(
 ) -> sea_orm::Select<E> {
     use sea_orm::sea_query::Expr;
     use sea_orm::{IdenStatic, Iterable, QuerySelect};
-    let literal = match backend {
-        Backend::Postgres => format!("'{json}'::jsonb"),
-        Backend::Sqlite => format!("'{json}'"),
-    };
     query
         .select_only()
         .columns(E::Column::iter().filter(|column| column.as_str() != skipped.as_str()))
-        .column_as(Expr::cust(literal), skipped.as_str())
+        .column_as(Expr::cust(json_literal(json, backend)), skipped.as_str())
+}
+
+/// The JSON literal `json` (without quotes inside) as an expression of a JSON column's type.
+fn json_literal(json: &str, backend: Backend) -> String {
+    match backend {
+        Backend::Postgres => format!("'{json}'::jsonb"),
+        Backend::Sqlite => format!("'{json}'"),
+    }
 }
 
 /// The connection pool. Cheap to clone.
