@@ -916,13 +916,7 @@ async fn apply<'a>(
     set.orders = std::mem::take(&mut understanding.orders);
     // So do the stages of the profiles the batch creates: decided from the batch, which holds
     // all there is of them, and written with their first row instead of a second row version.
-    let born = born_stages(
-        &set,
-        &owner_ids,
-        &understanding.deltas,
-        &definitions.model,
-        now,
-    );
+    let born = born_stages(&set, &understanding.deltas, &definitions.model, now);
     set.stages = born
         .iter()
         .filter_map(|change| Some((change.profile_id, change.to.clone()?)))
@@ -967,7 +961,6 @@ async fn apply<'a>(
 /// stage (a stage's condition cannot read the stage).
 fn born_stages(
     set: &WriteSet,
-    existing: &BTreeSet<Uuid>,
     deltas: &BTreeMap<Uuid, super::understand::Delta>,
     model: &domain::lifecycle::LifecycleModel,
     now: DateTime<Utc>,
@@ -980,7 +973,7 @@ fn born_stages(
         .profiles
         .iter()
         .filter(|row| {
-            row.merged_into.is_none() && !existing.contains(&row.id) && !survivors.contains(&row.id)
+            deltas.get(&row.id).is_some_and(|delta| delta.created) && !survivors.contains(&row.id)
         })
         .map(|row| (row.id, row))
         .collect();

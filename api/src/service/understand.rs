@@ -173,7 +173,8 @@ async fn stored_model(tx: &TenantTx, evaluated: bool) -> StoreResult<LifecycleMo
         .map_err(|error| StoreError::corrupt(format!("stored lifecycle model is invalid: {error}")))
 }
 
-/// Which events evaluation of conditions with these dependencies needs, at `now`.
+/// What evaluation of conditions with these dependencies needs loaded at `now`: which events,
+/// and whether the consents and the traits.
 fn event_needs<'a>(deps: impl Iterator<Item = &'a Dependencies>, now: DateTime<Utc>) -> EventNeeds {
     let mut needs = EventNeeds {
         without_traits: true,

@@ -6,9 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use domain::condition::{Attribute, EventFact, ProfileFacts};
-use sea_orm::{
-    ColumnTrait, Condition, EntityTrait, IdenStatic, Iterable, QueryFilter, QuerySelect,
-};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
 use serde_json::{json, Value as Json};
 use uuid::Uuid;
 
@@ -16,7 +14,7 @@ use super::conditions::instant_fact_text;
 use super::entity::{consents, events, profile_state};
 use super::{StoreResult, TenantTx};
 
-/// Which events (and whether the consents) to load with the facts.
+/// What to load with the facts: which events, and whether the consents and the traits.
 #[derive(Debug, Clone, Default)]
 pub struct EventNeeds {
     /// The profiles' consents: some condition reads a consent.
@@ -48,18 +46,9 @@ pub async fn load(
     // Only the profile columns the facts are made of: not the trait clock, the channels or the
     // times of the row, and not the traits when no condition reads one (the lifecycle model and
     // every segment about events, after a batch of tracks).
-    let columns: Vec<String> = profile_state::Column::iter()
-        .map(|column| match column {
-            profile_state::Column::Traits if needs.without_traits => {
-                format!(
-                    "{} AS {}",
-                    super::json_literal("{}", tx.backend()),
-                    column.as_str()
-                )
-            }
-            column => column.as_str().to_owned(),
-        })
-        .collect();
+    let skipped = needs
+        .without_traits
+        .then_some(profile_state::Column::Traits);
     for chunk in ids.chunks(500) {
         let rows = if tx.backend() == super::Backend::Postgres {
             // One primary-key probe per id (see `store::keyed`): as an `IN` list this read every
@@ -68,7 +57,7 @@ pub async fn load(
             let keys = vec![super::keyed::KeyColumn::Uuid("id", chunk.to_vec())];
             super::keyed::models_of::<profile_state::Entity>(
                 tx,
-                &columns.join(", "),
+                &super::select_list::<profile_state::Entity>(skipped, "{}", tx.backend()),
                 keys,
                 super::keyed::Probe::One,
             )
@@ -81,13 +70,8 @@ pub async fn load(
                 .filter(profile_state::Column::TenantId.eq(tenant))
                 .filter(profile_state::Column::Id.is_in(chunk.iter().copied()))
                 .filter(profile_state::Column::MergedInto.is_null());
-            if needs.without_traits {
-                query = super::without_json_column(
-                    query,
-                    profile_state::Column::Traits,
-                    "{}",
-                    tx.backend(),
-                );
+            if let Some(skipped) = skipped {
+                query = super::without_json_column(query, skipped, "{}", tx.backend());
             }
             query.all(tx.conn()).await?
         };

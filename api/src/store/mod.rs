@@ -135,6 +135,25 @@ fn without_json_column<E: sea_orm::EntityTrait>(
         .column_as(Expr::cust(json_literal(json, backend)), skipped.as_str())
 }
 
+/// [`without_json_column`] as a select list for a raw statement (`store::keyed`): every column of
+/// `E` by name, `skipped` (when given) answered as the JSON literal `json`.
+fn select_list<E: sea_orm::EntityTrait>(
+    skipped: Option<E::Column>,
+    json: &str,
+    backend: Backend,
+) -> String {
+    use sea_orm::{IdenStatic, Iterable};
+    E::Column::iter()
+        .map(|column| match skipped {
+            Some(skipped) if skipped.as_str() == column.as_str() => {
+                format!("{} AS {}", json_literal(json, backend), column.as_str())
+            }
+            _ => column.as_str().to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The JSON literal `json` (without quotes inside) as an expression of a JSON column's type.
 fn json_literal(json: &str, backend: Backend) -> String {
     match backend {
