@@ -88,7 +88,9 @@ pub enum CryptoError {
 pub fn seal(key: &Key, aad: &[u8], plain: &[u8]) -> Vec<u8> {
     let cipher = Aes256Gcm::new(key.0.as_slice().into());
     let mut nonce = [0u8; NONCE_LEN];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    // The thread's CSPRNG (ChaCha, seeded and reseeded from the operating system) rather than a
+    // system call for each of the several values a message seals.
+    rand::thread_rng().fill_bytes(&mut nonce);
     // Encryption fails only for plaintexts beyond 64 GiB, far above any value we seal.
     #[allow(clippy::expect_used)]
     let body = cipher

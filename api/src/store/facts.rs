@@ -6,7 +6,8 @@ use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use domain::condition::{Attribute, EventFact, ProfileFacts};
-use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::sea_query::ArrayType;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
 use serde_json::{json, Value as Json};
 use uuid::Uuid;
 
@@ -81,7 +82,12 @@ pub async fn load(
         if needs.consents {
             let consent_rows = consents::Entity::find()
                 .filter(consents::Column::TenantId.eq(tenant))
-                .filter(consents::Column::ProfileId.is_in(chunk.iter().copied()))
+                .filter(super::any_of(
+                    tx.backend(),
+                    consents::Column::ProfileId,
+                    ArrayType::Uuid,
+                    chunk.iter().copied(),
+                ))
                 .all(tx.conn())
                 .await?;
             for consent in consent_rows {
@@ -95,11 +101,19 @@ pub async fn load(
         }
         let mut query = events::Entity::find()
             .filter(events::Column::TenantId.eq(tenant))
-            .filter(events::Column::ProfileId.is_in(chunk.iter().copied()));
+            .filter(super::any_of(
+                tx.backend(),
+                events::Column::ProfileId,
+                ArrayType::Uuid,
+                chunk.iter().copied(),
+            ));
         if !needs.any {
-            query = query.filter(
-                Condition::all().add(events::Column::Name.is_in(needs.names.iter().cloned())),
-            );
+            query = query.filter(super::any_of(
+                tx.backend(),
+                events::Column::Name,
+                ArrayType::String,
+                needs.names.iter().cloned(),
+            ));
         }
         if let Some(since) = needs.since {
             query = query.filter(events::Column::Timestamp.gte(since));

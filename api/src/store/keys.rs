@@ -3,6 +3,7 @@
 //! in the clear.
 
 use chrono::{DateTime, Utc};
+use sea_orm::sea_query::ArrayType;
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use uuid::Uuid;
 
@@ -77,7 +78,12 @@ pub async fn profile_keys(tx: &TenantTx, profile_ids: &[Uuid]) -> StoreResult<Ve
     for chunk in profile_ids.chunks(CHUNK * 2) {
         let rows = profile_keys::Entity::find()
             .filter(profile_keys::Column::TenantId.eq(tx.tenant_id().as_uuid()))
-            .filter(profile_keys::Column::ProfileId.is_in(chunk.iter().copied()))
+            .filter(super::any_of(
+                tx.backend(),
+                profile_keys::Column::ProfileId,
+                ArrayType::Uuid,
+                chunk.iter().copied(),
+            ))
             .all(tx.conn())
             .await?;
         out.extend(rows.into_iter().map(|row| (row.profile_id, row.wrapped)));
@@ -141,7 +147,12 @@ pub async fn suppressed(
     for chunk in lookups.chunks(CHUNK * 2) {
         let rows = suppressions::Entity::find()
             .filter(suppressions::Column::TenantId.eq(tx.tenant_id().as_uuid()))
-            .filter(suppressions::Column::Lookup.is_in(chunk.iter().copied()))
+            .filter(super::any_of(
+                tx.backend(),
+                suppressions::Column::Lookup,
+                ArrayType::String,
+                chunk.iter().copied(),
+            ))
             .all(tx.conn())
             .await?;
         out.extend(

@@ -118,6 +118,37 @@ pub enum Backend {
     Postgres,
 }
 
+/// `column IN (values)` written so that the statement's text does not depend on how many values
+/// there are: on PostgreSQL `column = ANY($n)` with the values as one array parameter (PostgreSQL
+/// turns an `IN` list into the same `= ANY` of an array, and plans each execution with the
+/// actual values either way). sqlx keeps a bounded cache of prepared statements per connection;
+/// an `IN` list of each length was a statement of its own, and the write path's lists of a few
+/// hundred lengths evicted each other, so that one statement in seven was prepared again (an
+/// extra round trip, parsed and analyzed again). SQLite, which has no arrays, keeps the list.
+pub(crate) fn any_of<C, V>(
+    backend: Backend,
+    column: C,
+    kind: sea_orm::sea_query::ArrayType,
+    values: impl IntoIterator<Item = V>,
+) -> sea_orm::sea_query::SimpleExpr
+where
+    C: sea_orm::ColumnTrait,
+    V: Into<sea_orm::Value>,
+{
+    use sea_orm::sea_query::extension::postgres::PgFunc;
+    use sea_orm::sea_query::{Expr, ExprTrait};
+    match backend {
+        Backend::Postgres => {
+            let values: Vec<sea_orm::Value> = values.into_iter().map(Into::into).collect();
+            Expr::col(column.as_column_ref()).eq(PgFunc::any(Expr::val(sea_orm::Value::Array(
+                kind,
+                Some(Box::new(values)),
+            ))))
+        }
+        Backend::Sqlite => column.is_in(values),
+    }
+}
+
 /// `query` with every column of its entity but the JSON column `skipped`, which is answered as
 /// the JSON literal `json` (of the column's type) without being read or decoded: for reads that
 /// do not answer a large JSON column. A row read so must never be written back.
@@ -426,6 +457,47 @@ impl Store {
             .await?;
         self.bind_tenant(&tx, tenant_id).await?;
         Ok(TenantTx::new(tx, tenant_id, self.origin))
+    }
+
+    /// [`Store::begin`] for the write path: the transaction bound to the tenant, with the
+    /// tenant's segment barrier held shared (`segments::barrier`), and the tenant's row. On
+    /// PostgreSQL the binding, the barrier and the row are one statement instead of three, a
+    /// round trip and a plan fewer for each of two per ingestion batch.
+    pub async fn begin_writing(
+        &self,
+        tenant_id: TenantId,
+    ) -> StoreResult<(TenantTx, tenants::TenantRow)> {
+        if self.backend != Backend::Postgres {
+            let tx = self.begin(tenant_id).await?;
+            let row = tenants::get(&tx).await?;
+            return Ok((tx, row));
+        }
+        ReadScope::note_write();
+        self.count_transaction();
+        let tx = self.db.begin().await?;
+        let (class, key) = segments::barrier_key(tenant_id);
+        // The binding and the barrier in a subquery that cannot be flattened, read first: the
+        // tenant's row is read laterally after it, so that row-level security sees the binding.
+        let statement = Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT t.* FROM (SELECT set_config('app.tenant_id', $1, true) AS bound, \
+                    pg_advisory_xact_lock_shared($2, $3) AS barrier OFFSET 0) AS b \
+             CROSS JOIN LATERAL (SELECT * FROM tenants WHERE id = $4 AND b.bound IS NOT NULL) AS t",
+            [
+                tenant_id.to_string().into(),
+                class.into(),
+                key.into(),
+                tenant_id.as_uuid().into(),
+            ],
+        );
+        let row = <entity::tenants::Entity as sea_orm::EntityTrait>::find()
+            .from_raw_sql(statement)
+            .one(&tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let tx = TenantTx::new(tx, tenant_id, self.origin);
+        tx.note_barrier(BARRIER_SHARED);
+        Ok((tx, row))
     }
 
     /// Opens a read-only transaction bound to one tenant. Inside a [`ReadScope`] every read of
@@ -1001,6 +1073,103 @@ mod tests {
         assert!(shared[0].starts_with("on "), "{shared:?}");
         assert!(written[0].starts_with("off "), "{written:?}");
         assert_eq!(tenant_of(&seen), tenant_of(&written));
+    }
+
+    /// The write path's one-statement start: bound to the tenant, holding the tenant's segment
+    /// barrier shared until it ends (a full build's exclusive lock cannot be had meanwhile), with
+    /// the tenant's row; an unknown tenant is `NotFound`.
+    #[tokio::test]
+    async fn a_writing_transaction_is_bound_holds_the_barrier_and_has_the_tenant_on_postgres() {
+        let Ok(admin_url) = std::env::var("CDP_TEST_POSTGRES_URL") else {
+            eprintln!("CDP_TEST_POSTGRES_URL not set; skipped");
+            return;
+        };
+        let name = format!("cdp_writing_{}", uuid::Uuid::new_v4().simple());
+        let admin = sea_orm::Database::connect(&admin_url).await.unwrap();
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let base = admin_url.rsplit_once('/').map(|(base, _)| base).unwrap();
+        let url = format!("{base}/{name}");
+        let outcome = tokio::spawn(async move {
+            let store = Store::connect(&StoreOptions {
+                url,
+                max_connections: 3,
+                min_connections: 1,
+            })
+            .await
+            .unwrap();
+            store.migrate().await.unwrap();
+            let tenant = add_tenant(&store, "writing").await;
+            let (class, key) = segments::barrier_key(tenant);
+            let exclusive = format!("SELECT pg_try_advisory_xact_lock({class}, {key})::text");
+            let (tx, row) = store.begin_writing(tenant).await.unwrap();
+            let bound = tx
+                .raw_query_strings("SELECT current_setting('app.tenant_id')")
+                .await
+                .unwrap();
+            let other = store.begin(TenantId(uuid::Uuid::new_v4())).await.unwrap();
+            let while_held = other.raw_query_strings(&exclusive).await.unwrap();
+            drop(other);
+            tx.commit().await.unwrap();
+            let other = store.begin(TenantId(uuid::Uuid::new_v4())).await.unwrap();
+            let after = other.raw_query_strings(&exclusive).await.unwrap();
+            drop(other);
+            let unknown = store
+                .begin_writing(TenantId(uuid::Uuid::new_v4()))
+                .await
+                .err();
+            (tenant, row, bound, while_held, after, unknown)
+        })
+        .await;
+        admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+        let (tenant, row, bound, while_held, after, unknown) = outcome.expect("the checks");
+        assert_eq!(row.id, tenant.as_uuid());
+        assert_eq!(row.slug, "writing");
+        assert_eq!(bound, vec![tenant.to_string()]);
+        assert_eq!(while_held, vec!["false".to_owned()], "the barrier is held");
+        assert_eq!(after, vec!["true".to_owned()], "and released at the end");
+        assert!(matches!(unknown, Some(StoreError::NotFound)), "{unknown:?}");
+    }
+}
+
+#[cfg(test)]
+mod any_of_tests {
+    //! The text of an `any_of` filter does not depend on how many values it holds on PostgreSQL,
+    //! so that sqlx prepares it once per connection.
+
+    use super::{any_of, entity::consents, Backend};
+    use sea_orm::sea_query::ArrayType;
+    use sea_orm::{DbBackend, EntityTrait, QueryFilter, QueryTrait};
+
+    fn sql(backend: Backend, count: usize) -> String {
+        let ids = (0..count).map(|_| uuid::Uuid::new_v4());
+        let db = match backend {
+            Backend::Postgres => DbBackend::Postgres,
+            Backend::Sqlite => DbBackend::Sqlite,
+        };
+        consents::Entity::find()
+            .filter(any_of(
+                backend,
+                consents::Column::ProfileId,
+                ArrayType::Uuid,
+                ids,
+            ))
+            .build(db)
+            .sql
+    }
+
+    #[test]
+    fn one_statement_text_for_any_number_of_values_on_postgres() {
+        let one = sql(Backend::Postgres, 1);
+        assert_eq!(one, sql(Backend::Postgres, 7));
+        assert!(one.contains("= ANY($1)"), "{one}");
+        // SQLite has no arrays: an IN list, whose text grows with the values.
+        assert_ne!(sql(Backend::Sqlite, 1), sql(Backend::Sqlite, 7));
     }
 }
 

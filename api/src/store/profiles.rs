@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
+use sea_orm::sea_query::ArrayType;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
@@ -346,7 +347,12 @@ pub async fn consents_of(tx: &TenantTx, profile_ids: &[Uuid]) -> StoreResult<Vec
     }
     Ok(consents::Entity::find()
         .filter(consents::Column::TenantId.eq(tx.tenant_id().as_uuid()))
-        .filter(consents::Column::ProfileId.is_in(profile_ids.iter().copied()))
+        .filter(super::any_of(
+            tx.backend(),
+            consents::Column::ProfileId,
+            ArrayType::Uuid,
+            profile_ids.iter().copied(),
+        ))
         .order_by_asc(consents::Column::Purpose)
         .all(tx.conn())
         .await?)

@@ -8,6 +8,7 @@
 
 use chrono::{DateTime, Utc};
 use domain::condition::Condition;
+use sea_orm::sea_query::ArrayType;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
@@ -245,7 +246,12 @@ pub async fn memberships_of(tx: &TenantTx, profile_ids: &[Uuid]) -> StoreResult<
             .column(segment_members::Column::SegmentId)
             .column(segment_members::Column::ProfileId)
             .filter(segment_members::Column::TenantId.eq(tx.tenant_id().as_uuid()))
-            .filter(segment_members::Column::ProfileId.is_in(chunk.iter().copied()))
+            .filter(super::any_of(
+                tx.backend(),
+                segment_members::Column::ProfileId,
+                ArrayType::Uuid,
+                chunk.iter().copied(),
+            ))
             .into_tuple()
             .all(tx.conn())
             .await?;
@@ -372,9 +378,7 @@ pub async fn barrier(tx: &TenantTx, backend: Backend, exclusive: bool) -> StoreR
     if tx.barrier_held() >= level {
         return Ok(());
     }
-    let bytes = tx.tenant_id().as_uuid();
-    let bytes = bytes.as_bytes();
-    let key = i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let (class, key) = barrier_key(tx.tenant_id());
     let sql = if exclusive {
         "SELECT pg_advisory_xact_lock($1, $2)"
     } else {
@@ -384,7 +388,7 @@ pub async fn barrier(tx: &TenantTx, backend: Backend, exclusive: bool) -> StoreR
         .execute_raw(Statement::from_sql_and_values(
             db_backend(backend),
             sql,
-            [BARRIER_CLASS.into(), key.into()],
+            [class.into(), key.into()],
         ))
         .await?;
     tx.note_barrier(level);
@@ -393,6 +397,17 @@ pub async fn barrier(tx: &TenantTx, backend: Backend, exclusive: bool) -> StoreR
 
 /// The first key of the two-key advisory locks of segment builds.
 const BARRIER_CLASS: i32 = 0x5E6;
+
+/// The advisory lock of a tenant's segment barrier: (class, key), the key made of the first four
+/// bytes of the tenant id.
+pub(crate) fn barrier_key(tenant_id: domain::TenantId) -> (i32, i32) {
+    let id = tenant_id.as_uuid();
+    let bytes = id.as_bytes();
+    (
+        BARRIER_CLASS,
+        i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+    )
+}
 
 /// A new history id made by the database: the bulk statements insert many rows at once.
 fn new_id_sql(backend: Backend) -> &'static str {
