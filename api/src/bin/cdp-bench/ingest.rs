@@ -12,6 +12,11 @@
 //! transaction per 100 messages holding two multi-row `INSERT … ON CONFLICT DO NOTHING`
 //! statements (profiles, then events) with bound parameters, from C concurrent tasks over a pool
 //! of 10 connections. The clock runs from the first statement to the last commit.
+//!
+//! Both sides run in rounds (`--rounds`, default 4): each round sends its slice of the requests
+//! through the CDP and writes the same messages through the baseline, the side that goes first
+//! alternating, so that the machine's speed drifting during the run weighs on both alike; each
+//! side's rate is all its messages over the sum of its rounds' clocks.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -63,6 +68,12 @@ pub struct IngestArgs {
     /// Seed of the generated workload.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Rounds: the workload cut into this many consecutive slices, each sent through the CDP
+    /// and written by the baseline in turn (alternating which goes first), so that a machine
+    /// whose speed drifts during the run slows both sides alike. 1 runs the whole workload
+    /// through the CDP, then through the baseline.
+    #[arg(long, default_value_t = 4)]
+    pub rounds: usize,
     #[command(flatten)]
     pub backends: BackendArgs,
 }
@@ -79,6 +90,7 @@ struct IngestResult {
     messages: usize,
     requests: usize,
     concurrency: usize,
+    rounds: usize,
     events_per_s: u64,
     baseline_per_s: u64,
     ratio: f64,
@@ -90,8 +102,8 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     let count = args
         .messages
         .unwrap_or(if args.quick { 20_000 } else { 200_000 });
-    if count == 0 || args.concurrency == 0 {
-        bail!("--messages and --concurrency must be at least 1");
+    if count == 0 || args.concurrency == 0 || args.rounds == 0 {
+        bail!("--messages, --concurrency and --rounds must be at least 1");
     }
     let started = Instant::now();
     let workload = Arc::new(Workload::generate(args.seed, count));
@@ -119,11 +131,11 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         bytes / count,
         started.elapsed().as_secs_f64()
     );
-    let concurrency = args.concurrency;
+    let (concurrency, rounds) = (args.concurrency, args.rounds.min(bodies.len()));
     harness::on_each_backend(&args.backends, |db| {
         let workload = workload.clone();
         let bodies = bodies.clone();
-        async move { run_on(db, workload, bodies, concurrency).await }
+        async move { run_on(db, workload, bodies, concurrency, rounds).await }
     })
     .await
 }
@@ -133,6 +145,7 @@ async fn run_on(
     workload: Arc<Workload>,
     bodies: Arc<Vec<(usize, Vec<u8>)>>,
     concurrency: usize,
+    rounds: usize,
 ) -> anyhow::Result<IngestResult> {
     let label = db.backend.name();
     let messages = workload.messages.len();
@@ -145,12 +158,69 @@ async fn run_on(
         .graphql(&owner.access_token, INGEST_SETTINGS, json!({}))
         .await
         .context("cannot set the ingestion settings")?;
-    db.checkpoint().await?;
+    // The baseline, on the same database, as the service's role (the read and segments
+    // baselines do the same): on PostgreSQL under the same row-level security, so it binds its
+    // tenant in each transaction as the service does.
+    let pool = db.owner_pool(BASELINE_POOL).await?;
+    let tenant = insert_tenant(&pool).await?;
+    let writer = harness::service_pool(&db, BASELINE_POOL).await?;
+    let set_tenant = !harness::bypasses_rls(&writer).await?;
     eprintln!(
-        "[{label}] CDP: {messages} messages in {} requests of {BATCH}, {concurrency} concurrent clients",
+        "[{label}] {messages} messages in {} requests of {BATCH}, in {rounds} round(s): the CDP from \
+         {concurrency} concurrent clients, the baseline as plain INSERTs from {concurrency} \
+         concurrent writers over a pool of {BASELINE_POOL}",
         bodies.len()
     );
-    let sent = send_all(&server, &key, bodies.clone(), concurrency, label).await?;
+    let mut sent = Sent {
+        elapsed: Duration::ZERO,
+        failed_requests: 0,
+        accepted_messages: 0,
+    };
+    let mut baseline_elapsed = Duration::ZERO;
+    for round in 0..rounds {
+        // Requests [from, to) of this round; request i holds messages from i × BATCH on.
+        let (from, to) = (
+            round * bodies.len() / rounds,
+            (round + 1) * bodies.len() / rounds,
+        );
+        let slice = (from * BATCH)..(to * BATCH).min(messages);
+        // Each side starts after a checkpoint, and the side that goes first alternates, so
+        // that neither always meets the other's dirty pages or the larger tables.
+        for cdp_turn in [round % 2 == 0, round % 2 == 1] {
+            db.checkpoint().await?;
+            if cdp_turn {
+                let part =
+                    send_all(&server, &key, bodies.clone(), from..to, concurrency, label).await?;
+                eprintln!(
+                    "[{label}] round {}: CDP {:.2} s for {} messages",
+                    round + 1,
+                    part.elapsed.as_secs_f64(),
+                    slice.len()
+                );
+                sent.elapsed += part.elapsed;
+                sent.failed_requests += part.failed_requests;
+                sent.accepted_messages += part.accepted_messages;
+            } else {
+                let elapsed = baseline(
+                    &writer,
+                    workload.clone(),
+                    slice.clone(),
+                    tenant,
+                    concurrency,
+                    set_tenant,
+                    label,
+                )
+                .await?;
+                eprintln!(
+                    "[{label}] round {}: baseline {:.2} s for {} messages",
+                    round + 1,
+                    elapsed.as_secs_f64(),
+                    slice.len()
+                );
+                baseline_elapsed += elapsed;
+            }
+        }
+    }
     let cdp_rate = messages as f64 / sent.elapsed.as_secs_f64();
     eprintln!(
         "[{label}] CDP: {:.2} s, {cdp_rate:.0} events/s, {} requests failed",
@@ -168,7 +238,6 @@ async fn run_on(
     );
     server.stop().await?;
 
-    let pool = db.owner_pool(BASELINE_POOL).await?;
     let stored = count_rows(&pool, "events", owner.tenant_id, "").await?;
     let live = count_rows(
         &pool,
@@ -198,29 +267,12 @@ async fn run_on(
         );
     }
 
-    // The baseline, on the same database, as the service's role (the read and segments
-    // baselines do the same): on PostgreSQL under the same row-level security, so it binds its
-    // tenant in each transaction as the service does.
-    let tenant = insert_tenant(&pool).await?;
-    let writer = harness::service_pool(&db, BASELINE_POOL).await?;
-    let set_tenant = !harness::bypasses_rls(&writer).await?;
-    db.checkpoint().await?;
-    eprintln!("[{label}] baseline: the same messages as plain INSERTs, {concurrency} concurrent writers, pool of {BASELINE_POOL}");
-    let elapsed = baseline(
-        &writer,
-        workload.clone(),
-        tenant,
-        concurrency,
-        set_tenant,
-        label,
-    )
-    .await?;
-    let baseline_rate = messages as f64 / elapsed.as_secs_f64();
+    let baseline_rate = messages as f64 / baseline_elapsed.as_secs_f64();
     let baseline_events = count_rows(&pool, "events", tenant, "").await?;
     let baseline_profiles = count_rows(&pool, "profiles", tenant, "").await?;
     eprintln!(
         "[{label}] baseline: {:.2} s, {baseline_rate:.0} events/s; stored {baseline_events} events, {baseline_profiles} profiles",
-        elapsed.as_secs_f64()
+        baseline_elapsed.as_secs_f64()
     );
     if baseline_events != messages as u64 {
         bail!("the baseline stored {baseline_events} events for {messages} messages");
@@ -237,6 +289,7 @@ async fn run_on(
         messages,
         requests: bodies.len(),
         concurrency,
+        rounds,
         events_per_s: cdp_rate.round() as u64,
         baseline_per_s: baseline_rate.round() as u64,
         ratio: harness::round(cdp_rate / baseline_rate, 3),
@@ -274,17 +327,18 @@ fn progress(
     })
 }
 
-/// Posts every body from `concurrency` clients; every answer must be exactly
+/// Posts the bodies of `range` from `concurrency` clients; every answer must be exactly
 /// `200 {"success":true}`.
 async fn send_all(
     server: &Server,
     key: &str,
     bodies: Arc<Vec<(usize, Vec<u8>)>>,
+    range: std::ops::Range<usize>,
     concurrency: usize,
     label: &'static str,
 ) -> anyhow::Result<Sent> {
-    let total: usize = bodies.iter().map(|(count, _)| count).sum();
-    let next = Arc::new(AtomicUsize::new(0));
+    let total: usize = bodies[range.clone()].iter().map(|(count, _)| count).sum();
+    let next = Arc::new(AtomicUsize::new(range.start));
     let done = Arc::new(AtomicU64::new(0));
     let failures: Arc<Mutex<Vec<String>>> = Arc::default();
     let url = server.url("/v1/batch");
@@ -295,9 +349,13 @@ async fn send_all(
         let (client, url, key) = (server.client.clone(), url.clone(), key.to_owned());
         let (bodies, next, done, failures) =
             (bodies.clone(), next.clone(), done.clone(), failures.clone());
+        let end = range.end;
         workers.push(tokio::spawn(async move {
             let (mut failed, mut accepted) = (0usize, 0u64);
-            while let Some((count, body)) = bodies.get(next.fetch_add(1, Ordering::Relaxed)) {
+            while let Some((count, body)) = Some(next.fetch_add(1, Ordering::Relaxed))
+                .filter(|index| *index < end)
+                .and_then(|index| bodies.get(index))
+            {
                 match post(&client, &url, &key, body.clone()).await {
                     Ok(()) => accepted += *count as u64,
                     Err(reason) => {
@@ -413,17 +471,18 @@ async fn insert_tenant(pool: &DatabaseConnection) -> anyhow::Result<Uuid> {
     Ok(id)
 }
 
-/// Writes the workload as plain INSERTs; returns the time from the first statement to the last
-/// commit.
+/// Writes the workload's messages of `slice` as plain INSERTs, `BATCH` a transaction; returns
+/// the time from the first statement to the last commit.
 async fn baseline(
     pool: &DatabaseConnection,
     workload: Arc<Workload>,
+    slice: std::ops::Range<usize>,
     tenant: Uuid,
     concurrency: usize,
     set_tenant: bool,
     label: &'static str,
 ) -> anyhow::Result<Duration> {
-    let total = workload.messages.len();
+    let total = slice.len();
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let retries = Arc::new(AtomicUsize::new(0));
@@ -431,19 +490,20 @@ async fn baseline(
     let reporter = progress(label, "baseline", done.clone(), total);
     let mut workers = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
-        let (pool, workload, next, done, retries) = (
+        let (pool, workload, next, done, retries, slice) = (
             pool.clone(),
             workload.clone(),
             next.clone(),
             done.clone(),
             retries.clone(),
+            slice.clone(),
         );
         workers.push(tokio::spawn(async move {
             loop {
-                let start = next.fetch_add(1, Ordering::Relaxed) * BATCH;
+                let start = slice.start + next.fetch_add(1, Ordering::Relaxed) * BATCH;
                 let Some(chunk) = workload
                     .messages
-                    .get(start..(start + BATCH).min(workload.messages.len()))
+                    .get(start.min(slice.end)..(start + BATCH).min(slice.end))
                     .filter(|chunk| !chunk.is_empty())
                 else {
                     return anyhow::Ok(());
