@@ -1797,33 +1797,12 @@ mod tests {
 
     #[tokio::test]
     async fn agrees_with_evaluate_on_postgres() {
-        let Ok(admin_url) = std::env::var("CDP_TEST_POSTGRES_URL") else {
-            eprintln!("CDP_TEST_POSTGRES_URL not set; skipped");
-            return;
-        };
-        let name = format!("cdp_sqlcheck_{}", Uuid::new_v4().simple());
-        let admin = sea_orm::Database::connect(&admin_url).await.unwrap();
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        let base = admin_url.rsplit_once('/').map(|(base, _)| base).unwrap();
-        let result = {
-            let store = Store::connect(&StoreOptions {
-                url: format!("{base}/{name}"),
-                max_connections: 2,
-                min_connections: 1,
-            })
-            .await
-            .unwrap();
-            store.migrate().await.unwrap();
-            let outcome = tokio::spawn(async move { agreement(&store, 11, 6, 400).await }).await;
-            outcome
-        };
-        admin
-            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await
-            .unwrap();
-        assert_eq!(result.unwrap(), 2400);
+        let checked = crate::store::scratch::on_postgres("cdp_sqlcheck", 2, |store| async move {
+            agreement(&store, 11, 6, 400).await
+        })
+        .await;
+        if let Some(checked) = checked {
+            assert_eq!(checked, 2400);
+        }
     }
 }

@@ -1023,27 +1023,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_read_transaction_is_read_only_and_bound_to_its_tenant_on_postgres() {
-        let Ok(admin_url) = std::env::var("CDP_TEST_POSTGRES_URL") else {
-            eprintln!("CDP_TEST_POSTGRES_URL not set; skipped");
-            return;
-        };
-        let name = format!("cdp_scope_{}", uuid::Uuid::new_v4().simple());
-        let admin = sea_orm::Database::connect(&admin_url).await.unwrap();
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        let base = admin_url.rsplit_once('/').map(|(base, _)| base).unwrap();
-        let url = format!("{base}/{name}");
-        let outcome = tokio::spawn(async move {
-            let store = Store::connect(&StoreOptions {
-                url,
-                max_connections: 2,
-                min_connections: 1,
-            })
-            .await
-            .unwrap();
-            store.migrate().await.unwrap();
+        let outcome = scratch::on_postgres("cdp_scope", 2, |store| async move {
             let tenant = TenantId(uuid::Uuid::new_v4());
             let settings = "SELECT current_setting('transaction_read_only') || ' ' || \
                             current_setting('app.tenant_id')";
@@ -1063,11 +1043,9 @@ mod tests {
             (seen, shared, written)
         })
         .await;
-        admin
-            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await
-            .unwrap();
-        let (seen, shared, written) = outcome.expect("the checks");
+        let Some((seen, shared, written)) = outcome else {
+            return;
+        };
         let tenant_of = |lines: &[String]| lines[0].split(' ').nth(1).map(str::to_owned);
         assert!(seen[0].starts_with("on "), "{seen:?}");
         assert!(shared[0].starts_with("on "), "{shared:?}");
@@ -1080,27 +1058,7 @@ mod tests {
     /// the tenant's row; an unknown tenant is `NotFound`.
     #[tokio::test]
     async fn a_writing_transaction_is_bound_holds_the_barrier_and_has_the_tenant_on_postgres() {
-        let Ok(admin_url) = std::env::var("CDP_TEST_POSTGRES_URL") else {
-            eprintln!("CDP_TEST_POSTGRES_URL not set; skipped");
-            return;
-        };
-        let name = format!("cdp_writing_{}", uuid::Uuid::new_v4().simple());
-        let admin = sea_orm::Database::connect(&admin_url).await.unwrap();
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        let base = admin_url.rsplit_once('/').map(|(base, _)| base).unwrap();
-        let url = format!("{base}/{name}");
-        let outcome = tokio::spawn(async move {
-            let store = Store::connect(&StoreOptions {
-                url,
-                max_connections: 3,
-                min_connections: 1,
-            })
-            .await
-            .unwrap();
-            store.migrate().await.unwrap();
+        let outcome = scratch::on_postgres("cdp_writing", 3, |store| async move {
             let tenant = add_tenant(&store, "writing").await;
             let (class, key) = segments::barrier_key(tenant);
             let exclusive = format!("SELECT pg_try_advisory_xact_lock({class}, {key})::text");
@@ -1123,17 +1081,64 @@ mod tests {
             (tenant, row, bound, while_held, after, unknown)
         })
         .await;
-        admin
-            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await
-            .unwrap();
-        let (tenant, row, bound, while_held, after, unknown) = outcome.expect("the checks");
+        let Some((tenant, row, bound, while_held, after, unknown)) = outcome else {
+            return;
+        };
         assert_eq!(row.id, tenant.as_uuid());
         assert_eq!(row.slug, "writing");
         assert_eq!(bound, vec![tenant.to_string()]);
         assert_eq!(while_held, vec!["false".to_owned()], "the barrier is held");
         assert_eq!(after, vec!["true".to_owned()], "and released at the end");
         assert!(matches!(unknown, Some(StoreError::NotFound)), "{unknown:?}");
+    }
+}
+
+/// A fresh, migrated PostgreSQL database for one test, dropped afterwards.
+#[cfg(test)]
+pub(crate) mod scratch {
+    use super::{Store, StoreOptions};
+    use sea_orm::ConnectionTrait;
+    use std::future::Future;
+
+    /// Runs `test` on a store over a new database named after `prefix`, migrated, on the server
+    /// of `CDP_TEST_POSTGRES_URL`; drops the database whatever the outcome, then gives the
+    /// outcome back (a panic inside `test` panics here, after the drop). `None` when the
+    /// variable is not set.
+    pub(crate) async fn on_postgres<T, F, Fut>(
+        prefix: &str,
+        max_connections: u32,
+        test: F,
+    ) -> Option<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Store) -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        let Ok(admin_url) = std::env::var("CDP_TEST_POSTGRES_URL") else {
+            eprintln!("CDP_TEST_POSTGRES_URL not set; skipped");
+            return None;
+        };
+        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+        let admin = sea_orm::Database::connect(&admin_url).await.unwrap();
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let base = admin_url.rsplit_once('/').map(|(base, _)| base).unwrap();
+        let store = Store::connect(&StoreOptions {
+            url: format!("{base}/{name}"),
+            max_connections,
+            min_connections: 1,
+        })
+        .await
+        .unwrap();
+        store.migrate().await.unwrap();
+        let outcome = tokio::spawn(test(store)).await;
+        admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+        Some(outcome.expect("the test's checks"))
     }
 }
 
