@@ -460,9 +460,12 @@ impl Store {
     }
 
     /// [`Store::begin`] for the write path: the transaction bound to the tenant, with the
-    /// tenant's segment barrier held shared (`segments::barrier`), and the tenant's row. On
-    /// PostgreSQL the binding, the barrier and the row are one statement instead of three, a
-    /// round trip and a plan fewer for each of two per ingestion batch.
+    /// tenant's segment barrier held shared (`segments::barrier`), and the tenant's row as it is
+    /// once the barrier is held. On PostgreSQL the binding and the barrier are one statement
+    /// instead of two. The row is read by a statement of its own: under read committed a
+    /// statement's snapshot is taken when it starts, so a row read in the statement that waited
+    /// for the barrier would be the row from before a build or a key change that held the
+    /// barrier committed (ADR 0005, ADR 0015).
     pub async fn begin_writing(
         &self,
         tenant_id: TenantId,
@@ -476,27 +479,16 @@ impl Store {
         self.count_transaction();
         let tx = self.db.begin().await?;
         let (class, key) = segments::barrier_key(tenant_id);
-        // The binding and the barrier in a subquery that cannot be flattened, read first: the
-        // tenant's row is read laterally after it, so that row-level security sees the binding.
-        let statement = Statement::from_sql_and_values(
+        // Transaction-local and bound parameters, as `bind_tenant`.
+        tx.execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "SELECT t.* FROM (SELECT set_config('app.tenant_id', $1, true) AS bound, \
-                    pg_advisory_xact_lock_shared($2, $3) AS barrier OFFSET 0) AS b \
-             CROSS JOIN LATERAL (SELECT * FROM tenants WHERE id = $4 AND b.bound IS NOT NULL) AS t",
-            [
-                tenant_id.to_string().into(),
-                class.into(),
-                key.into(),
-                tenant_id.as_uuid().into(),
-            ],
-        );
-        let row = <entity::tenants::Entity as sea_orm::EntityTrait>::find()
-            .from_raw_sql(statement)
-            .one(&tx)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+            "SELECT set_config('app.tenant_id', $1, true), pg_advisory_xact_lock_shared($2, $3)",
+            [tenant_id.to_string().into(), class.into(), key.into()],
+        ))
+        .await?;
         let tx = TenantTx::new(tx, tenant_id, self.origin);
         tx.note_barrier(BARRIER_SHARED);
+        let row = tenants::get(&tx).await?;
         Ok((tx, row))
     }
 
@@ -1078,12 +1070,50 @@ mod tests {
                 .begin_writing(TenantId(uuid::Uuid::new_v4()))
                 .await
                 .err();
-            (tenant, row, bound, while_held, after, unknown)
+            // A change made under the exclusive barrier (as a segment build or a key change
+            // makes one) and committed while the writer waits for the barrier is what the
+            // writer reads.
+            let holder = store.begin(tenant).await.unwrap();
+            segments::barrier(&holder, Backend::Postgres, true)
+                .await
+                .unwrap();
+            let waiting = tokio::spawn({
+                let store = store.clone();
+                async move { store.begin_writing(tenant).await.map(|(_, row)| row.name) }
+            });
+            let waits = "SELECT count(*)::text FROM pg_stat_activity \
+                         WHERE datname = current_database() \
+                         AND wait_event_type = 'Lock' AND wait_event = 'advisory'";
+            let observer = store.begin(TenantId(uuid::Uuid::new_v4())).await.unwrap();
+            while observer.raw_query_strings(waits).await.unwrap() != vec!["1".to_owned()] {
+                tokio::task::yield_now().await;
+            }
+            drop(observer);
+            holder
+                .raw_query_strings("UPDATE tenants SET name = 'Renamed' RETURNING name")
+                .await
+                .unwrap();
+            holder.commit().await.unwrap();
+            let seen_after_wait = waiting.await.unwrap().unwrap();
+            (
+                tenant,
+                row,
+                bound,
+                while_held,
+                after,
+                unknown,
+                seen_after_wait,
+            )
         })
         .await;
-        let Some((tenant, row, bound, while_held, after, unknown)) = outcome else {
+        let Some((tenant, row, bound, while_held, after, unknown, seen_after_wait)) = outcome
+        else {
             return;
         };
+        assert_eq!(
+            seen_after_wait, "Renamed",
+            "the row as of the barrier's grant"
+        );
         assert_eq!(row.id, tenant.as_uuid());
         assert_eq!(row.slug, "writing");
         assert_eq!(bound, vec![tenant.to_string()]);
