@@ -381,8 +381,8 @@ async fn attempt_group(
     jobs: &[Job<'_>],
     look_up_stored: bool,
 ) -> Result<Vec<IngestReport>, StoreError> {
-    let (tx, tenant) = state.store.begin_writing(tenant_id).await?;
-    let (reports, notices) = apply(state, &tx, &tenant, rules, jobs, look_up_stored).await?;
+    let tx = state.store.begin_writing(tenant_id).await?;
+    let (reports, notices) = apply(state, &tx, rules, jobs, look_up_stored).await?;
     tx.commit().await?;
     state.bus.publish(notices);
     compact_stats_now_and_then(state, tenant_id).await;
@@ -621,18 +621,18 @@ fn union_channels(a: &Value, b: &Value) -> Value {
 async fn apply<'a>(
     state: &AppState,
     tx: &TenantTx,
-    tenant: &store::tenants::TenantRow,
     rules: &'a domain::identity::IdentityRules,
     jobs: &[Job<'a>],
     look_up_stored: bool,
 ) -> Result<(Vec<IngestReport>, Vec<super::bus::Notice>), StoreError> {
     let now = state.now();
-    // The tenant's row, read with the transaction's start under the segment barrier (shared; a
-    // change of the personal keys takes it exclusively while it re-seals), so that a batch seals
-    // exactly what the committed settings say, never with keys that changed meanwhile: its
-    // privacy settings, and the version of its definitions (segments, lifecycle model,
+    // The tenant's row, read once under the segment barrier that `begin_writing` took (shared;
+    // a change of the personal keys takes it exclusively while it re-seals), so that a batch
+    // seals exactly what the committed settings say, never with keys that changed meanwhile:
+    // its privacy settings, and the version of its definitions (segments, lifecycle model,
     // campaigns, webhooks), which this process may hold already.
-    let pii = &privacy::settings_of(tenant).pii_keys();
+    let tenant = store::tenants::get(tx).await?;
+    let pii = &privacy::settings_of(&tenant).pii_keys();
     let definitions = super::definitions::at(tx, tenant.definitions_version).await?;
     let all_parsed = || jobs.iter().flat_map(|job| job.parsed.iter());
     let mut work = Work {

@@ -170,7 +170,7 @@ pub async fn begin_snapshot(store: &Store, tenant_id: TenantId) -> StoreResult<T
         },
     };
     let tx = store.db.begin_with_options(options).await?;
-    store.bind_tenant(&tx, tenant_id).await?;
+    store.bind_tenant(&tx, tenant_id, false).await?;
     Ok(TenantTx::new(tx, tenant_id, store.origin))
 }
 

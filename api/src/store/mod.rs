@@ -445,6 +445,21 @@ impl Store {
     /// Inside a [`ReadScope`], the scope's later reads open transactions of their own, so that
     /// they see what this one commits.
     pub async fn begin(&self, tenant_id: TenantId) -> StoreResult<TenantTx> {
+        self.open_write(tenant_id, false).await
+    }
+
+    /// [`Store::begin`] for the write path of customer data: the transaction also holds the
+    /// tenant's segment barrier shared (`segments::barrier`), taken on PostgreSQL in the
+    /// statement that binds the tenant instead of one of its own. Whatever the caller reads
+    /// afterwards is read in statements that start after the barrier was granted: under read
+    /// committed a statement's snapshot is taken when it starts, so a read folded into the
+    /// waiting statement would miss a build or a key change that held the barrier and committed
+    /// meanwhile (ADR 0005, ADR 0015).
+    pub async fn begin_writing(&self, tenant_id: TenantId) -> StoreResult<TenantTx> {
+        self.open_write(tenant_id, true).await
+    }
+
+    async fn open_write(&self, tenant_id: TenantId, barrier: bool) -> StoreResult<TenantTx> {
         ReadScope::note_write();
         self.count_transaction();
         let tx = self
@@ -455,41 +470,12 @@ impl Store {
                 sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
             })
             .await?;
-        self.bind_tenant(&tx, tenant_id).await?;
-        Ok(TenantTx::new(tx, tenant_id, self.origin))
-    }
-
-    /// [`Store::begin`] for the write path: the transaction bound to the tenant, with the
-    /// tenant's segment barrier held shared (`segments::barrier`), and the tenant's row as it is
-    /// once the barrier is held. On PostgreSQL the binding and the barrier are one statement
-    /// instead of two. The row is read by a statement of its own: under read committed a
-    /// statement's snapshot is taken when it starts, so a row read in the statement that waited
-    /// for the barrier would be the row from before a build or a key change that held the
-    /// barrier committed (ADR 0005, ADR 0015).
-    pub async fn begin_writing(
-        &self,
-        tenant_id: TenantId,
-    ) -> StoreResult<(TenantTx, tenants::TenantRow)> {
-        if self.backend != Backend::Postgres {
-            let tx = self.begin(tenant_id).await?;
-            let row = tenants::get(&tx).await?;
-            return Ok((tx, row));
-        }
-        ReadScope::note_write();
-        self.count_transaction();
-        let tx = self.db.begin().await?;
-        let (class, key) = segments::barrier_key(tenant_id);
-        // Transaction-local and bound parameters, as `bind_tenant`.
-        tx.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT set_config('app.tenant_id', $1, true), pg_advisory_xact_lock_shared($2, $3)",
-            [tenant_id.to_string().into(), class.into(), key.into()],
-        ))
-        .await?;
+        let held = self.bind_tenant(&tx, tenant_id, barrier).await?;
         let tx = TenantTx::new(tx, tenant_id, self.origin);
-        tx.note_barrier(BARRIER_SHARED);
-        let row = tenants::get(&tx).await?;
-        Ok((tx, row))
+        if held {
+            tx.note_barrier(BARRIER_SHARED);
+        }
+        Ok(tx)
     }
 
     /// Opens a read-only transaction bound to one tenant. Inside a [`ReadScope`] every read of
@@ -544,18 +530,36 @@ impl Store {
         Ok((tx, auth_version))
     }
 
-    async fn bind_tenant(&self, tx: &DatabaseTransaction, tenant_id: TenantId) -> StoreResult<()> {
-        if self.backend == Backend::Postgres {
-            // Transaction-local and a bound parameter: the setting ends with the transaction and
-            // can never be injected into.
-            tx.execute_raw(Statement::from_sql_and_values(
+    /// Binds the transaction to the tenant, and with `barrier` takes the tenant's segment
+    /// barrier shared in the same statement; returns whether it did (PostgreSQL only: SQLite
+    /// serializes writers and has no barrier).
+    async fn bind_tenant(
+        &self,
+        tx: &DatabaseTransaction,
+        tenant_id: TenantId,
+        barrier: bool,
+    ) -> StoreResult<bool> {
+        if self.backend != Backend::Postgres {
+            return Ok(false);
+        }
+        // Transaction-local and a bound parameter: the setting ends with the transaction and can
+        // never be injected into.
+        let statement = if barrier {
+            let (class, key) = segments::barrier_key(tenant_id);
+            Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT set_config('app.tenant_id', $1, true), pg_advisory_xact_lock_shared($2, $3)",
+                [tenant_id.to_string().into(), class.into(), key.into()],
+            )
+        } else {
+            Statement::from_sql_and_values(
                 DbBackend::Postgres,
                 "SELECT set_config('app.tenant_id', $1, true)",
                 [tenant_id.to_string().into()],
-            ))
-            .await?;
-        }
-        Ok(())
+            )
+        };
+        tx.execute_raw(statement).await?;
+        Ok(barrier)
     }
 
     /// Opens a transaction that may see every tenant's rows of the tables that allow system scans
@@ -1045,16 +1049,27 @@ mod tests {
         assert_eq!(tenant_of(&seen), tenant_of(&written));
     }
 
-    /// The write path's one-statement start: bound to the tenant, holding the tenant's segment
-    /// barrier shared until it ends (a full build's exclusive lock cannot be had meanwhile), with
-    /// the tenant's row; an unknown tenant is `NotFound`.
+    /// The write path's start as ingestion makes it: a transaction bound to the tenant in one
+    /// statement with the tenant's segment barrier, held shared until it ends (a full build's
+    /// exclusive lock cannot be had meanwhile), then the tenant's row.
+    async fn writing(
+        store: &Store,
+        tenant: TenantId,
+    ) -> StoreResult<(TenantTx, tenants::TenantRow)> {
+        let tx = store.begin_writing(tenant).await?;
+        let row = tenants::get(&tx).await?;
+        Ok((tx, row))
+    }
+
+    /// [`writing`]: bound, holding the barrier, with the tenant's row as of the barrier's grant;
+    /// an unknown tenant is `NotFound`.
     #[tokio::test]
     async fn a_writing_transaction_is_bound_holds_the_barrier_and_has_the_tenant_on_postgres() {
         let outcome = scratch::on_postgres("cdp_writing", 3, |store| async move {
             let tenant = add_tenant(&store, "writing").await;
             let (class, key) = segments::barrier_key(tenant);
             let exclusive = format!("SELECT pg_try_advisory_xact_lock({class}, {key})::text");
-            let (tx, row) = store.begin_writing(tenant).await.unwrap();
+            let (tx, row) = writing(&store, tenant).await.unwrap();
             let bound = tx
                 .raw_query_strings("SELECT current_setting('app.tenant_id')")
                 .await
@@ -1066,10 +1081,7 @@ mod tests {
             let other = store.begin(TenantId(uuid::Uuid::new_v4())).await.unwrap();
             let after = other.raw_query_strings(&exclusive).await.unwrap();
             drop(other);
-            let unknown = store
-                .begin_writing(TenantId(uuid::Uuid::new_v4()))
-                .await
-                .err();
+            let unknown = writing(&store, TenantId(uuid::Uuid::new_v4())).await.err();
             // A change made under the exclusive barrier (as a segment build or a key change
             // makes one) and committed while the writer waits for the barrier is what the
             // writer reads.
@@ -1079,7 +1091,7 @@ mod tests {
                 .unwrap();
             let waiting = tokio::spawn({
                 let store = store.clone();
-                async move { store.begin_writing(tenant).await.map(|(_, row)| row.name) }
+                async move { writing(&store, tenant).await.map(|(_, row)| row.name) }
             });
             let waits = "SELECT count(*)::text FROM pg_stat_activity \
                          WHERE datname = current_database() \

@@ -352,9 +352,7 @@ async fn send_all(
         let end = range.end;
         workers.push(tokio::spawn(async move {
             let (mut failed, mut accepted) = (0usize, 0u64);
-            while let Some((count, body)) = Some(next.fetch_add(1, Ordering::Relaxed))
-                .filter(|index| *index < end)
-                .and_then(|index| bodies.get(index))
+            while let Some((count, body)) = bodies[..end].get(next.fetch_add(1, Ordering::Relaxed))
             {
                 match post(&client, &url, &key, body.clone()).await {
                     Ok(()) => accepted += *count as u64,
