@@ -210,7 +210,8 @@ async fn gzip_text_plain_body_write_keys_and_short_paths_are_accepted() {
 
 /// A batch far larger than one statement of the events writer (which splits its rows into
 /// statements of at most 12 KiB on PostgreSQL) is stored whole and exactly: every event with its type,
-/// name, properties (nested, Unicode, numbers, nulls), microsecond timestamp and message id.
+/// name, properties (nested, Unicode, escapes, numbers, nulls), microsecond timestamp and message
+/// id.
 #[tokio::test]
 async fn a_large_batch_is_stored_event_for_event_as_sent() {
     for backend in backends() {
@@ -227,6 +228,9 @@ async fn a_large_batch_is_stored_event_for_event_as_sent() {
                 "note": format!("Ünïcödé ✓ {}", "x".repeat(900 + n as usize)),
                 "nested": {"list": [1, "two", null, true], "deep": {"k": n % 7}},
                 "absent": null,
+                // Characters that JSON text escapes (the writer binds JSON as its text).
+                "escaped": format!("say \"hi\" \\ back\n\ttab {n}"),
+                "big": u64::MAX - u64::from(n),
             });
             let message = if n % 5 == 0 {
                 json!({"type": "page", "anonymousId": "large-visitor", "name": format!("Page {n}"),

@@ -12,13 +12,15 @@ use sea_orm::sea_query::{Alias, Expr, ExprTrait, IntoIden, OnConflict, Query};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect,
 };
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::entity::{
     consent_history, consents, events, groups, identities, ingest_stats, merge_ledger,
     profile_groups, profiles,
 };
-use super::{wire, StoreError, StoreResult, TenantTx};
+use super::wire::{self, JsonText};
+use super::{StoreError, StoreResult, TenantTx};
 
 pub use consents::Model as ConsentRow;
 pub use events::Model as EventRow;
@@ -98,10 +100,21 @@ const STAGE_SINCE: &str = "stage_since";
 
 pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreResult<()> {
     let tenant = tx.tenant_id().as_uuid();
-    let profile_bytes = |row: &ProfileRow| {
-        wire::json_bytes(&row.traits)
-            + wire::json_bytes(&row.trait_clock)
-            + wire::json_bytes(&row.channels)
+    let backend = tx.conn().get_database_backend();
+    // Traits, trait clocks and channels bound as their text, written once (`wire::JsonText`).
+    let profiles: Vec<(ProfileRow, [JsonText; 3])> = set
+        .profiles
+        .into_iter()
+        .map(|mut row| {
+            let json = [&row.traits, &row.trait_clock, &row.channels].map(JsonText::of);
+            row.traits = Value::Null;
+            row.trait_clock = Value::Null;
+            row.channels = Value::Null;
+            (row, json)
+        })
+        .collect();
+    let profile_bytes = |(_, json): &(ProfileRow, [JsonText; 3])| {
+        json.iter().map(JsonText::bytes).sum::<usize>()
             // The fixed-size values, and the stage key of a new profile.
             + 15 * wire::FIXED
     };
@@ -113,7 +126,7 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
         .map(|(id, count, revenue)| (*id, (*count, *revenue)))
         .collect();
     let mut stages = set.stages;
-    for chunk in wire::owned_chunks(tx, set.profiles, CHUNK, profile_bytes) {
+    for chunk in wire::owned_chunks(tx, profiles, CHUNK, profile_bytes) {
         let mut insert = Query::insert();
         insert.into_table(profiles::Entity).columns(
             PROFILE_COLUMNS.map(IntoIden::into_iden).into_iter().chain(
@@ -121,16 +134,16 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
                     .map(|column| Alias::new(column).into_iden()),
             ),
         );
-        for row in chunk {
+        for (row, [traits, trait_clock, channels]) in chunk {
             let (count, revenue) = orders.remove(&row.id).unwrap_or((0, 0.0));
             let stage = stages.remove(&row.id);
             let since = stage.as_ref().map(|_| now);
             insert.values_panic([
                 tenant.into(),
                 row.id.into(),
-                row.traits.into(),
-                row.trait_clock.into(),
-                row.channels.into(),
+                traits.into_expr(backend),
+                trait_clock.into_expr(backend),
+                channels.into_expr(backend),
                 row.first_seen_at.into(),
                 row.last_seen_at.into(),
                 row.event_count.into(),
@@ -337,9 +350,21 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
 /// The batch's events as multi-row inserts, as few as fit the wire's bound.
 async fn insert_events(tx: &TenantTx, rows: Vec<EventRow>) -> StoreResult<()> {
     let tenant = tx.tenant_id().as_uuid();
-    let event_bytes = |row: &EventRow| {
-        wire::json_bytes(&row.properties)
-            + wire::json_bytes(&row.context)
+    let backend = tx.conn().get_database_backend();
+    // Properties and contexts bound as their text, written once (`wire::JsonText`).
+    let rows: Vec<(EventRow, JsonText, JsonText)> = rows
+        .into_iter()
+        .map(|mut row| {
+            let properties = JsonText::of(&row.properties);
+            let context = JsonText::of(&row.context);
+            row.properties = Value::Null;
+            row.context = Value::Null;
+            (row, properties, context)
+        })
+        .collect();
+    let event_bytes = |(row, properties, context): &(EventRow, JsonText, JsonText)| {
+        properties.bytes()
+            + context.bytes()
             + row.message_id.len()
             + row.kind.len()
             + row.name.as_ref().map_or(0, String::len)
@@ -349,24 +374,43 @@ async fn insert_events(tx: &TenantTx, rows: Vec<EventRow>) -> StoreResult<()> {
             + 6 * wire::FIXED
     };
     for chunk in wire::owned_chunks(tx, rows, CHUNK, event_bytes) {
-        let rows = chunk.into_iter().map(|row| events::ActiveModel {
-            tenant_id: Set(tenant),
-            id: Set(row.id),
-            profile_id: Set(row.profile_id),
-            message_id: Set(row.message_id),
-            kind: Set(row.kind),
-            name: Set(row.name),
-            properties: Set(row.properties),
-            context: Set(row.context),
-            timestamp: Set(row.timestamp),
-            received_at: Set(row.received_at),
-            source_id: Set(row.source_id),
-            channel: Set(row.channel),
-            user_id: Set(row.user_id),
-            anonymous_id: Set(row.anonymous_id),
-        });
-        events::Entity::insert_many(rows)
-            .exec_without_returning(tx.conn())
+        let mut insert = Query::insert();
+        insert.into_table(events::Entity).columns([
+            events::Column::TenantId,
+            events::Column::Id,
+            events::Column::ProfileId,
+            events::Column::MessageId,
+            events::Column::Kind,
+            events::Column::Name,
+            events::Column::Properties,
+            events::Column::Context,
+            events::Column::Timestamp,
+            events::Column::ReceivedAt,
+            events::Column::SourceId,
+            events::Column::Channel,
+            events::Column::UserId,
+            events::Column::AnonymousId,
+        ]);
+        for (row, properties, context) in chunk {
+            insert.values_panic([
+                tenant.into(),
+                row.id.into(),
+                row.profile_id.into(),
+                row.message_id.into(),
+                row.kind.into(),
+                row.name.into(),
+                properties.into_expr(backend),
+                context.into_expr(backend),
+                row.timestamp.into(),
+                row.received_at.into(),
+                row.source_id.into(),
+                row.channel.into(),
+                row.user_id.into(),
+                row.anonymous_id.into(),
+            ]);
+        }
+        tx.conn()
+            .execute(&insert)
             .await
             .map_err(|error| StoreError::unique_as_race(error, Race::MessageStored))?;
     }

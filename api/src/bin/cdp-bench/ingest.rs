@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use api::store::{json_bytes, STATEMENT_BYTES};
+use api::store::{JsonText, STATEMENT_BYTES};
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, InsertStatement, OnConflict, Query};
 use sea_orm::{
@@ -611,17 +611,19 @@ async fn write_batch(
             );
         profiles
     });
+    // JSON bound as its text, as the service binds it (`api::store::JsonText`).
+    let backend = pool.get_database_backend();
     for (id, seen) in people {
-        let traits = seen.traits.unwrap_or_else(|| json!({}));
-        let size = json_bytes(&traits) + 10 * 20;
+        let traits = JsonText::of(&seen.traits.unwrap_or_else(|| json!({})));
+        let size = traits.bytes() + 10 * 20;
         profiles.push(
             size,
             [
                 tenant.into(),
                 id.into(),
-                traits.into(),
-                json!({}).into(),
-                json!(["server"]).into(),
+                traits.into_expr(backend),
+                JsonText::of(&json!({})).into_expr(backend),
+                JsonText::of(&json!(["server"])).into_expr(backend),
                 seen.first.into(),
                 seen.last.into(),
                 seen.count.into(),
@@ -659,9 +661,10 @@ async fn write_batch(
     });
     for message in chunk {
         let person = workload.person(message);
-        let context = Workload::context(message);
-        let size = json_bytes(&message.payload)
-            + json_bytes(&context)
+        let properties = JsonText::of(&message.payload);
+        let context = JsonText::of(&Workload::context(message));
+        let size = properties.bytes()
+            + context.bytes()
             + message.message_id.len()
             + person.user_id.len()
             + person.anonymous_id.len()
@@ -675,8 +678,8 @@ async fn write_batch(
                 message.message_id.clone().into(),
                 message.kind.as_str().into(),
                 message.event.map(str::to_owned).into(),
-                message.payload.clone().into(),
-                context.into(),
+                properties.into_expr(backend),
+                context.into_expr(backend),
                 message.timestamp.into(),
                 now.into(),
                 "server".into(),
