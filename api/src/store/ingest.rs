@@ -12,7 +12,6 @@ use sea_orm::sea_query::{Alias, Expr, ExprTrait, IntoIden, OnConflict, Query};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect,
 };
-use serde_json::Value;
 use uuid::Uuid;
 
 use super::entity::{
@@ -106,10 +105,8 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
         .profiles
         .into_iter()
         .map(|mut row| {
-            let json = [&row.traits, &row.trait_clock, &row.channels].map(JsonText::of);
-            row.traits = Value::Null;
-            row.trait_clock = Value::Null;
-            row.channels = Value::Null;
+            let json = [&mut row.traits, &mut row.trait_clock, &mut row.channels]
+                .map(|value| JsonText::of(&std::mem::take(value)));
             (row, json)
         })
         .collect();
@@ -355,10 +352,8 @@ async fn insert_events(tx: &TenantTx, rows: Vec<EventRow>) -> StoreResult<()> {
     let rows: Vec<(EventRow, JsonText, JsonText)> = rows
         .into_iter()
         .map(|mut row| {
-            let properties = JsonText::of(&row.properties);
-            let context = JsonText::of(&row.context);
-            row.properties = Value::Null;
-            row.context = Value::Null;
+            let properties = JsonText::of(&std::mem::take(&mut row.properties));
+            let context = JsonText::of(&std::mem::take(&mut row.context));
             (row, properties, context)
         })
         .collect();

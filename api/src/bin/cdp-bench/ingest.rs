@@ -613,6 +613,7 @@ async fn write_batch(
     });
     // JSON bound as its text, as the service binds it (`api::store::JsonText`).
     let backend = pool.get_database_backend();
+    let (no_trait_clock, channels) = (JsonText::of(&json!({})), JsonText::of(&json!(["server"])));
     for (id, seen) in people {
         let traits = JsonText::of(&seen.traits.unwrap_or_else(|| json!({})));
         let size = traits.bytes() + 10 * 20;
@@ -622,8 +623,8 @@ async fn write_batch(
                 tenant.into(),
                 id.into(),
                 traits.into_expr(backend),
-                JsonText::of(&json!({})).into_expr(backend),
-                JsonText::of(&json!(["server"])).into_expr(backend),
+                no_trait_clock.clone().into_expr(backend),
+                channels.clone().into_expr(backend),
                 seen.first.into(),
                 seen.last.into(),
                 seen.count.into(),
