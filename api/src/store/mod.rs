@@ -37,7 +37,7 @@ pub mod users;
 pub mod webhooks;
 mod wire;
 
-pub use wire::{json_bytes, JsonText, STATEMENT_BYTES};
+pub use wire::{JsonText, STATEMENT_BYTES};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
