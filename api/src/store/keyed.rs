@@ -9,11 +9,16 @@
 //! (`unnest` of the keys, each joined laterally to a subquery that cannot be flattened), each
 //! key costs one probe when the table has no statistics at all.
 //!
-//! Limit, measured (docs/PERFORMANCE.md, "A young tenant in an analyzed table"): the shape fixes
-//! the join, not the index. When the table was analyzed before a tenant existed, PostgreSQL
-//! estimates that tenant at one row, every `(tenant_id, …)` index looks as good as the key's, and
-//! it may probe through another one (`ix_events_time`, `ix_profiles_stage`), reading all of the
-//! tenant's rows for each key until the next `ANALYZE` sees the tenant.
+//! The shape fixes the join, not the index. When the table was analyzed before a tenant existed
+//! (docs/PERFORMANCE.md, "A young tenant in an analyzed table"), PostgreSQL estimates that tenant
+//! at one row from the statistics, every `(tenant_id, …)` index looks as good as the key's, and
+//! with the tenant written as a plain parameter it probed through another one
+//! (`ix_profiles_stage`, `ix_profiles_merged_into`, `ix_identities_profile`), reading all of the
+//! tenant's rows for each key until the next `ANALYZE` saw the tenant. So the tenant is compared
+//! with `(SELECT $1::uuid)`, a value computed once when the statement runs, which the planner
+//! cannot look up in the statistics: it estimates an average tenant's share of the table, and
+//! the index that matches the whole key (one row) is the only cheap one, whatever the statistics
+//! say about this tenant.
 
 use sea_orm::sea_query::ArrayType;
 use sea_orm::{ConnectionTrait, DbBackend, EntityTrait, Statement, TryGetableMany, Value};
@@ -183,7 +188,7 @@ fn statement(
     let sql = format!(
         "SELECT t.* FROM unnest({arrays}) AS k({names}) \
          CROSS JOIN LATERAL (SELECT {columns} FROM \"{table}\" \
-         WHERE tenant_id = $1{matches} {tail}) AS t",
+         WHERE tenant_id = (SELECT $1::uuid){matches} {tail}) AS t",
         arrays = arrays.join(", "),
         names = names.join(", "),
         matches = matches.concat(),
@@ -196,6 +201,137 @@ fn statement(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::entity::profiles;
+    use crate::store::{scratch, tenants, Store};
+    use domain::{TenantId, TenantName, TenantSlug};
+
+    /// A new tenant of `store` with `count` profiles, each with an email identity.
+    async fn tenant_with_profiles(store: &Store, slug: &str, count: usize) -> TenantId {
+        let tenant = TenantId(Uuid::new_v4());
+        let tx = store.begin(tenant).await.unwrap();
+        tenants::create(
+            &tx,
+            &TenantSlug::parse(slug).unwrap(),
+            &TenantName::parse("Keyed probes").unwrap(),
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
+        let id = tenant.as_uuid();
+        tx.raw_query_strings(&format!(
+            "INSERT INTO profiles (tenant_id, id, traits, trait_clock, channels, first_seen_at, \
+             last_seen_at, event_count, created_at, updated_at, stage) \
+             SELECT '{id}', gen_random_uuid(), '{{}}', '{{}}', '[]', now(), \
+             now() - g * interval '1 minute', 1, now(), now(), \
+             (ARRAY['acquisition', 'activation', 'retention'])[1 + g % 3] \
+             FROM generate_series(1, {count}) AS g"
+        ))
+        .await
+        .unwrap();
+        tx.raw_query_strings(&format!(
+            "INSERT INTO identities (tenant_id, kind, lookup, value, profile_id, created_at) \
+             SELECT tenant_id, 'email', md5(id::text), md5(id::text), id, now() \
+             FROM profiles WHERE tenant_id = '{id}'"
+        ))
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        tenant
+    }
+
+    /// The plan PostgreSQL makes for `statement` (with its values) in `tx`, as text.
+    async fn plan(tx: &TenantTx, statement: Statement) -> String {
+        let values = statement.values.map(|values| values.0).unwrap_or_default();
+        let explain = Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!("EXPLAIN {}", statement.sql),
+            values,
+        );
+        let rows = tx.conn().query_all_raw(explain).await.unwrap();
+        rows.iter()
+            .map(|row| row.try_get_by_index::<String>(0).unwrap())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// A tenant created after its tables were analyzed, which the statistics do not know: its
+    /// probes go through the index of their whole key, not through another `(tenant_id, …)`
+    /// index that reads all of the tenant's rows for each key (with the tenant written as a
+    /// plain parameter, PostgreSQL 15 chose `ix_profiles_stage` for the profiles here).
+    #[tokio::test]
+    async fn a_young_tenant_in_an_analyzed_table_is_probed_through_the_key_on_postgres() {
+        let outcome = scratch::on_postgres("cdp_keyed", 2, |store| async move {
+            tenant_with_profiles(&store, "keyed-old", 20_000).await;
+            let tx = store.begin(TenantId(Uuid::new_v4())).await.unwrap();
+            tx.raw_query_strings("ANALYZE profiles, identities")
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            let young = tenant_with_profiles(&store, "keyed-young", 2_000).await;
+            let tx = store.begin(young).await.unwrap();
+            let ids: Vec<Uuid> = tx
+                .raw_query_strings(&format!(
+                    "SELECT id FROM profiles WHERE tenant_id = '{}' ORDER BY id DESC LIMIT 6",
+                    young.as_uuid()
+                ))
+                .await
+                .unwrap()
+                .iter()
+                .map(|id| id.parse().unwrap())
+                .collect();
+            let lookups: Vec<String> = tx
+                .raw_query_strings(&format!(
+                    "SELECT lookup FROM identities WHERE tenant_id = '{}' \
+                     ORDER BY lookup DESC LIMIT 6",
+                    young.as_uuid()
+                ))
+                .await
+                .unwrap();
+            let lock = statement(
+                young.as_uuid(),
+                "profiles",
+                "*",
+                vec![KeyColumn::Uuid("id", ids.clone())],
+                Probe::OneForUpdate,
+            );
+            let lookup = statement(
+                young.as_uuid(),
+                "identities",
+                "*",
+                vec![
+                    KeyColumn::Text("kind", vec!["email".to_owned(); lookups.len()]),
+                    KeyColumn::Text("lookup", lookups.clone()),
+                ],
+                Probe::One,
+            );
+            let plans = (plan(&tx, lock).await, plan(&tx, lookup).await);
+            let locked: Vec<Uuid> = models::<profiles::Entity>(
+                &tx,
+                vec![KeyColumn::Uuid("id", ids.clone())],
+                Probe::OneForUpdate,
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|profile| profile.id)
+            .collect();
+            (ids, lookups.len(), plans, locked)
+        })
+        .await;
+        let Some((ids, lookups, (lock, lookup), locked)) = outcome else {
+            return;
+        };
+        assert_eq!((ids.len(), lookups), (6, 6));
+        assert!(
+            lock.contains("using profiles_pkey") && !lock.contains("ix_profiles"),
+            "{lock}"
+        );
+        assert!(
+            lookup.contains("using identities_pkey") && !lookup.contains("ix_identities"),
+            "{lookup}"
+        );
+        assert_eq!(locked, ids, "every key's row, in the keys' order");
+    }
 
     #[test]
     fn keys_split_into_runs_within_the_bound_keep_their_order_and_columns_aligned() {
@@ -256,7 +392,7 @@ mod tests {
             statement.sql,
             "SELECT t.* FROM unnest($2::text[], $3::text[]) AS k(\"kind\", \"lookup\") \
              CROSS JOIN LATERAL (SELECT * FROM \"identities\" \
-             WHERE tenant_id = $1 AND \"kind\" = k.\"kind\" AND \"lookup\" = k.\"lookup\" LIMIT 1) AS t"
+             WHERE tenant_id = (SELECT $1::uuid) AND \"kind\" = k.\"kind\" AND \"lookup\" = k.\"lookup\" LIMIT 1) AS t"
         );
         assert_eq!(statement.values.map(|values| values.0.len()), Some(3));
     }
