@@ -202,21 +202,13 @@ fn statement(
 mod tests {
     use super::*;
     use crate::store::entity::profiles;
-    use crate::store::{scratch, tenants, Store};
-    use domain::{TenantId, TenantName, TenantSlug};
+    use crate::store::{scratch, Store};
+    use domain::TenantId;
 
     /// A new tenant of `store` with `count` profiles, each with an email identity.
     async fn tenant_with_profiles(store: &Store, slug: &str, count: usize) -> TenantId {
-        let tenant = TenantId(Uuid::new_v4());
+        let tenant = scratch::add_tenant(store, slug).await;
         let tx = store.begin(tenant).await.unwrap();
-        tenants::create(
-            &tx,
-            &TenantSlug::parse(slug).unwrap(),
-            &TenantName::parse("Keyed probes").unwrap(),
-            chrono::Utc::now(),
-        )
-        .await
-        .unwrap();
         let id = tenant.as_uuid();
         tx.raw_query_strings(&format!(
             "INSERT INTO profiles (tenant_id, id, traits, trait_clock, channels, first_seen_at, \

@@ -866,8 +866,8 @@ mod tests {
     //! The read scope on SQLite, where a deferred transaction keeps the snapshot of its first
     //! read: what a read sees tells whether it shared the scope's transaction.
 
+    use super::scratch::add_tenant;
     use super::*;
-    use domain::{TenantName, TenantSlug};
 
     async fn open(dir: &std::path::Path) -> Store {
         let store = Store::connect(&StoreOptions {
@@ -879,21 +879,6 @@ mod tests {
         .expect("a store");
         store.migrate().await.expect("migrations");
         store
-    }
-
-    async fn add_tenant(store: &Store, slug: &str) -> TenantId {
-        let tenant_id = TenantId(uuid::Uuid::new_v4());
-        let tx = store.begin(tenant_id).await.expect("a write transaction");
-        tenants::create(
-            &tx,
-            &TenantSlug::parse(slug).expect("a slug"),
-            &TenantName::parse("Scope test").expect("a name"),
-            chrono::Utc::now(),
-        )
-        .await
-        .expect("a tenant");
-        tx.commit().await.expect("committed");
-        tenant_id
     }
 
     async fn tenants_seen(tx: &TenantTx) -> usize {
@@ -1138,9 +1123,26 @@ mod tests {
 /// A fresh, migrated PostgreSQL database for one test, dropped afterwards.
 #[cfg(test)]
 pub(crate) mod scratch {
-    use super::{Store, StoreOptions};
+    use super::{tenants, Store, StoreOptions};
+    use domain::{TenantId, TenantName, TenantSlug};
     use sea_orm::ConnectionTrait;
     use std::future::Future;
+
+    /// A new tenant of `store`, committed.
+    pub(crate) async fn add_tenant(store: &Store, slug: &str) -> TenantId {
+        let tenant_id = TenantId(uuid::Uuid::new_v4());
+        let tx = store.begin(tenant_id).await.expect("a write transaction");
+        tenants::create(
+            &tx,
+            &TenantSlug::parse(slug).expect("a slug"),
+            &TenantName::parse("Test tenant").expect("a name"),
+            chrono::Utc::now(),
+        )
+        .await
+        .expect("a tenant");
+        tx.commit().await.expect("committed");
+        tenant_id
+    }
 
     /// Runs `test` on a store over a new database named after `prefix`, migrated, on the server
     /// of `CDP_TEST_POSTGRES_URL`; drops the database whatever the outcome, then gives the
