@@ -57,6 +57,14 @@ pub struct Rejection {
     pub detail: String,
 }
 
+/// A message refused by [`parse_message`], with the `messageId` it was sent with, if any (for the
+/// per-message report).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedMessage {
+    pub rejection: Rejection,
+    pub message_id: Option<String>,
+}
+
 fn reject(code: &'static str, detail: impl Into<String>) -> Rejection {
     Rejection {
         code,
@@ -182,24 +190,18 @@ pub fn normalize_phone(value: &str, default_region: Option<&str>) -> Option<Stri
     Some(number.format().mode(phonenumber::Mode::E164).to_string())
 }
 
-/// The deepest nesting of a JSON value (a scalar is 0).
-pub fn json_depth(value: &Value) -> usize {
-    match value {
-        Value::Array(items) => 1 + items.iter().map(json_depth).max().unwrap_or(0),
-        Value::Object(map) => 1 + map.values().map(json_depth).max().unwrap_or(0),
-        _ => 0,
-    }
-}
-
 fn contains_nul(value: &Value) -> bool {
     match value {
         Value::String(text) => text.contains('\0'),
         Value::Array(items) => items.iter().any(contains_nul),
-        Value::Object(map) => map
-            .iter()
-            .any(|(key, value)| key.contains('\0') || contains_nul(value)),
+        Value::Object(map) => map_contains_nul(map),
         _ => false,
     }
+}
+
+fn map_contains_nul(map: &Map<String, Value>) -> bool {
+    map.iter()
+        .any(|(key, value)| key.contains('\0') || contains_nul(value))
 }
 
 /// Reads an identifier field: strings as they are, numbers as their text (some clients send
@@ -225,13 +227,14 @@ fn id_field(object: &Map<String, Value>, field: &'static str) -> Result<Option<S
     }
 }
 
+/// Takes an object field out of the message (it is not read again).
 fn object_field(
-    object: &Map<String, Value>,
+    object: &mut Map<String, Value>,
     field: &'static str,
 ) -> Result<Map<String, Value>, Rejection> {
-    match object.get(field) {
+    match object.remove(field) {
         None | Some(Value::Null) => Ok(Map::new()),
-        Some(Value::Object(map)) => Ok(map.clone()),
+        Some(Value::Object(map)) => Ok(map),
         Some(_) => Err(reject(
             "invalid_field",
             format!("{field} must be an object"),
@@ -265,24 +268,41 @@ fn merge_under(own: &mut Map<String, Value>, base: &Map<String, Value>) {
     }
 }
 
-/// Parses and normalizes one message.
+/// Parses and normalizes one message. The message is taken, so that its traits, properties and
+/// context become the parsed message's without being copied.
 pub fn parse_message(
-    raw: &Value,
+    raw: Value,
+    envelope: &Envelope<'_>,
+    options: &ParseOptions,
+) -> Result<Message, RejectedMessage> {
+    let Value::Object(mut object) = raw else {
+        return Err(RejectedMessage {
+            rejection: reject("not_an_object", "a message must be a JSON object"),
+            message_id: None,
+        });
+    };
+    parse_object(&mut object, envelope, options).map_err(|rejection| RejectedMessage {
+        rejection,
+        // Still there: parsing takes only the traits, properties and context out.
+        message_id: object
+            .get("messageId")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    })
+}
+
+fn parse_object(
+    object: &mut Map<String, Value>,
     envelope: &Envelope<'_>,
     options: &ParseOptions,
 ) -> Result<Message, Rejection> {
-    let object = raw
-        .as_object()
-        .ok_or_else(|| reject("not_an_object", "a message must be a JSON object"))?;
     if object.contains_key("__invalid_utf8") {
         return Err(reject(
             "invalid_utf8",
             "the message contains bytes that are not UTF-8",
         ));
     }
-    let size = serde_json::to_vec(raw)
-        .map(|bytes| bytes.len())
-        .unwrap_or(usize::MAX);
+    let size = crate::json::object_text_len(object);
     if size > options.max_message_bytes {
         return Err(reject(
             "message_too_large",
@@ -292,7 +312,7 @@ pub fn parse_message(
             ),
         ));
     }
-    if contains_nul(raw) {
+    if map_contains_nul(object) {
         return Err(reject(
             "nul_character",
             "the message contains a NUL character",
@@ -327,12 +347,12 @@ pub fn parse_message(
     // `traits` win where both name a key.
     if kind == MessageType::Identify {
         if let Some(Value::Object(context_traits)) = context.get("traits") {
-            merge_under(&mut traits, &context_traits.clone());
+            merge_under(&mut traits, context_traits);
         }
     }
     if let Some(Value::Object(batch_context)) = envelope.batch_context {
         // Checked here, not with the message above: the batch's context becomes part of it.
-        if contains_nul(&Value::Object(batch_context.clone())) {
+        if map_contains_nul(batch_context) {
             return Err(reject(
                 "nul_character",
                 "the batch context contains a NUL character",
@@ -345,7 +365,7 @@ pub fn parse_message(
         ("properties", &properties),
         ("context", &context),
     ] {
-        let depth = json_depth(&Value::Object(value.clone()));
+        let depth = crate::json::object_depth(value);
         if depth > options.max_json_depth {
             return Err(reject(
                 "too_deep",
@@ -600,7 +620,8 @@ mod tests {
     }
 
     fn parse(raw: Value) -> Result<Message, Rejection> {
-        parse_message(&raw, &envelope(), &ParseOptions::default())
+        parse_message(raw, &envelope(), &ParseOptions::default())
+            .map_err(|rejected| rejected.rejection)
     }
 
     #[test]
@@ -658,7 +679,7 @@ mod tests {
             ..ParseOptions::default()
         };
         let message = parse_message(
-            &json!({"type": "track", "event": "E", "userId": "GUEST", "anonymousId": "x"}),
+            json!({"type": "track", "event": "E", "userId": "GUEST", "anonymousId": "x"}),
             &envelope(),
             &options,
         )
@@ -773,7 +794,7 @@ mod tests {
             ..envelope()
         };
         let message = parse_message(
-            &json!({"type": "track", "event": "E", "userId": "u", "context": {"library": {"version": "1"}}}),
+            json!({"type": "track", "event": "E", "userId": "u", "context": {"library": {"version": "1"}}}),
             &envelope,
             &ParseOptions::default(),
         )
@@ -786,6 +807,35 @@ mod tests {
     }
 
     #[test]
+    fn a_rejected_message_keeps_the_id_it_was_sent_with() {
+        let rejected = parse_message(
+            json!({"type": "track", "messageId": "m-7", "userId": "u", "traits": {"a": 1}}),
+            &envelope(),
+            &ParseOptions::default(),
+        )
+        .unwrap_err();
+        assert_eq!(rejected.rejection.code, "missing_event");
+        assert_eq!(rejected.message_id.as_deref(), Some("m-7"));
+        let rejected =
+            parse_message(json!(["m-7"]), &envelope(), &ParseOptions::default()).unwrap_err();
+        assert_eq!(rejected.rejection.code, "not_an_object");
+        assert_eq!(rejected.message_id, None);
+    }
+
+    #[test]
+    fn the_size_limit_counts_the_whole_message_as_json() {
+        let raw = json!({"type": "track", "event": "E", "userId": "u", "properties": {"p": "x".repeat(100)}});
+        let size = raw.to_string().len();
+        let options = |max_message_bytes| ParseOptions {
+            max_message_bytes,
+            ..ParseOptions::default()
+        };
+        assert!(parse_message(raw.clone(), &envelope(), &options(size)).is_ok());
+        let rejected = parse_message(raw, &envelope(), &options(size - 1)).unwrap_err();
+        assert_eq!(rejected.rejection.code, "message_too_large");
+    }
+
+    #[test]
     fn a_nul_in_the_batch_context_rejects_the_message_it_merges_into() {
         let batch_context = json!({"library": {"name": "evil\u{0}"}});
         let envelope = Envelope {
@@ -793,11 +843,12 @@ mod tests {
             ..envelope()
         };
         let rejection = parse_message(
-            &json!({"type": "track", "event": "E", "userId": "u"}),
+            json!({"type": "track", "event": "E", "userId": "u"}),
             &envelope,
             &ParseOptions::default(),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .rejection;
         assert_eq!(rejection.code, "nul_character");
     }
 }

@@ -10,6 +10,7 @@ pub mod condition;
 pub mod identity;
 pub mod ids;
 pub mod ingest;
+pub mod json;
 pub mod lifecycle;
 pub mod pii;
 pub mod traits;

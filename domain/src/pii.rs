@@ -104,7 +104,7 @@ pub fn sealed(blind: String, ciphertext: String) -> Value {
 /// The canonical bytes a personal value's blind index is computed from: its JSON text. The same
 /// value written by a message and named in a condition gives the same bytes.
 pub fn canonical(value: &Value) -> Vec<u8> {
-    value.to_string().into_bytes()
+    crate::json::text(value).into_bytes()
 }
 
 /// Checks that a condition only compares personal values in ways a blind index can answer, and

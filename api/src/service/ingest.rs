@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use domain::identity::{IdentityGraph, IdentityKey, ProfileNode, ANONYMOUS_ID, USER_ID};
-use domain::ingest::{parse_message, Channel, Envelope, Message, MessageType, Rejection};
+use domain::ingest::{
+    parse_message, Channel, Envelope, Message, MessageType, RejectedMessage, Rejection,
+};
 use domain::traits::{self, Stamp};
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -113,14 +115,21 @@ pub async fn ingest_with(
     settings: &settings::IngestSettings,
 ) -> ServiceResult<IngestReport> {
     let options = settings.parse_options();
-    let parsed: Vec<Result<Message, Rejection>> = batch
-        .messages
-        .iter()
+    let Batch {
+        messages,
+        sent_at,
+        context,
+        received_at,
+    } = batch;
+    // Each message is taken apart into the parsed one (nothing of it is copied); a rejected one
+    // keeps only its id.
+    let parsed: Vec<Parsed> = messages
+        .into_iter()
         .map(|raw| {
             let envelope = Envelope {
-                received_at: batch.received_at,
-                batch_sent_at: batch.sent_at.as_ref(),
-                batch_context: batch.context.as_ref(),
+                received_at,
+                batch_sent_at: sent_at.as_ref(),
+                batch_context: context.as_ref(),
                 generated_message_id: Uuid::now_v7().to_string(),
             };
             parse_message(raw, &envelope, &options)
@@ -128,7 +137,7 @@ pub async fn ingest_with(
         .collect();
     let pending = Pending {
         source: source.clone(),
-        batch,
+        received_at,
         parsed,
         rules: settings.identity_rules.clone(),
         reply: None,
@@ -179,11 +188,14 @@ const WRITER_QUEUE: usize = 256;
 /// A writer with nothing to do for this long ends (the next request starts a new one).
 const WRITER_IDLE: Duration = Duration::from_secs(30);
 
+/// One message of a request, parsed.
+type Parsed = Result<Message, RejectedMessage>;
+
 /// One request waiting for its group.
 pub struct Pending {
     source: Source,
-    batch: Batch,
-    parsed: Vec<Result<Message, Rejection>>,
+    received_at: DateTime<Utc>,
+    parsed: Vec<Parsed>,
     rules: domain::identity::IdentityRules,
     reply: Option<oneshot::Sender<ServiceResult<IngestReport>>>,
 }
@@ -272,11 +284,11 @@ async fn run_writer(
             }
         };
         let mut group = vec![first];
-        let mut messages = group[0].batch.messages.len();
+        let mut messages = group[0].parsed.len();
         while messages < MAX_GROUP_MESSAGES {
             match receiver.try_recv() {
                 Ok(pending) => {
-                    messages += pending.batch.messages.len();
+                    messages += pending.parsed.len();
                     group.push(pending);
                 }
                 Err(_) => break,
@@ -328,7 +340,7 @@ async fn commit_group(
         .iter()
         .map(|pending| Job {
             source: &pending.source,
-            batch: &pending.batch,
+            received_at: pending.received_at,
             parsed: &pending.parsed,
         })
         .collect();
@@ -392,8 +404,8 @@ async fn attempt_group(
 /// One request's share of a group.
 struct Job<'a> {
     source: &'a Source,
-    batch: &'a Batch,
-    parsed: &'a [Result<Message, Rejection>],
+    received_at: DateTime<Utc>,
+    parsed: &'a [Parsed],
 }
 
 /// How often this process folds a tenant's appended count deltas into its per-source counts.
@@ -779,20 +791,18 @@ async fn apply<'a>(
     let mut seen_in_batch: HashSet<String> = HashSet::new();
     for job in jobs {
         work.source = job.source;
-        let batch = job.batch;
         let mut report = IngestReport::default();
         for (index, result) in job.parsed.iter().enumerate() {
             let message = match result {
                 Ok(message) => message,
-                Err(rejection) => {
+                Err(RejectedMessage {
+                    rejection,
+                    message_id,
+                }) => {
                     work.count(format!("rejected:{}", rejection.code));
-                    let message_id = batch.messages[index]
-                        .get("messageId")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned);
                     report.messages.push(MessageReport {
                         index,
-                        message_id,
+                        message_id: message_id.clone(),
                         outcome: Outcome::Rejected(rejection.clone()),
                     });
                     continue;
@@ -809,7 +819,7 @@ async fn apply<'a>(
                 });
                 continue;
             }
-            match apply_message(&mut work, message, &known_user_ids, batch.received_at) {
+            match apply_message(&mut work, message, &known_user_ids, job.received_at) {
                 Ok((profile_id, event_id)) => {
                     work.count("accepted");
                     // Warnings are reported for the messages that were stored.

@@ -337,15 +337,13 @@ pub trait JsonText {
 
 impl JsonText for Value {
     fn json_text(&self) -> String {
-        self.to_string()
+        domain::json::text(self)
     }
 }
 
 impl JsonText for Map<String, Value> {
     fn json_text(&self) -> String {
-        // Keys are strings and every value is JSON: serde_json cannot fail here.
-        #[allow(clippy::expect_used)]
-        serde_json::to_string(self).expect("a JSON map serializes")
+        domain::json::object_text(self)
     }
 }
 
@@ -390,7 +388,7 @@ impl Sealer {
             return value.clone();
         }
         let blind = self.tenant.value_blind(value);
-        let ciphertext = self.seal_text(owner, &value.to_string());
+        let ciphertext = self.seal_text(owner, &domain::json::text(value));
         pii::sealed(blind, ciphertext)
     }
 
@@ -422,7 +420,7 @@ impl Sealer {
             let sealed = match reused {
                 Some(existing) => existing,
                 None => {
-                    let ciphertext = self.seal_text(owner, &value.to_string());
+                    let ciphertext = self.seal_text(owner, &domain::json::text(value));
                     pii::sealed(blind, ciphertext)
                 }
             };

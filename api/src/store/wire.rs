@@ -85,20 +85,7 @@ pub(super) fn cut<T>(
 
 /// The length of `value` written as JSON, without writing it anywhere.
 pub fn json_bytes(value: &serde_json::Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    // Writing a JSON value to a sink that never fails cannot fail.
-    let _ = serde_json::to_writer(&mut count, value);
-    count.0
+    domain::json::text_len(value)
 }
 
 /// A JSON value bound as its text, written out once.
@@ -115,7 +102,7 @@ pub struct JsonText(String);
 
 impl JsonText {
     pub fn of(value: &serde_json::Value) -> Self {
-        JsonText(value.to_string())
+        JsonText(domain::json::text(value))
     }
 
     /// Its length on the wire, as [`json_bytes`] counts it.
