@@ -79,6 +79,7 @@ mod tests {
             json!("a \"quoted\" é\u{1}"),
             json!({"b": [1, 2.5, {"c": null}], "a": true}),
             json!([]),
+            json!({"a": [1, "é\"x", null], "b": {"c": 2.5}}),
         ] {
             assert_eq!(text(&value), value.to_string());
             assert_eq!(text_len(&value), value.to_string().len());

@@ -101,10 +101,11 @@ pub fn sealed(blind: String, ciphertext: String) -> Value {
     Value::Object(map)
 }
 
-/// The canonical bytes a personal value's blind index is computed from: its JSON text. The same
-/// value written by a message and named in a condition gives the same bytes.
-pub fn canonical(value: &Value) -> Vec<u8> {
-    crate::json::text(value).into_bytes()
+/// The canonical form a personal value's blind index is computed from: its JSON text, which is
+/// also what is sealed. The same value written by a message and named in a condition gives the
+/// same text.
+pub fn canonical(value: &Value) -> String {
+    crate::json::text(value)
 }
 
 /// Checks that a condition only compares personal values in ways a blind index can answer, and

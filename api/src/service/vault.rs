@@ -75,7 +75,13 @@ impl TenantKeys {
 
     /// The blind index of a personal trait or property value.
     pub fn value_blind(&self, value: &Value) -> String {
-        crypto::blind(&self.blind, VALUE_DOMAIN, &pii::canonical(value))
+        self.canonical_blind(&pii::canonical(value))
+    }
+
+    /// [`TenantKeys::value_blind`] of a value already in its canonical form
+    /// ([`pii::canonical`]), for a caller that seals that text too.
+    fn canonical_blind(&self, canonical: &str) -> String {
+        crypto::blind(&self.blind, VALUE_DOMAIN, canonical.as_bytes())
     }
 
     /// A secret of this tenant for one purpose; it survives master-key rotation.
@@ -387,8 +393,10 @@ impl Sealer {
         if value.is_null() || pii::is_sealed(value) {
             return value.clone();
         }
-        let blind = self.tenant.value_blind(value);
-        let ciphertext = self.seal_text(owner, &domain::json::text(value));
+        // The canonical form is the value's JSON text: written once, indexed and sealed.
+        let text = pii::canonical(value);
+        let blind = self.tenant.canonical_blind(&text);
+        let ciphertext = self.seal_text(owner, &text);
         pii::sealed(blind, ciphertext)
     }
 
@@ -409,7 +417,8 @@ impl Sealer {
                 out.insert(key.clone(), value.clone());
                 continue;
             }
-            let blind = self.tenant.value_blind(value);
+            let text = pii::canonical(value);
+            let blind = self.tenant.canonical_blind(&text);
             let reused = current
                 .and_then(|map| map.get(key))
                 .filter(|existing| {
@@ -420,7 +429,7 @@ impl Sealer {
             let sealed = match reused {
                 Some(existing) => existing,
                 None => {
-                    let ciphertext = self.seal_text(owner, &domain::json::text(value));
+                    let ciphertext = self.seal_text(owner, &text);
                     pii::sealed(blind, ciphertext)
                 }
             };

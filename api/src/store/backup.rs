@@ -482,7 +482,7 @@ pub async fn insert_rows(
         row.iter()
             .map(|cell| match cell {
                 Cell::Text(text) => text.len(),
-                Cell::Json(value) => super::wire::json_bytes(value),
+                Cell::Json(value) => domain::json::text_len(value),
                 Cell::Bytes(bytes) => bytes.len(),
                 _ => super::wire::FIXED,
             })

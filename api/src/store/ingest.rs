@@ -247,8 +247,8 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
 
     let group_bytes = |row: &GroupRow| {
         row.group_id.len()
-            + wire::json_bytes(&row.traits)
-            + wire::json_bytes(&row.trait_clock)
+            + domain::json::text_len(&row.traits)
+            + domain::json::text_len(&row.trait_clock)
             + 2 * wire::FIXED
     };
     for chunk in wire::chunks(tx, &set.groups, CHUNK, group_bytes) {
@@ -300,7 +300,7 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
             + row.identity_kind.as_ref().map_or(0, String::len)
             + row.identity_value.as_ref().map_or(0, String::len)
             + row.rule.len()
-            + row.detail.as_ref().map_or(0, wire::json_bytes)
+            + row.detail.as_ref().map_or(0, domain::json::text_len)
             + 5 * wire::FIXED
     };
     for chunk in wire::chunks(tx, &set.ledger, CHUNK, ledger_bytes) {

@@ -124,7 +124,7 @@ pub async fn enqueue(
 ) -> StoreResult<()> {
     let tenant = tx.tenant_id().as_uuid();
     let delivery_bytes = |delivery: &NewDelivery| {
-        delivery.topic.len() + super::wire::json_bytes(&delivery.payload) + 12 * super::wire::FIXED
+        delivery.topic.len() + domain::json::text_len(&delivery.payload) + 12 * super::wire::FIXED
     };
     for chunk in super::wire::chunks(tx, &deliveries, CHUNK, delivery_bytes) {
         let rows = chunk

@@ -83,11 +83,6 @@ pub(super) fn cut<T>(
     runs
 }
 
-/// The length of `value` written as JSON, without writing it anywhere.
-pub fn json_bytes(value: &serde_json::Value) -> usize {
-    domain::json::text_len(value)
-}
-
 /// A JSON value bound as its text, written out once.
 ///
 /// Bound as a `serde_json::Value`, a JSON column's value is cloned whole twice before the driver
@@ -105,7 +100,7 @@ impl JsonText {
         JsonText(domain::json::text(value))
     }
 
-    /// Its length on the wire, as [`json_bytes`] counts it.
+    /// Its length on the wire, as [`domain::json::text_len`] counts it.
     pub fn bytes(&self) -> usize {
         self.0.len()
     }
@@ -148,14 +143,5 @@ mod tests {
             vec![&[5, 5, 5, 20][..], &[1, 1, 1, 1][..], &[1][..]]
         );
         assert!(cut(&Vec::<usize>::new(), 3, 10, |size| *size).is_empty());
-    }
-
-    #[test]
-    fn json_bytes_is_the_written_length() {
-        let value = serde_json::json!({"a": [1, "é\"x", null], "b": {"c": 2.5}});
-        assert_eq!(
-            json_bytes(&value),
-            serde_json::to_string(&value).unwrap().len()
-        );
     }
 }
