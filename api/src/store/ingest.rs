@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, IntoIden, OnConflict, Query};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect,
+    Statement,
 };
 use uuid::Uuid;
 
@@ -124,6 +125,11 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
         .collect();
     let mut stages = set.stages;
     for chunk in wire::owned_chunks(tx, profiles, CHUNK, profile_bytes) {
+        if tx.backend() == super::Backend::Postgres {
+            let statement = profiles_over_arrays(tenant, now, chunk, &mut orders, &mut stages);
+            tx.conn().execute_raw(statement).await?;
+            continue;
+        }
         let mut insert = Query::insert();
         insert.into_table(profiles::Entity).columns(
             PROFILE_COLUMNS.map(IntoIden::into_iden).into_iter().chain(
@@ -369,6 +375,13 @@ async fn insert_events(tx: &TenantTx, rows: Vec<EventRow>) -> StoreResult<()> {
             + 6 * wire::FIXED
     };
     for chunk in wire::owned_chunks(tx, rows, CHUNK, event_bytes) {
+        if tx.backend() == super::Backend::Postgres {
+            tx.conn()
+                .execute_raw(events_over_arrays(tenant, chunk))
+                .await
+                .map_err(|error| StoreError::unique_as_race(error, Race::MessageStored))?;
+            continue;
+        }
         let mut insert = Query::insert();
         insert.into_table(events::Entity).columns([
             events::Column::TenantId,
@@ -410,6 +423,190 @@ async fn insert_events(tx: &TenantTx, rows: Vec<EventRow>) -> StoreResult<()> {
             .map_err(|error| StoreError::unique_as_race(error, Race::MessageStored))?;
     }
     Ok(())
+}
+
+/// The profile upsert on PostgreSQL, one array a column as [`EVENTS_OVER_ARRAYS`]: each row
+/// replaces everything but the key, the creation time and the stage, and adds its batch's orders
+/// to the stored totals. A profile's stage is written only when the batch creates it (a stored
+/// profile's is changed by `store::lifecycle`), flagged as a missing name is there; a missing
+/// survivor is the nil UUID.
+const PROFILES_OVER_ARRAYS: &str = "INSERT INTO profiles (tenant_id, id, traits, trait_clock, \
+     channels, first_seen_at, last_seen_at, event_count, merged_into, created_at, updated_at, \
+     order_count, total_revenue, stage, stage_since) \
+     SELECT $1, u.id, CAST(u.traits AS jsonb), CAST(u.trait_clock AS jsonb), \
+     CAST(u.channels AS jsonb), u.first_seen_at, u.last_seen_at, u.event_count, \
+     NULLIF(u.merged_into, '00000000-0000-0000-0000-000000000000'::uuid), u.created_at, $2, \
+     u.order_count, u.total_revenue, CASE WHEN u.has_stage THEN u.stage END, \
+     CASE WHEN u.has_stage THEN $2 END \
+     FROM unnest($3::uuid[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], \
+     $8::timestamptz[], $9::bigint[], $10::uuid[], $11::timestamptz[], $12::bigint[], \
+     $13::float8[], $14::text[], $15::bool[]) \
+     AS u(id, traits, trait_clock, channels, first_seen_at, last_seen_at, event_count, \
+     merged_into, created_at, order_count, total_revenue, stage, has_stage) \
+     ON CONFLICT (tenant_id, id) DO UPDATE SET traits = excluded.traits, \
+     trait_clock = excluded.trait_clock, channels = excluded.channels, \
+     first_seen_at = excluded.first_seen_at, last_seen_at = excluded.last_seen_at, \
+     event_count = excluded.event_count, merged_into = excluded.merged_into, \
+     updated_at = excluded.updated_at, \
+     order_count = profiles.order_count + excluded.order_count, \
+     total_revenue = profiles.total_revenue + excluded.total_revenue";
+
+/// [`PROFILES_OVER_ARRAYS`] with its values: `rows` of `tenant` at `now`, each with its orders
+/// and, if the batch creates it, its stage (both taken out of the maps).
+fn profiles_over_arrays(
+    tenant: Uuid,
+    now: DateTime<Utc>,
+    rows: Vec<(ProfileRow, [JsonText; 3])>,
+    orders: &mut HashMap<Uuid, (i64, f64)>,
+    stages: &mut HashMap<Uuid, String>,
+) -> Statement {
+    use sea_orm::sea_query::{ArrayType, Value};
+    let n = rows.len();
+    let column = || Vec::with_capacity(n);
+    let (mut ids, mut traits, mut clocks, mut channels) = (column(), column(), column(), column());
+    let (mut firsts, mut lasts, mut counts, mut merged) = (column(), column(), column(), column());
+    let (mut created, mut order_counts, mut revenues) = (column(), column(), column());
+    let (mut stage_names, mut has_stages) = (column(), column());
+    for (row, [traits_text, clock_text, channels_text]) in rows {
+        let (count, revenue) = orders.remove(&row.id).unwrap_or((0, 0.0));
+        let stage = stages.remove(&row.id);
+        ids.push(Value::from(row.id));
+        traits.push(Value::from(traits_text.into_string()));
+        clocks.push(Value::from(clock_text.into_string()));
+        channels.push(Value::from(channels_text.into_string()));
+        firsts.push(Value::from(row.first_seen_at));
+        lasts.push(Value::from(row.last_seen_at));
+        counts.push(Value::from(row.event_count));
+        merged.push(Value::from(row.merged_into.unwrap_or_else(Uuid::nil)));
+        created.push(Value::from(row.created_at));
+        order_counts.push(Value::from(count));
+        revenues.push(Value::from(revenue));
+        has_stages.push(Value::from(stage.is_some()));
+        stage_names.push(Value::from(stage.unwrap_or_default()));
+    }
+    let array = |kind: ArrayType, values: Vec<Value>| Value::Array(kind, Some(Box::new(values)));
+    let values = vec![
+        Value::from(tenant),
+        Value::from(now),
+        array(ArrayType::Uuid, ids),
+        array(ArrayType::String, traits),
+        array(ArrayType::String, clocks),
+        array(ArrayType::String, channels),
+        array(ArrayType::ChronoDateTimeUtc, firsts),
+        array(ArrayType::ChronoDateTimeUtc, lasts),
+        array(ArrayType::BigInt, counts),
+        array(ArrayType::Uuid, merged),
+        array(ArrayType::ChronoDateTimeUtc, created),
+        array(ArrayType::BigInt, order_counts),
+        array(ArrayType::Double, revenues),
+        array(ArrayType::String, stage_names),
+        array(ArrayType::Bool, has_stages),
+    ];
+    Statement::from_sql_and_values(sea_orm::DbBackend::Postgres, PROFILES_OVER_ARRAYS, values)
+}
+
+/// The events insert on PostgreSQL: one array a column, unnested into rows.
+///
+/// Its text does not depend on how many rows it carries, so each connection prepares it once
+/// (a multi-row `VALUES` was a statement of its own for every row count), PostgreSQL plans
+/// seventeen parameters instead of fourteen a row (every statement gets a custom plan,
+/// `plan_cache_mode`, see `Store::connect`), and the service builds no statement tree of every
+/// value. The rows are inserted in the arrays' order. (Measured: the service process about 5 %
+/// less CPU an event, no change of the rate beyond noise; docs/PERFORMANCE.md.)
+///
+/// The driver binds no `NULL` inside an array, so a missing name, user id or anonymous id is
+/// bound as an empty string beside a flag that it is missing, and a missing source as the nil
+/// UUID, which no source has (sources get random UUIDs).
+const EVENTS_OVER_ARRAYS: &str = "INSERT INTO events (tenant_id, id, profile_id, message_id, \
+     type, name, properties, context, timestamp, received_at, source_id, channel, user_id, \
+     anonymous_id) \
+     SELECT $1, u.id, u.profile_id, u.message_id, u.type, \
+     CASE WHEN u.has_name THEN u.name END, \
+     CAST(u.properties AS jsonb), CAST(u.context AS jsonb), u.ts, u.received_at, \
+     NULLIF(u.source_id, '00000000-0000-0000-0000-000000000000'::uuid), u.channel, \
+     CASE WHEN u.has_user_id THEN u.user_id END, \
+     CASE WHEN u.has_anonymous_id THEN u.anonymous_id END \
+     FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::bool[], \
+     $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::uuid[], $13::text[], \
+     $14::text[], $15::bool[], $16::text[], $17::bool[]) \
+     AS u(id, profile_id, message_id, type, name, has_name, properties, context, ts, \
+     received_at, source_id, channel, user_id, has_user_id, anonymous_id, has_anonymous_id)";
+
+/// [`EVENTS_OVER_ARRAYS`] with its values: `rows` of `tenant`.
+fn events_over_arrays(tenant: Uuid, rows: Vec<(EventRow, JsonText, JsonText)>) -> Statement {
+    use sea_orm::sea_query::{ArrayType, Value};
+    let n = rows.len();
+    let (mut ids, mut profiles, mut message_ids, mut kinds) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut names, mut has_names, mut properties, mut contexts) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut timestamps, mut received, mut sources, mut channels) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut user_ids, mut has_user_ids, mut anonymous_ids, mut has_anonymous_ids) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    // A nullable text as its array element and its flag.
+    let optional = |value: Option<String>| {
+        let present = value.is_some();
+        (Value::from(value.unwrap_or_default()), Value::from(present))
+    };
+    for (row, properties_text, context_text) in rows {
+        ids.push(Value::from(row.id));
+        profiles.push(Value::from(row.profile_id));
+        message_ids.push(Value::from(row.message_id));
+        kinds.push(Value::from(row.kind));
+        let (name, has_name) = optional(row.name);
+        names.push(name);
+        has_names.push(has_name);
+        properties.push(Value::from(properties_text.into_string()));
+        contexts.push(Value::from(context_text.into_string()));
+        timestamps.push(Value::from(row.timestamp));
+        received.push(Value::from(row.received_at));
+        sources.push(Value::from(row.source_id.unwrap_or_else(Uuid::nil)));
+        channels.push(Value::from(row.channel));
+        let (user_id, has_user_id) = optional(row.user_id);
+        user_ids.push(user_id);
+        has_user_ids.push(has_user_id);
+        let (anonymous_id, has_anonymous_id) = optional(row.anonymous_id);
+        anonymous_ids.push(anonymous_id);
+        has_anonymous_ids.push(has_anonymous_id);
+    }
+    let array = |kind: ArrayType, values: Vec<Value>| Value::Array(kind, Some(Box::new(values)));
+    let values = vec![
+        Value::from(tenant),
+        array(ArrayType::Uuid, ids),
+        array(ArrayType::Uuid, profiles),
+        array(ArrayType::String, message_ids),
+        array(ArrayType::String, kinds),
+        array(ArrayType::String, names),
+        array(ArrayType::Bool, has_names),
+        array(ArrayType::String, properties),
+        array(ArrayType::String, contexts),
+        array(ArrayType::ChronoDateTimeUtc, timestamps),
+        array(ArrayType::ChronoDateTimeUtc, received),
+        array(ArrayType::Uuid, sources),
+        array(ArrayType::String, channels),
+        array(ArrayType::String, user_ids),
+        array(ArrayType::Bool, has_user_ids),
+        array(ArrayType::String, anonymous_ids),
+        array(ArrayType::Bool, has_anonymous_ids),
+    ];
+    Statement::from_sql_and_values(sea_orm::DbBackend::Postgres, EVENTS_OVER_ARRAYS, values)
 }
 
 /// The append-only per-batch counts, folded into `ingest_stats` by [`compact_stats`].
@@ -734,4 +931,257 @@ pub async fn lock_identities(
         ))
         .await?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The events insert keeps every column as given, on both engines: on PostgreSQL it binds
+    //! one array a column, where a missing value travels as a flag ([`EVENTS_OVER_ARRAYS`]).
+
+    use super::*;
+    use crate::store::{scratch, Store, StoreOptions};
+    use chrono::TimeZone;
+    use domain::TenantId;
+    use serde_json::json;
+
+    fn at(second: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 2, 10, 0, second).unwrap()
+    }
+
+    fn event(tenant: Uuid, profile: Uuid, message_id: &str, full: bool) -> EventRow {
+        EventRow {
+            tenant_id: tenant,
+            id: Uuid::new_v4(),
+            profile_id: profile,
+            message_id: message_id.to_owned(),
+            kind: if full { "track" } else { "identify" }.to_owned(),
+            name: full.then(|| "Order Completed".to_owned()),
+            properties: if full {
+                json!({"total": 12.5, "items": [{"sku": "a-1"}], "note": "ünïcode \"quoted\""})
+            } else {
+                json!({})
+            },
+            context: json!({"ip": "203.0.113.9", "library": {"name": "analytics.js"}}),
+            timestamp: at(1),
+            received_at: at(2),
+            source_id: full.then(Uuid::new_v4),
+            channel: "web".to_owned(),
+            user_id: full.then(|| "user-1".to_owned()),
+            anonymous_id: full.then(String::new),
+        }
+    }
+
+    /// Writes a profile and three events (every optional value present; none present; an empty
+    /// anonymous id, which is a value, not a missing one), reads them back, then writes one of
+    /// their message ids again.
+    async fn round_trip(store: &Store) -> (Vec<EventRow>, Vec<EventRow>, StoreError) {
+        let tenant = scratch::add_tenant(store, "events-insert").await;
+        let tenant_uuid = tenant.as_uuid();
+        let profile = Uuid::new_v4();
+        let mut written = vec![
+            event(tenant_uuid, profile, "m-1", true),
+            event(tenant_uuid, profile, "m-2", false),
+            event(tenant_uuid, profile, "m-3", true),
+        ];
+        written[2].user_id = None;
+        let set = WriteSet {
+            profiles: vec![ProfileRow {
+                tenant_id: tenant_uuid,
+                id: profile,
+                traits: json!({}),
+                trait_clock: json!({}),
+                channels: json!(["web"]),
+                first_seen_at: at(1),
+                last_seen_at: at(1),
+                event_count: 3,
+                merged_into: None,
+                created_at: at(2),
+                updated_at: at(2),
+            }],
+            events: written.clone(),
+            ..WriteSet::default()
+        };
+        let tx = store.begin(tenant).await.unwrap();
+        apply(&tx, set, at(2)).await.unwrap();
+        tx.commit().await.unwrap();
+
+        let tx = store.begin(tenant).await.unwrap();
+        let mut stored = events::Entity::find()
+            .filter(events::Column::TenantId.eq(tenant_uuid))
+            .all(tx.conn())
+            .await
+            .unwrap();
+        stored.sort_by(|a, b| a.message_id.cmp(&b.message_id));
+        let again = WriteSet {
+            events: vec![event(tenant_uuid, profile, "m-2", true)],
+            ..WriteSet::default()
+        };
+        let duplicate = apply(&tx, again, at(3)).await.unwrap_err();
+        (written, stored, duplicate)
+    }
+
+    fn check((written, stored, duplicate): (Vec<EventRow>, Vec<EventRow>, StoreError)) {
+        assert_eq!(
+            stored, written,
+            "every column as written, missing values missing"
+        );
+        assert_eq!(stored[1].name, None);
+        assert_eq!(stored[1].source_id, None);
+        assert_eq!(stored[0].anonymous_id.as_deref(), Some(""));
+        assert!(
+            matches!(duplicate, StoreError::Raced(Race::MessageStored)),
+            "a stored message id is a race the caller retries: {duplicate:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn events_keep_every_column_and_a_stored_message_id_is_a_race_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&StoreOptions {
+            url: format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("events.db").display()
+            ),
+            max_connections: 2,
+            min_connections: 1,
+        })
+        .await
+        .unwrap();
+        store.migrate().await.unwrap();
+        check(round_trip(&store).await);
+    }
+
+    #[tokio::test]
+    async fn events_keep_every_column_and_a_stored_message_id_is_a_race_on_postgres() {
+        let outcome = scratch::on_postgres("cdp_events_insert", 2, |store| async move {
+            round_trip(&store).await
+        })
+        .await;
+        if let Some(outcome) = outcome {
+            check(outcome);
+        }
+    }
+
+    fn profile_row(tenant: Uuid, id: Uuid, second: u32, traits: serde_json::Value) -> ProfileRow {
+        ProfileRow {
+            tenant_id: tenant,
+            id,
+            traits,
+            trait_clock: json!({"plan": at(second).to_rfc3339()}),
+            channels: json!(["web"]),
+            first_seen_at: at(second),
+            last_seen_at: at(second),
+            event_count: i64::from(second),
+            merged_into: None,
+            created_at: at(second),
+            updated_at: at(second),
+        }
+    }
+
+    /// Creates two profiles (one with a stage and orders), then upserts them again: the first
+    /// with new traits, more orders and no stage, the second merged into the first.
+    async fn upsert_twice(store: &Store) -> Vec<super::super::entity::profile_state::Model> {
+        use super::super::entity::profile_state;
+        let tenant = scratch::add_tenant(store, "profiles-upsert").await;
+        let t = tenant.as_uuid();
+        let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+        let created = WriteSet {
+            profiles: vec![
+                profile_row(t, first, 1, json!({"plan": "free"})),
+                profile_row(t, second, 2, json!({})),
+            ],
+            orders: vec![(first, 1, 10.0)],
+            stages: HashMap::from([(first, "acquisition".to_owned())]),
+            ..WriteSet::default()
+        };
+        let tx = store.begin(tenant).await.unwrap();
+        apply(&tx, created, at(2)).await.unwrap();
+        tx.commit().await.unwrap();
+        let mut merged = profile_row(t, second, 5, json!({}));
+        merged.merged_into = Some(first);
+        let changed = WriteSet {
+            // The creation time of a stored profile stays what it was.
+            profiles: vec![profile_row(t, first, 4, json!({"plan": "pro"})), merged],
+            orders: vec![(first, 2, 5.5)],
+            ..WriteSet::default()
+        };
+        let tx = store.begin(tenant).await.unwrap();
+        apply(&tx, changed, at(6)).await.unwrap();
+        let mut rows = profile_state::Entity::find()
+            .filter(profile_state::Column::TenantId.eq(t))
+            .all(tx.conn())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        rows.sort_by_key(|row| row.first_seen_at);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].id, first);
+        assert_eq!(rows[1].merged_into, Some(first));
+        rows
+    }
+
+    fn check_upserts(rows: Vec<super::super::entity::profile_state::Model>) {
+        let (first, second) = (&rows[0], &rows[1]);
+        assert_eq!(first.traits, json!({"plan": "pro"}));
+        assert_eq!(first.event_count, 4);
+        assert_eq!((first.first_seen_at, first.last_seen_at), (at(4), at(4)));
+        assert_eq!(first.merged_into, None);
+        assert_eq!((first.order_count, first.total_revenue), (3, 15.5));
+        assert_eq!(first.stage.as_deref(), Some("acquisition"), "kept");
+        assert_eq!(first.stage_since, Some(at(2)), "since its creation");
+        assert_eq!((second.order_count, second.total_revenue), (0, 0.0));
+        assert_eq!((second.stage.as_deref(), second.stage_since), (None, None));
+    }
+
+    #[tokio::test]
+    async fn profiles_upsert_whole_and_add_orders_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&StoreOptions {
+            url: format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("profiles.db").display()
+            ),
+            max_connections: 2,
+            min_connections: 1,
+        })
+        .await
+        .unwrap();
+        store.migrate().await.unwrap();
+        check_upserts(upsert_twice(&store).await);
+    }
+
+    #[tokio::test]
+    async fn profiles_upsert_whole_and_add_orders_on_postgres() {
+        let outcome = scratch::on_postgres("cdp_profiles_upsert", 2, |store| async move {
+            upsert_twice(&store).await
+        })
+        .await;
+        if let Some(rows) = outcome {
+            check_upserts(rows);
+        }
+    }
+
+    #[test]
+    fn the_postgres_insert_binds_one_array_a_column_whatever_the_rows() {
+        let tenant = TenantId(Uuid::new_v4()).as_uuid();
+        let rows = |count: usize| {
+            (0..count)
+                .map(|index| {
+                    let row = event(
+                        tenant,
+                        Uuid::new_v4(),
+                        &format!("m-{index}"),
+                        index % 2 == 0,
+                    );
+                    let properties = JsonText::of(&row.properties);
+                    let context = JsonText::of(&row.context);
+                    (row, properties, context)
+                })
+                .collect::<Vec<_>>()
+        };
+        let one = events_over_arrays(tenant, rows(1));
+        let many = events_over_arrays(tenant, rows(40));
+        assert_eq!(one.sql, many.sql, "one text, prepared once a connection");
+        assert_eq!(many.values.map(|values| values.0.len()), Some(17));
+    }
 }

@@ -100,6 +100,11 @@ impl JsonText {
         JsonText(domain::json::text(value))
     }
 
+    /// The text itself, for a statement that binds it as an array element.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+
     /// Its length on the wire, as [`domain::json::text_len`] counts it.
     pub fn bytes(&self) -> usize {
         self.0.len()
