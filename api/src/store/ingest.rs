@@ -939,7 +939,7 @@ mod tests {
     //! one array a column, where a missing value travels as a flag ([`EVENTS_OVER_ARRAYS`]).
 
     use super::*;
-    use crate::store::{scratch, Store, StoreOptions};
+    use crate::store::{scratch, Store};
     use chrono::TimeZone;
     use domain::TenantId;
     use serde_json::json;
@@ -1037,17 +1037,7 @@ mod tests {
     #[tokio::test]
     async fn events_keep_every_column_and_a_stored_message_id_is_a_race_on_sqlite() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::connect(&StoreOptions {
-            url: format!(
-                "sqlite://{}?mode=rwc",
-                dir.path().join("events.db").display()
-            ),
-            max_connections: 2,
-            min_connections: 1,
-        })
-        .await
-        .unwrap();
-        store.migrate().await.unwrap();
+        let store = scratch::on_sqlite(dir.path(), 2).await;
         check(round_trip(&store).await);
     }
 
@@ -1136,17 +1126,7 @@ mod tests {
     #[tokio::test]
     async fn profiles_upsert_whole_and_add_orders_on_sqlite() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::connect(&StoreOptions {
-            url: format!(
-                "sqlite://{}?mode=rwc",
-                dir.path().join("profiles.db").display()
-            ),
-            max_connections: 2,
-            min_connections: 1,
-        })
-        .await
-        .unwrap();
-        store.migrate().await.unwrap();
+        let store = scratch::on_sqlite(dir.path(), 2).await;
         check_upserts(upsert_twice(&store).await);
     }
 

@@ -870,15 +870,7 @@ mod tests {
     use super::*;
 
     async fn open(dir: &std::path::Path) -> Store {
-        let store = Store::connect(&StoreOptions {
-            url: format!("sqlite://{}?mode=rwc", dir.join("scope.db").display()),
-            max_connections: 4,
-            min_connections: 1,
-        })
-        .await
-        .expect("a store");
-        store.migrate().await.expect("migrations");
-        store
+        super::scratch::on_sqlite(dir, 4).await
     }
 
     async fn tenants_seen(tx: &TenantTx) -> usize {
@@ -1127,6 +1119,19 @@ pub(crate) mod scratch {
     use domain::{TenantId, TenantName, TenantSlug};
     use sea_orm::ConnectionTrait;
     use std::future::Future;
+
+    /// A store on a new SQLite file in `dir`, migrated.
+    pub(crate) async fn on_sqlite(dir: &std::path::Path, max_connections: u32) -> Store {
+        let store = Store::connect(&StoreOptions {
+            url: format!("sqlite://{}?mode=rwc", dir.join("store.db").display()),
+            max_connections,
+            min_connections: 1,
+        })
+        .await
+        .expect("a store");
+        store.migrate().await.expect("migrations");
+        store
+    }
 
     /// A new tenant of `store`, committed.
     pub(crate) async fn add_tenant(store: &Store, slug: &str) -> TenantId {
