@@ -32,7 +32,6 @@ pub async fn notify(tx: &TenantTx, backend: Backend, payloads: &[String]) -> Sto
     }
     // As few statements as fit the wire's bound, each sending its payloads in their order.
     for chunk in super::wire::chunks(tx, payloads, 100, String::len) {
-        let texts: Vec<sea_orm::Value> = chunk.iter().map(|text| text.clone().into()).collect();
         tx.conn()
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
@@ -40,10 +39,7 @@ pub async fn notify(tx: &TenantTx, backend: Backend, payloads: &[String]) -> Sto
                  FROM unnest($2::text[]) WITH ORDINALITY AS t(payload, n) ORDER BY t.n",
                 [
                     CHANNEL.into(),
-                    sea_orm::Value::Array(
-                        sea_orm::sea_query::ArrayType::String,
-                        Some(Box::new(texts)),
-                    ),
+                    super::array_of(sea_orm::sea_query::ArrayType::String, chunk.iter().cloned()),
                 ],
             ))
             .await?;

@@ -8,10 +8,10 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Alias, Expr, ExprTrait, IntoIden, OnConflict, Query};
+use sea_orm::sea_query::{Alias, ArrayType, Expr, ExprTrait, IntoIden, OnConflict, Query};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect,
-    Statement,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter,
+    QuerySelect, Statement, Value,
 };
 use uuid::Uuid;
 
@@ -20,7 +20,7 @@ use super::entity::{
     profile_groups, profiles,
 };
 use super::wire::{self, JsonText};
-use super::{StoreError, StoreResult, TenantTx};
+use super::{Backend, StoreError, StoreResult, TenantTx};
 
 pub use consents::Model as ConsentRow;
 pub use events::Model as EventRow;
@@ -125,62 +125,20 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
         .collect();
     let mut stages = set.stages;
     for chunk in wire::owned_chunks(tx, profiles, CHUNK, profile_bytes) {
-        if tx.backend() == super::Backend::Postgres {
-            let statement = profiles_over_arrays(tenant, now, chunk, &mut orders, &mut stages);
-            tx.conn().execute_raw(statement).await?;
-            continue;
-        }
-        let mut insert = Query::insert();
-        insert.into_table(profiles::Entity).columns(
-            PROFILE_COLUMNS.map(IntoIden::into_iden).into_iter().chain(
-                [ORDER_COUNT, TOTAL_REVENUE, STAGE, STAGE_SINCE]
-                    .map(|column| Alias::new(column).into_iden()),
-            ),
-        );
-        for (row, [traits, trait_clock, channels]) in chunk {
-            let (count, revenue) = orders.remove(&row.id).unwrap_or((0, 0.0));
-            let stage = stages.remove(&row.id);
-            let since = stage.as_ref().map(|_| now);
-            insert.values_panic([
-                tenant.into(),
-                row.id.into(),
-                traits.into_expr(backend),
-                trait_clock.into_expr(backend),
-                channels.into_expr(backend),
-                row.first_seen_at.into(),
-                row.last_seen_at.into(),
-                row.event_count.into(),
-                row.merged_into.into(),
-                row.created_at.into(),
-                now.into(),
-                count.into(),
-                revenue.into(),
-                stage.into(),
-                since.into(),
-            ]);
-        }
-        let added = |column: &str| {
-            Expr::col((profiles::Entity, Alias::new(column)))
-                .add(Expr::col((Alias::new("excluded"), Alias::new(column))))
+        let rows: Vec<ProfileWrite> = chunk
+            .into_iter()
+            .map(|(row, json)| ProfileWrite {
+                orders: orders.remove(&row.id).unwrap_or((0, 0.0)),
+                stage: stages.remove(&row.id),
+                row,
+                json,
+            })
+            .collect();
+        let statement = match tx.backend() {
+            Backend::Postgres => profiles_over_arrays(tenant, now, rows),
+            Backend::Sqlite => profiles_over_values(backend, tenant, now, rows),
         };
-        insert.on_conflict(
-            OnConflict::columns([profiles::Column::TenantId, profiles::Column::Id])
-                // Everything but the key, the creation time and the stage.
-                .update_columns(PROFILE_COLUMNS.into_iter().filter(|column| {
-                    !matches!(
-                        column,
-                        profiles::Column::TenantId
-                            | profiles::Column::Id
-                            | profiles::Column::CreatedAt
-                    )
-                }))
-                .values([
-                    (Alias::new(ORDER_COUNT), added(ORDER_COUNT)),
-                    (Alias::new(TOTAL_REVENUE), added(TOTAL_REVENUE)),
-                ])
-                .to_owned(),
-        );
-        tx.conn().execute(&insert).await?;
+        tx.conn().execute_raw(statement).await?;
     }
     // Orders of a profile the batch did not upsert (none today: every profile with an event is
     // upserted), added on their own.
@@ -375,54 +333,160 @@ async fn insert_events(tx: &TenantTx, rows: Vec<EventRow>) -> StoreResult<()> {
             + 6 * wire::FIXED
     };
     for chunk in wire::owned_chunks(tx, rows, CHUNK, event_bytes) {
-        if tx.backend() == super::Backend::Postgres {
-            tx.conn()
-                .execute_raw(events_over_arrays(tenant, chunk))
-                .await
-                .map_err(|error| StoreError::unique_as_race(error, Race::MessageStored))?;
-            continue;
-        }
-        let mut insert = Query::insert();
-        insert.into_table(events::Entity).columns([
-            events::Column::TenantId,
-            events::Column::Id,
-            events::Column::ProfileId,
-            events::Column::MessageId,
-            events::Column::Kind,
-            events::Column::Name,
-            events::Column::Properties,
-            events::Column::Context,
-            events::Column::Timestamp,
-            events::Column::ReceivedAt,
-            events::Column::SourceId,
-            events::Column::Channel,
-            events::Column::UserId,
-            events::Column::AnonymousId,
-        ]);
-        for (row, properties, context) in chunk {
-            insert.values_panic([
-                tenant.into(),
-                row.id.into(),
-                row.profile_id.into(),
-                row.message_id.into(),
-                row.kind.into(),
-                row.name.into(),
-                properties.into_expr(backend),
-                context.into_expr(backend),
-                row.timestamp.into(),
-                row.received_at.into(),
-                row.source_id.into(),
-                row.channel.into(),
-                row.user_id.into(),
-                row.anonymous_id.into(),
-            ]);
-        }
+        let statement = match tx.backend() {
+            Backend::Postgres => events_over_arrays(tenant, chunk),
+            Backend::Sqlite => events_over_values(backend, tenant, chunk),
+        };
         tx.conn()
-            .execute(&insert)
+            .execute_raw(statement)
             .await
             .map_err(|error| StoreError::unique_as_race(error, Race::MessageStored))?;
     }
     Ok(())
+}
+
+/// One profile of an upsert: its row, its JSON columns as text (traits, trait clock, channels),
+/// the orders its batch adds, and its stage if the batch creates it.
+struct ProfileWrite {
+    row: ProfileRow,
+    json: [JsonText; 3],
+    orders: (i64, f64),
+    stage: Option<String>,
+}
+
+/// The profile upsert as a multi-row `VALUES` (SQLite), with the same effect as
+/// [`PROFILES_OVER_ARRAYS`].
+fn profiles_over_values(
+    backend: DbBackend,
+    tenant: Uuid,
+    now: DateTime<Utc>,
+    rows: Vec<ProfileWrite>,
+) -> Statement {
+    let mut insert = Query::insert();
+    insert.into_table(profiles::Entity).columns(
+        PROFILE_COLUMNS.map(IntoIden::into_iden).into_iter().chain(
+            [ORDER_COUNT, TOTAL_REVENUE, STAGE, STAGE_SINCE]
+                .map(|column| Alias::new(column).into_iden()),
+        ),
+    );
+    for ProfileWrite {
+        row,
+        json: [traits, trait_clock, channels],
+        orders: (count, revenue),
+        stage,
+    } in rows
+    {
+        let since = stage.as_ref().map(|_| now);
+        insert.values_panic([
+            tenant.into(),
+            row.id.into(),
+            traits.into_expr(backend),
+            trait_clock.into_expr(backend),
+            channels.into_expr(backend),
+            row.first_seen_at.into(),
+            row.last_seen_at.into(),
+            row.event_count.into(),
+            row.merged_into.into(),
+            row.created_at.into(),
+            now.into(),
+            count.into(),
+            revenue.into(),
+            stage.into(),
+            since.into(),
+        ]);
+    }
+    let added = |column: &str| {
+        Expr::col((profiles::Entity, Alias::new(column)))
+            .add(Expr::col((Alias::new("excluded"), Alias::new(column))))
+    };
+    insert.on_conflict(
+        OnConflict::columns([profiles::Column::TenantId, profiles::Column::Id])
+            // Everything but the key, the creation time and the stage.
+            .update_columns(PROFILE_COLUMNS.into_iter().filter(|column| {
+                !matches!(
+                    column,
+                    profiles::Column::TenantId | profiles::Column::Id | profiles::Column::CreatedAt
+                )
+            }))
+            .values([
+                (Alias::new(ORDER_COUNT), added(ORDER_COUNT)),
+                (Alias::new(TOTAL_REVENUE), added(TOTAL_REVENUE)),
+            ])
+            .to_owned(),
+    );
+    backend.build(&insert)
+}
+
+/// The events insert as a multi-row `VALUES` (SQLite), with the same effect as
+/// [`EVENTS_OVER_ARRAYS`].
+fn events_over_values(
+    backend: DbBackend,
+    tenant: Uuid,
+    rows: Vec<(EventRow, JsonText, JsonText)>,
+) -> Statement {
+    let mut insert = Query::insert();
+    insert.into_table(events::Entity).columns([
+        events::Column::TenantId,
+        events::Column::Id,
+        events::Column::ProfileId,
+        events::Column::MessageId,
+        events::Column::Kind,
+        events::Column::Name,
+        events::Column::Properties,
+        events::Column::Context,
+        events::Column::Timestamp,
+        events::Column::ReceivedAt,
+        events::Column::SourceId,
+        events::Column::Channel,
+        events::Column::UserId,
+        events::Column::AnonymousId,
+    ]);
+    for (row, properties, context) in rows {
+        insert.values_panic([
+            tenant.into(),
+            row.id.into(),
+            row.profile_id.into(),
+            row.message_id.into(),
+            row.kind.into(),
+            row.name.into(),
+            properties.into_expr(backend),
+            context.into_expr(backend),
+            row.timestamp.into(),
+            row.received_at.into(),
+            row.source_id.into(),
+            row.channel.into(),
+            row.user_id.into(),
+            row.anonymous_id.into(),
+        ]);
+    }
+    backend.build(&insert)
+}
+
+/// `rows` as one array parameter a column, for a statement that reads them with `unnest`: `row`
+/// gives a row's values in the order of `kinds`.
+fn array_columns<R, const N: usize>(
+    rows: Vec<R>,
+    kinds: [ArrayType; N],
+    mut row: impl FnMut(R) -> [Value; N],
+) -> Vec<Value> {
+    let mut columns: [Vec<Value>; N] = std::array::from_fn(|_| Vec::with_capacity(rows.len()));
+    for values in rows.into_iter().map(&mut row) {
+        for (column, value) in columns.iter_mut().zip(values) {
+            column.push(value);
+        }
+    }
+    kinds
+        .into_iter()
+        .zip(columns)
+        .map(|(kind, values)| super::array_of(kind, values))
+        .collect()
+}
+
+/// A text that may be missing, as an array element (the driver binds no `NULL` inside an array)
+/// and a flag that it is there.
+fn flagged(value: Option<String>) -> [Value; 2] {
+    let present = value.is_some();
+    [value.unwrap_or_default().into(), present.into()]
 }
 
 /// The profile upsert on PostgreSQL, one array a column as [`EVENTS_OVER_ARRAYS`]: each row
@@ -451,58 +515,38 @@ const PROFILES_OVER_ARRAYS: &str = "INSERT INTO profiles (tenant_id, id, traits,
      order_count = profiles.order_count + excluded.order_count, \
      total_revenue = profiles.total_revenue + excluded.total_revenue";
 
-/// [`PROFILES_OVER_ARRAYS`] with its values: `rows` of `tenant` at `now`, each with its orders
-/// and, if the batch creates it, its stage (both taken out of the maps).
-fn profiles_over_arrays(
-    tenant: Uuid,
-    now: DateTime<Utc>,
-    rows: Vec<(ProfileRow, [JsonText; 3])>,
-    orders: &mut HashMap<Uuid, (i64, f64)>,
-    stages: &mut HashMap<Uuid, String>,
-) -> Statement {
-    use sea_orm::sea_query::{ArrayType, Value};
-    let n = rows.len();
-    let column = || Vec::with_capacity(n);
-    let (mut ids, mut traits, mut clocks, mut channels) = (column(), column(), column(), column());
-    let (mut firsts, mut lasts, mut counts, mut merged) = (column(), column(), column(), column());
-    let (mut created, mut order_counts, mut revenues) = (column(), column(), column());
-    let (mut stage_names, mut has_stages) = (column(), column());
-    for (row, [traits_text, clock_text, channels_text]) in rows {
-        let (count, revenue) = orders.remove(&row.id).unwrap_or((0, 0.0));
-        let stage = stages.remove(&row.id);
-        ids.push(Value::from(row.id));
-        traits.push(Value::from(traits_text.into_string()));
-        clocks.push(Value::from(clock_text.into_string()));
-        channels.push(Value::from(channels_text.into_string()));
-        firsts.push(Value::from(row.first_seen_at));
-        lasts.push(Value::from(row.last_seen_at));
-        counts.push(Value::from(row.event_count));
-        merged.push(Value::from(row.merged_into.unwrap_or_else(Uuid::nil)));
-        created.push(Value::from(row.created_at));
-        order_counts.push(Value::from(count));
-        revenues.push(Value::from(revenue));
-        has_stages.push(Value::from(stage.is_some()));
-        stage_names.push(Value::from(stage.unwrap_or_default()));
-    }
-    let array = |kind: ArrayType, values: Vec<Value>| Value::Array(kind, Some(Box::new(values)));
-    let values = vec![
-        Value::from(tenant),
-        Value::from(now),
-        array(ArrayType::Uuid, ids),
-        array(ArrayType::String, traits),
-        array(ArrayType::String, clocks),
-        array(ArrayType::String, channels),
-        array(ArrayType::ChronoDateTimeUtc, firsts),
-        array(ArrayType::ChronoDateTimeUtc, lasts),
-        array(ArrayType::BigInt, counts),
-        array(ArrayType::Uuid, merged),
-        array(ArrayType::ChronoDateTimeUtc, created),
-        array(ArrayType::BigInt, order_counts),
-        array(ArrayType::Double, revenues),
-        array(ArrayType::String, stage_names),
-        array(ArrayType::Bool, has_stages),
+/// [`PROFILES_OVER_ARRAYS`] with its values: `rows` of `tenant` at `now`.
+fn profiles_over_arrays(tenant: Uuid, now: DateTime<Utc>, rows: Vec<ProfileWrite>) -> Statement {
+    use ArrayType::{
+        BigInt, Bool, ChronoDateTimeUtc as Instant, Double, String as Text, Uuid as Id,
+    };
+    let kinds = [
+        Id, Text, Text, Text, Instant, Instant, BigInt, Id, Instant, BigInt, Double, Text, Bool,
     ];
-    Statement::from_sql_and_values(sea_orm::DbBackend::Postgres, PROFILES_OVER_ARRAYS, values)
+    let columns = array_columns(rows, kinds, |write| {
+        let [traits, trait_clock, channels] = write.json;
+        let [stage, has_stage] = flagged(write.stage);
+        [
+            write.row.id.into(),
+            traits.into_string().into(),
+            trait_clock.into_string().into(),
+            channels.into_string().into(),
+            write.row.first_seen_at.into(),
+            write.row.last_seen_at.into(),
+            write.row.event_count.into(),
+            write.row.merged_into.unwrap_or_else(Uuid::nil).into(),
+            write.row.created_at.into(),
+            write.orders.0.into(),
+            write.orders.1.into(),
+            stage,
+            has_stage,
+        ]
+    });
+    let values: Vec<Value> = [tenant.into(), now.into()]
+        .into_iter()
+        .chain(columns)
+        .collect();
+    Statement::from_sql_and_values(DbBackend::Postgres, PROFILES_OVER_ARRAYS, values)
 }
 
 /// The events insert on PostgreSQL: one array a column, unnested into rows.
@@ -534,79 +578,36 @@ const EVENTS_OVER_ARRAYS: &str = "INSERT INTO events (tenant_id, id, profile_id,
 
 /// [`EVENTS_OVER_ARRAYS`] with its values: `rows` of `tenant`.
 fn events_over_arrays(tenant: Uuid, rows: Vec<(EventRow, JsonText, JsonText)>) -> Statement {
-    use sea_orm::sea_query::{ArrayType, Value};
-    let n = rows.len();
-    let (mut ids, mut profiles, mut message_ids, mut kinds) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut names, mut has_names, mut properties, mut contexts) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut timestamps, mut received, mut sources, mut channels) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut user_ids, mut has_user_ids, mut anonymous_ids, mut has_anonymous_ids) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    // A nullable text as its array element and its flag.
-    let optional = |value: Option<String>| {
-        let present = value.is_some();
-        (Value::from(value.unwrap_or_default()), Value::from(present))
-    };
-    for (row, properties_text, context_text) in rows {
-        ids.push(Value::from(row.id));
-        profiles.push(Value::from(row.profile_id));
-        message_ids.push(Value::from(row.message_id));
-        kinds.push(Value::from(row.kind));
-        let (name, has_name) = optional(row.name);
-        names.push(name);
-        has_names.push(has_name);
-        properties.push(Value::from(properties_text.into_string()));
-        contexts.push(Value::from(context_text.into_string()));
-        timestamps.push(Value::from(row.timestamp));
-        received.push(Value::from(row.received_at));
-        sources.push(Value::from(row.source_id.unwrap_or_else(Uuid::nil)));
-        channels.push(Value::from(row.channel));
-        let (user_id, has_user_id) = optional(row.user_id);
-        user_ids.push(user_id);
-        has_user_ids.push(has_user_id);
-        let (anonymous_id, has_anonymous_id) = optional(row.anonymous_id);
-        anonymous_ids.push(anonymous_id);
-        has_anonymous_ids.push(has_anonymous_id);
-    }
-    let array = |kind: ArrayType, values: Vec<Value>| Value::Array(kind, Some(Box::new(values)));
-    let values = vec![
-        Value::from(tenant),
-        array(ArrayType::Uuid, ids),
-        array(ArrayType::Uuid, profiles),
-        array(ArrayType::String, message_ids),
-        array(ArrayType::String, kinds),
-        array(ArrayType::String, names),
-        array(ArrayType::Bool, has_names),
-        array(ArrayType::String, properties),
-        array(ArrayType::String, contexts),
-        array(ArrayType::ChronoDateTimeUtc, timestamps),
-        array(ArrayType::ChronoDateTimeUtc, received),
-        array(ArrayType::Uuid, sources),
-        array(ArrayType::String, channels),
-        array(ArrayType::String, user_ids),
-        array(ArrayType::Bool, has_user_ids),
-        array(ArrayType::String, anonymous_ids),
-        array(ArrayType::Bool, has_anonymous_ids),
+    use ArrayType::{Bool, ChronoDateTimeUtc as Instant, String as Text, Uuid as Id};
+    let kinds = [
+        Id, Id, Text, Text, Text, Bool, Text, Text, Instant, Instant, Id, Text, Text, Bool, Text,
+        Bool,
     ];
-    Statement::from_sql_and_values(sea_orm::DbBackend::Postgres, EVENTS_OVER_ARRAYS, values)
+    let columns = array_columns(rows, kinds, |(row, properties, context)| {
+        let [name, has_name] = flagged(row.name);
+        let [user_id, has_user_id] = flagged(row.user_id);
+        let [anonymous_id, has_anonymous_id] = flagged(row.anonymous_id);
+        [
+            row.id.into(),
+            row.profile_id.into(),
+            row.message_id.into(),
+            row.kind.into(),
+            name,
+            has_name,
+            properties.into_string().into(),
+            context.into_string().into(),
+            row.timestamp.into(),
+            row.received_at.into(),
+            row.source_id.unwrap_or_else(Uuid::nil).into(),
+            row.channel.into(),
+            user_id,
+            has_user_id,
+            anonymous_id,
+            has_anonymous_id,
+        ]
+    });
+    let values: Vec<Value> = std::iter::once(tenant.into()).chain(columns).collect();
+    Statement::from_sql_and_values(DbBackend::Postgres, EVENTS_OVER_ARRAYS, values)
 }
 
 /// The append-only per-batch counts, folded into `ingest_stats` by [`compact_stats`].
@@ -935,13 +936,14 @@ pub async fn lock_identities(
 
 #[cfg(test)]
 mod tests {
-    //! The events insert keeps every column as given, on both engines: on PostgreSQL it binds
-    //! one array a column, where a missing value travels as a flag ([`EVENTS_OVER_ARRAYS`]).
+    //! The events insert and the profile upsert keep every column as given, on both engines: on
+    //! PostgreSQL they bind one array a column, where a missing value travels as a flag
+    //! ([`EVENTS_OVER_ARRAYS`], [`PROFILES_OVER_ARRAYS`]).
 
     use super::*;
+    use crate::store::entity::profile_state;
     use crate::store::{scratch, Store};
     use chrono::TimeZone;
-    use domain::TenantId;
     use serde_json::json;
 
     fn at(second: u32) -> DateTime<Utc> {
@@ -1070,8 +1072,7 @@ mod tests {
 
     /// Creates two profiles (one with a stage and orders), then upserts them again: the first
     /// with new traits, more orders and no stage, the second merged into the first.
-    async fn upsert_twice(store: &Store) -> Vec<super::super::entity::profile_state::Model> {
-        use super::super::entity::profile_state;
+    async fn upsert_twice(store: &Store) -> Vec<profile_state::Model> {
         let tenant = scratch::add_tenant(store, "profiles-upsert").await;
         let t = tenant.as_uuid();
         let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
@@ -1110,7 +1111,7 @@ mod tests {
         rows
     }
 
-    fn check_upserts(rows: Vec<super::super::entity::profile_state::Model>) {
+    fn check_upserts(rows: Vec<profile_state::Model>) {
         let (first, second) = (&rows[0], &rows[1]);
         assert_eq!(first.traits, json!({"plan": "pro"}));
         assert_eq!(first.event_count, 4);
@@ -1143,7 +1144,7 @@ mod tests {
 
     #[test]
     fn the_postgres_insert_binds_one_array_a_column_whatever_the_rows() {
-        let tenant = TenantId(Uuid::new_v4()).as_uuid();
+        let tenant = Uuid::new_v4();
         let rows = |count: usize| {
             (0..count)
                 .map(|index| {

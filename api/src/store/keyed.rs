@@ -144,17 +144,10 @@ impl<'a> KeyColumn<'a> {
     }
 
     fn into_value(self) -> Value {
-        let (kind, values): (ArrayType, Vec<Value>) = match self {
-            KeyColumn::Text(_, values) => (
-                ArrayType::String,
-                values.into_iter().map(|v| Value::String(Some(v))).collect(),
-            ),
-            KeyColumn::Uuid(_, values) => (
-                ArrayType::Uuid,
-                values.into_iter().map(|v| Value::Uuid(Some(v))).collect(),
-            ),
-        };
-        Value::Array(kind, Some(Box::new(values)))
+        match self {
+            KeyColumn::Text(_, values) => super::array_of(ArrayType::String, values),
+            KeyColumn::Uuid(_, values) => super::array_of(ArrayType::Uuid, values),
+        }
     }
 }
 

@@ -118,6 +118,16 @@ pub enum Backend {
     Postgres,
 }
 
+/// One PostgreSQL array parameter of `kind` holding `values`. The driver binds no `NULL` inside
+/// an array: every value must be present.
+pub(crate) fn array_of<V: Into<sea_orm::Value>>(
+    kind: sea_orm::sea_query::ArrayType,
+    values: impl IntoIterator<Item = V>,
+) -> sea_orm::Value {
+    let values: Vec<sea_orm::Value> = values.into_iter().map(Into::into).collect();
+    sea_orm::Value::Array(kind, Some(Box::new(values)))
+}
+
 /// `column IN (values)` written so that the statement's text does not depend on how many values
 /// there are: on PostgreSQL `column = ANY($n)` with the values as one array parameter (PostgreSQL
 /// turns an `IN` list into the same `= ANY` of an array, and plans each execution with the
@@ -139,11 +149,7 @@ where
     use sea_orm::sea_query::{Expr, ExprTrait};
     match backend {
         Backend::Postgres => {
-            let values: Vec<sea_orm::Value> = values.into_iter().map(Into::into).collect();
-            Expr::col(column.as_column_ref()).eq(PgFunc::any(Expr::val(sea_orm::Value::Array(
-                kind,
-                Some(Box::new(values)),
-            ))))
+            Expr::col(column.as_column_ref()).eq(PgFunc::any(Expr::val(array_of(kind, values))))
         }
         Backend::Sqlite => column.is_in(values),
     }

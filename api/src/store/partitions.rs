@@ -29,15 +29,7 @@ pub(super) async fn existing_message_ids(
 ) -> StoreResult<Vec<String>> {
     let mut found = Vec::new();
     for chunk in message_ids.chunks(500) {
-        let ids = sea_orm::Value::Array(
-            sea_orm::sea_query::ArrayType::String,
-            Some(Box::new(
-                chunk
-                    .iter()
-                    .map(|id| sea_orm::Value::String(Some(id.clone())))
-                    .collect(),
-            )),
-        );
+        let ids = super::array_of(sea_orm::sea_query::ArrayType::String, chunk.iter().cloned());
         let rows = tx
             .conn()
             .query_all_raw(Statement::from_sql_and_values(

@@ -237,14 +237,7 @@ fn trait_condition(backend: Backend, path: &[String], value: &serde_json::Value)
             Expr::cust_with_values(
                 "jsonb_extract_path(traits, VARIADIC CAST($1 AS text[])) = CAST($2 AS jsonb)",
                 [
-                    sea_orm::Value::Array(
-                        sea_orm::sea_query::ArrayType::String,
-                        Some(Box::new(
-                            path.iter()
-                                .map(|part| sea_orm::Value::String(Some(part.clone())))
-                                .collect(),
-                        )),
-                    ),
+                    super::array_of(ArrayType::String, path.iter().cloned()),
                     sea_orm::Value::String(Some(value.to_string())),
                 ],
             )
