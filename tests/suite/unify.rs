@@ -1020,6 +1020,29 @@ async fn profiles_page_with_a_stable_order_filter_by_traits_and_mask_pii_for_ana
             count(json!({"seenBefore": "2026-11-02T00:00:00Z"})).await,
             1
         );
+        // The bounds are instants, compared in UTC whatever offset they are written with: within
+        // a bound's own day the instant decides.
+        assert_eq!(count(json!({"seenAfter": "2026-11-04T12:00:00Z"})).await, 3);
+        assert_eq!(count(json!({"seenAfter": "2026-11-03T23:59:59Z"})).await, 4);
+        assert_eq!(
+            count(json!({"seenAfter": "2026-11-04T01:00:00+02:00"})).await,
+            4,
+            "the 3rd, 23:00 UTC"
+        );
+        assert_eq!(
+            count(json!({"seenBefore": "2026-11-02T12:00:00Z"})).await,
+            2
+        );
+        assert_eq!(
+            count(json!({"seenBefore": "2026-11-01T20:00:00-05:00"})).await,
+            2,
+            "the 2nd, 01:00 UTC"
+        );
+        assert_eq!(
+            count(json!({"seenAfter": "2026-11-03T00:00:00Z", "seenBefore": "2026-11-03T00:00:00.001Z"}))
+                .await,
+            1
+        );
         let bad = server
             .gql(
                 Some(token),
