@@ -100,7 +100,6 @@ const STAGE_SINCE: &str = "stage_since";
 
 pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreResult<()> {
     let tenant = tx.tenant_id().as_uuid();
-    let backend = tx.conn().get_database_backend();
     // Traits, trait clocks and channels bound as their text, written once (`wire::JsonText`).
     let profiles: Vec<(ProfileRow, [JsonText; 3])> = set
         .profiles
@@ -136,7 +135,7 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
             .collect();
         let statement = match tx.backend() {
             Backend::Postgres => profiles_over_arrays(tenant, now, rows),
-            Backend::Sqlite => profiles_over_values(backend, tenant, now, rows),
+            Backend::Sqlite => profiles_over_values(tenant, now, rows),
         };
         tx.conn().execute_raw(statement).await?;
     }
@@ -311,7 +310,6 @@ pub async fn apply(tx: &TenantTx, set: WriteSet, now: DateTime<Utc>) -> StoreRes
 /// The batch's events as multi-row inserts, as few as fit the wire's bound.
 async fn insert_events(tx: &TenantTx, rows: Vec<EventRow>) -> StoreResult<()> {
     let tenant = tx.tenant_id().as_uuid();
-    let backend = tx.conn().get_database_backend();
     // Properties and contexts bound as their text, written once (`wire::JsonText`).
     let rows: Vec<(EventRow, JsonText, JsonText)> = rows
         .into_iter()
@@ -335,7 +333,7 @@ async fn insert_events(tx: &TenantTx, rows: Vec<EventRow>) -> StoreResult<()> {
     for chunk in wire::owned_chunks(tx, rows, CHUNK, event_bytes) {
         let statement = match tx.backend() {
             Backend::Postgres => events_over_arrays(tenant, chunk),
-            Backend::Sqlite => events_over_values(backend, tenant, chunk),
+            Backend::Sqlite => events_over_values(tenant, chunk),
         };
         tx.conn()
             .execute_raw(statement)
@@ -356,12 +354,7 @@ struct ProfileWrite {
 
 /// The profile upsert as a multi-row `VALUES` (SQLite), with the same effect as
 /// [`PROFILES_OVER_ARRAYS`].
-fn profiles_over_values(
-    backend: DbBackend,
-    tenant: Uuid,
-    now: DateTime<Utc>,
-    rows: Vec<ProfileWrite>,
-) -> Statement {
+fn profiles_over_values(tenant: Uuid, now: DateTime<Utc>, rows: Vec<ProfileWrite>) -> Statement {
     let mut insert = Query::insert();
     insert.into_table(profiles::Entity).columns(
         PROFILE_COLUMNS.map(IntoIden::into_iden).into_iter().chain(
@@ -380,9 +373,9 @@ fn profiles_over_values(
         insert.values_panic([
             tenant.into(),
             row.id.into(),
-            traits.into_expr(backend),
-            trait_clock.into_expr(backend),
-            channels.into_expr(backend),
+            traits.into_expr(DbBackend::Sqlite),
+            trait_clock.into_expr(DbBackend::Sqlite),
+            channels.into_expr(DbBackend::Sqlite),
             row.first_seen_at.into(),
             row.last_seen_at.into(),
             row.event_count.into(),
@@ -414,16 +407,12 @@ fn profiles_over_values(
             ])
             .to_owned(),
     );
-    backend.build(&insert)
+    DbBackend::Sqlite.build(&insert)
 }
 
 /// The events insert as a multi-row `VALUES` (SQLite), with the same effect as
 /// [`EVENTS_OVER_ARRAYS`].
-fn events_over_values(
-    backend: DbBackend,
-    tenant: Uuid,
-    rows: Vec<(EventRow, JsonText, JsonText)>,
-) -> Statement {
+fn events_over_values(tenant: Uuid, rows: Vec<(EventRow, JsonText, JsonText)>) -> Statement {
     let mut insert = Query::insert();
     insert.into_table(events::Entity).columns([
         events::Column::TenantId,
@@ -449,8 +438,8 @@ fn events_over_values(
             row.message_id.into(),
             row.kind.into(),
             row.name.into(),
-            properties.into_expr(backend),
-            context.into_expr(backend),
+            properties.into_expr(DbBackend::Sqlite),
+            context.into_expr(DbBackend::Sqlite),
             row.timestamp.into(),
             row.received_at.into(),
             row.source_id.into(),
@@ -459,7 +448,7 @@ fn events_over_values(
             row.anonymous_id.into(),
         ]);
     }
-    backend.build(&insert)
+    DbBackend::Sqlite.build(&insert)
 }
 
 /// `rows` as one array parameter a column, for a statement that reads them with `unnest`: `row`
