@@ -199,13 +199,14 @@ async fn collect(
         .get(header::CONTENT_ENCODING)
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| value.to_ascii_lowercase().contains("gzip"));
-    let bytes = if gzipped {
+    // Parsed from the bytes as received; only a compressed body gets a buffer of its own.
+    let bytes: std::borrow::Cow<'_, [u8]> = if gzipped {
         match gunzip(&raw, cap) {
-            Ok(bytes) => bytes,
+            Ok(bytes) => bytes.into(),
             Err(refusal) => return refusal.into_response(),
         }
     } else {
-        raw.to_vec()
+        (&raw[..]).into()
     };
     let (mut document, lossy) = match parse_body(&bytes) {
         Ok(parsed) => parsed,
