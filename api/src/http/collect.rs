@@ -5,6 +5,7 @@
 //!
 //! Guarantees: the answer is 200 only after every accepted message is committed.
 
+use std::borrow::Cow;
 use std::io::Read;
 
 use base64::Engine;
@@ -200,13 +201,13 @@ async fn collect(
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| value.to_ascii_lowercase().contains("gzip"));
     // Parsed from the bytes as received; only a compressed body gets a buffer of its own.
-    let bytes: std::borrow::Cow<'_, [u8]> = if gzipped {
+    let bytes = if gzipped {
         match gunzip(&raw, cap) {
-            Ok(bytes) => bytes.into(),
+            Ok(bytes) => Cow::Owned(bytes),
             Err(refusal) => return refusal.into_response(),
         }
     } else {
-        (&raw[..]).into()
+        Cow::Borrowed(&raw[..])
     };
     let (mut document, lossy) = match parse_body(&bytes) {
         Ok(parsed) => parsed,
